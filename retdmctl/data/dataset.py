@@ -1,0 +1,80 @@
+"""``dataset.h5``: image ids, the uint8 label matrix, class names and split indices."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from retdmctl import __version__
+from retdmctl.workspace import atomic_path, now_iso
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DatasetInfo:
+    ids: list[str]
+    labels: np.ndarray  # (N, L) uint8
+    class_names: list[str]
+    splits: dict[str, np.ndarray]  # split name -> sorted int64 row indices
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> np.ndarray:
+        return self.splits[name]
+
+
+def write_dataset(path: Path, info: DatasetInfo, *, source: str, config: dict) -> None:
+    str_dt = h5py.string_dtype("utf-8")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("ids", data=np.array(info.ids, dtype=object), dtype=str_dt)
+        h5.create_dataset("labels", data=info.labels.astype(np.uint8), compression="gzip")
+        h5.create_dataset("class_names", data=np.array(info.class_names, dtype=object), dtype=str_dt)
+        for name in SPLITS:
+            h5.create_dataset(f"splits/{name}", data=np.sort(info.splits[name]).astype(np.int64))
+        h5.attrs.update(
+            {"source": source, "config": json.dumps(config), "version": __version__, "created": now_iso()}
+        )
+
+
+def read_dataset(path: Path) -> DatasetInfo:
+    with h5py.File(path, "r") as h5:
+        return DatasetInfo(
+            ids=[s.decode() if isinstance(s, bytes) else s for s in h5["ids"][()]],
+            labels=h5["labels"][()],
+            class_names=[s.decode() if isinstance(s, bytes) else s for s in h5["class_names"][()]],
+            splits={name: h5[f"splits/{name}"][()] for name in SPLITS},
+        )
+
+
+def random_splits(
+    n: int, *, seed: int, test_fraction: float, val_fraction: float, test: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Random train/val/test indices. ``test`` given (an official split) keeps it and
+    carves val out of the rest; otherwise test is the first ``test_fraction`` of a
+    seeded permutation... of the tail, see below."""
+    rng = np.random.default_rng(seed)
+    if test is None:
+        perm = rng.permutation(n)
+        n_train = n - int(round(n * test_fraction))
+        # The reference protocol (scene: default_rng(seed).permutation(2000), first 1600
+        # train) takes the *first* part of the permutation for training.
+        train_pool, test = perm[:n_train], perm[n_train:]
+    else:
+        mask = np.ones(n, bool)
+        mask[test] = False
+        train_pool = np.flatnonzero(mask)
+    n_val = int(round(len(train_pool) * val_fraction))
+    val_rng = np.random.default_rng([seed, 1])
+    shuffled = val_rng.permutation(train_pool)
+    return {
+        "train": np.sort(shuffled[n_val:]),
+        "val": np.sort(shuffled[:n_val]),
+        "test": np.sort(np.asarray(test)),
+    }

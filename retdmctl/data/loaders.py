@@ -1,0 +1,64 @@
+"""Torch datasets over the LMDB store, with the paper's augmentation.
+
+Train: resize the shorter side to size*256/224, take one of the four corner crops or the
+centre crop at random, flip horizontally half of the time ("good practices for very deep
+two-stream convnets"). Test: the same resize, one centre crop.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from retdmctl.data.store import ImageReader
+
+
+class RandomFiveCrop(torch.nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.five = v2.FiveCrop(size)
+
+    def forward(self, img):
+        return random.choice(self.five(img))
+
+
+def _tail(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def train_transform(size: int, mean, std) -> v2.Compose:
+    return v2.Compose([v2.Resize(round(size * 256 / 224)), RandomFiveCrop(size), v2.RandomHorizontalFlip(), *_tail(mean, std)])
+
+
+def eval_transform(size: int, mean, std) -> v2.Compose:
+    return v2.Compose([v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size), *_tail(mean, std)])
+
+
+def decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class LmdbImages(Dataset):
+    """(image tensor, label vector, row index) for the given dataset rows."""
+
+    def __init__(self, reader: ImageReader, ids: list[str], labels: np.ndarray, rows: np.ndarray, transform) -> None:
+        self.reader, self.ids, self.labels, self.rows, self.transform = reader, ids, labels, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        img = decode(self.reader.get(self.ids[row]))
+        return self.transform(img), torch.from_numpy(self.labels[row].astype(np.float32)), row
+
+
+def worker_init(worker_id: int) -> None:
+    # Each worker's `random` (crop choice) gets its own stream from torch's seed.
+    random.seed(torch.initial_seed() % 2**32)

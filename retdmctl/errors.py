@@ -1,0 +1,25 @@
+"""One exception hierarchy for every error a user can cause.
+
+The CLI catches :class:`RetdmError` once, prints ``error: <message>`` on one line and
+exits with code 1. Anything else is a bug and keeps its traceback.
+"""
+
+
+class RetdmError(Exception):
+    """An expected, user-facing failure (bad input, missing stage, bad config)."""
+
+
+class ConfigError(RetdmError):
+    """A configuration value or file is invalid."""
+
+
+class InputError(RetdmError):
+    """A dataset file, image or label file is missing or malformed."""
+
+
+class StageNotReadyError(RetdmError):
+    """A stage's inputs do not exist yet; the message names the command to run first."""
+
+
+class BackboneError(RetdmError):
+    """An unknown backbone name or missing pretrained weights."""

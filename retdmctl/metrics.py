@@ -1,0 +1,220 @@
+"""Multi-label classification metrics (numpy only).
+
+All functions take ``y_true`` of shape ``(N, L)`` with values in {0, 1} (any integer or
+bool dtype) and ``scores`` of shape ``(N, L)`` holding per-label probabilities.
+
+Conventions (the project's spec):
+
+* A label is predicted positive when ``score >= threshold`` (inclusive).
+* Per-class precision is 0 for a class with no predicted positive; per-class recall is 0
+  for a class with no positive. ``C-P``/``C-R`` are their means over *all* classes and
+  ``C-F1`` is the F1 of those two means (not the mean of per-class F1s).
+* ``O-P``/``O-R``/``O-F1`` pool the counts of all classes (micro averaging).
+* Ranking metrics (``ranking_loss``, ``coverage``, ``one_error``, ``average_precision``)
+  ignore images with no true label; ``coverage`` is 0-based (sklearn's
+  ``coverage_error`` minus 1). Ties in scores are handled exactly as scikit-learn does:
+  in ``ranking_loss`` a tied (relevant, irrelevant) pair counts as mis-ordered, and in
+  ``coverage``/``average_precision`` a label's rank is the number of labels scored at
+  least as high. ``one_error`` takes the *first* index of the maximum score
+  (``np.argmax``) as the top label.
+* ``mAP`` is the mean of the non-interpolated per-class average precision (sklearn's
+  ``average_precision_score``) over classes with at least one positive; tied scores form
+  one threshold step.
+
+A metric that is undefined for the input (no class with a positive for ``mAP``, no image
+with a true label for the ranking metrics) is ``nan``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retdmctl.errors import InputError
+
+METRIC_NAMES: tuple[str, ...] = (
+    "mAP",
+    "C-P",
+    "C-R",
+    "C-F1",
+    "O-P",
+    "O-R",
+    "O-F1",
+    "hamming_loss",
+    "ranking_loss",
+    "coverage",
+    "one_error",
+    "average_precision",
+)
+
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "mAP": True,
+    "C-P": True,
+    "C-R": True,
+    "C-F1": True,
+    "O-P": True,
+    "O-R": True,
+    "O-F1": True,
+    "hamming_loss": False,
+    "ranking_loss": False,
+    "coverage": False,
+    "one_error": False,
+    "average_precision": True,
+}
+
+# Upper bound on the number of booleans in one (rows, L, L) pairwise-comparison block.
+_PAIRWISE_BLOCK = 1 << 24
+
+
+def _validate(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Check shapes and values; return ``(bool labels, float64 scores)``."""
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores)
+    if y_true.ndim != 2 or scores.ndim != 2:
+        raise InputError(
+            f"y_true and scores must be 2-D (N, L) arrays, got shapes "
+            f"{y_true.shape} and {scores.shape}"
+        )
+    if y_true.shape != scores.shape:
+        raise InputError(
+            f"y_true and scores must have the same shape, got {y_true.shape} "
+            f"and {scores.shape}"
+        )
+    if y_true.shape[0] == 0 or y_true.shape[1] == 0:
+        raise InputError(f"need at least one image and one label, got shape {y_true.shape}")
+    if y_true.dtype != bool:
+        if not np.isin(y_true, (0, 1)).all():
+            raise InputError("y_true must contain only 0 and 1")
+        y_true = y_true != 0
+    try:
+        scores = scores.astype(np.float64, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"scores must be numeric: {exc}") from None
+    if not np.isfinite(scores).all():
+        raise InputError("scores contain NaN or infinite values")
+    return y_true, scores
+
+
+def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
+    """Elementwise ``num / den`` with 0 where ``den == 0``."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _f1(p: float, r: float) -> float:
+    """Harmonic mean of ``p`` and ``r`` (0 when both are 0)."""
+    return 2.0 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def _per_class_ap(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Non-interpolated AP per column of validated inputs; NaN for a column without positives.
+
+    Equivalent to sklearn's step integral over the precision-recall curve: each
+    positive contributes ``1/P`` times the precision measured at the lowest score of
+    its tie group (all tied items cross the threshold together).
+    """
+    n = s.shape[0]
+    order = np.argsort(-s, axis=0, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=0)
+    y_sorted = np.take_along_axis(y, order, axis=0)
+    tps = np.cumsum(y_sorted, axis=0)
+    precision = tps / np.arange(1, n + 1, dtype=np.float64)[:, None]
+    # Index of the last row of the tie group each row belongs to.
+    is_end = np.ones_like(s_sorted, dtype=bool)
+    is_end[:-1] = s_sorted[:-1] != s_sorted[1:]
+    end_idx = np.where(is_end, np.arange(n)[:, None], n - 1)
+    end_idx = np.minimum.accumulate(end_idx[::-1], axis=0)[::-1]
+    prec_at_end = np.take_along_axis(precision, end_idx, axis=0)
+    n_pos = y.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (y_sorted * prec_at_end).sum(axis=0) / n_pos
+    ap[n_pos == 0] = np.nan
+    return ap
+
+
+def per_class_average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Average precision of each class, shape ``(L,)``; NaN for a class with no positive.
+
+    Matches ``sklearn.metrics.average_precision_score`` applied to each column.
+    """
+    y, s = _validate(y_true, scores)
+    return _per_class_ap(y, s)
+
+
+def _ranking_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    """Ranking loss, 0-based coverage, one-error and LRAP over rows with a true label."""
+    keep = y.any(axis=1)
+    if not keep.any():
+        nan = float("nan")
+        return {"ranking_loss": nan, "coverage": nan, "one_error": nan, "average_precision": nan}
+    y, s = y[keep], s[keep]
+    n, n_labels = y.shape
+    yf = y.astype(np.float64)
+    n_pos = yf.sum(axis=1)
+    n_neg = n_labels - n_pos
+
+    rank_loss = np.empty(n)
+    coverage = np.empty(n)
+    lrap = np.empty(n)
+    step = max(1, _PAIRWISE_BLOCK // (n_labels * n_labels))
+    for start in range(0, n, step):
+        sl = slice(start, start + step)
+        sb, yb = s[sl], yf[sl]
+        # ge[i, j, k]: label k scores at least as high as label j in image i.
+        ge = sb[:, None, :] >= sb[:, :, None]
+        n_ge_all = ge.sum(axis=2)
+        n_ge_rel = np.einsum("ijk,ik->ij", ge, yb, dtype=np.float64)
+        n_ge_irr = n_ge_all - n_ge_rel
+        rank_loss[sl] = (yb * n_ge_irr).sum(axis=1)
+        coverage[sl] = np.where(yb > 0, n_ge_all, 0).max(axis=1) - 1
+        lrap[sl] = (yb * n_ge_rel / n_ge_all).sum(axis=1)
+
+    rank_loss = _safe_div(rank_loss, n_pos * n_neg)  # 0 for all-positive rows
+    lrap = lrap / n_pos
+    top = np.argmax(s, axis=1)
+    one_error = ~y[np.arange(n), top]
+    return {
+        "ranking_loss": float(rank_loss.mean()),
+        "coverage": float(coverage.mean()),
+        "one_error": float(one_error.mean()),
+        "average_precision": float(lrap.mean()),
+    }
+
+
+def compute_metrics(
+    y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """Compute every metric in :data:`METRIC_NAMES`, keyed in that order.
+
+    A label is predicted positive when ``scores >= threshold``. See the module docstring
+    for the exact conventions. Raises :class:`~retdmctl.errors.InputError` for
+    mismatched shapes, non-binary labels or non-finite scores.
+    """
+    y, s = _validate(y_true, scores)
+    pred = s >= threshold
+
+    tp = (pred & y).sum(axis=0)
+    fp = (pred & ~y).sum(axis=0)
+    fn = (~pred & y).sum(axis=0)
+    c_p = float(_safe_div(tp, tp + fp).mean())
+    c_r = float(_safe_div(tp, tp + fn).mean())
+    o_p = float(_safe_div(tp.sum(), tp.sum() + fp.sum()))
+    o_r = float(_safe_div(tp.sum(), tp.sum() + fn.sum()))
+
+    ap = _per_class_ap(y, s)
+    m_ap = float(np.nanmean(ap)) if not np.isnan(ap).all() else float("nan")
+
+    result = {
+        "mAP": m_ap,
+        "C-P": c_p,
+        "C-R": c_r,
+        "C-F1": _f1(c_p, c_r),
+        "O-P": o_p,
+        "O-R": o_r,
+        "O-F1": _f1(o_p, o_r),
+        "hamming_loss": float((pred != y).mean()),
+    }
+    result.update(_ranking_metrics(y, s))
+    return {name: result[name] for name in METRIC_NAMES}

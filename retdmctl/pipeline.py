@@ -1,0 +1,137 @@
+"""Stages and the rule that decides whether one must run (the rule DVC uses).
+
+A stage declares the config sections it reads, its inputs and its outputs. When it
+finishes it writes a manifest: the config it ran with, the fingerprints of its inputs
+and of its outputs. It is *up to date* while all three still match; a stage whose
+upstream re-ran sees new input fingerprints and so becomes stale by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from retdmctl.config import Config, config_hash
+from retdmctl.errors import StageNotReadyError
+from retdmctl.workspace import Workspace, now_iso
+
+
+@dataclass
+class Context:
+    ws: Workspace
+    cfg: Config
+    console: Console
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    command: str  # how a user runs it alone, named in "run ... first" errors
+    sections: tuple[str, ...]  # the config sections whose values it depends on
+    inputs: Callable[[Workspace, Config], list[Path]]  # artifacts of earlier stages
+    outputs: Callable[[Workspace, Config], list[Path]]
+    run: Callable[[Context], dict[str, Any]]  # does the work, returns a summary
+    # raw files outside the workspace (a dataset's own folder), fingerprinted by stat
+    sources: Callable[[Workspace, Config], list[Path]] = field(default=lambda ws, cfg: [])
+    # a one-line reason the stage cannot run with this config, or None
+    blocked: Callable[[Config], str | None] = field(default=lambda cfg: None)
+
+
+@dataclass(frozen=True)
+class Status:
+    state: str  # done | stale | missing
+    reason: str
+
+
+def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage) -> dict[str, str | None]:
+    fps = {ws.rel(p): ws.fingerprint(p) for p in stage.inputs(ws, cfg)}
+    fps.update({f"source:{p}": ws.fingerprint(p, content=False) for p in stage.sources(ws, cfg)})
+    return fps
+
+
+def status(ws: Workspace, cfg: Config, stage: Stage) -> Status:
+    manifest = ws.read_manifest(stage.name)
+    if manifest is None:
+        return Status("missing", "never run")
+    for path in stage.outputs(ws, cfg):
+        recorded = manifest["outputs"].get(ws.rel(path))
+        if recorded is None or ws.fingerprint(path) != recorded:
+            return Status("stale" if path.exists() else "missing", f"{ws.rel(path)} changed or missing")
+    if manifest["config_hash"] != config_hash(cfg.sections(stage.sections)):
+        changed = _changed_keys(manifest["config"], cfg.sections(stage.sections))
+        return Status("stale", "config changed: " + ", ".join(changed))
+    current = input_fingerprints(ws, cfg, stage)
+    for name, fp in current.items():
+        if manifest["inputs"].get(name) != fp:
+            return Status("stale", f"input {name} changed")
+    return Status("done", f"up to date (finished {manifest.get('finished_at', '?')})")
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    keys = []
+    for section, entries in new.items():
+        for key, value in entries.items():
+            if old.get(section, {}).get(key) != value:
+                keys.append(f"{section}.{key}={value!r}")
+    return keys or ["(sections)"]
+
+
+def producer_of(path: Path, ws: Workspace, cfg: Config, stages: list[Stage]) -> Stage | None:
+    for stage in stages:
+        if path in stage.outputs(ws, cfg):
+            return stage
+    return None
+
+
+def check_ready(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage]) -> None:
+    """Raise StageNotReadyError unless every input exists and was completely produced."""
+    reason = stage.blocked(cfg)
+    if reason:
+        raise StageNotReadyError(reason)
+    for path in stage.inputs(ws, cfg):
+        producer = producer_of(path, ws, cfg, stages)
+        hint = f": run `{producer.command}` first" if producer else ""
+        if not path.exists():
+            raise StageNotReadyError(f"{ws.rel(path)} does not exist yet{hint}")
+        if producer is not None:
+            manifest = ws.read_manifest(producer.name)
+            if manifest is None or manifest["outputs"].get(ws.rel(path)) != ws.fingerprint(path):
+                raise StageNotReadyError(f"{ws.rel(path)} is incomplete or was changed by hand{hint}")
+
+
+def run_stage(ctx: Context, stage: Stage, stages: list[Stage]) -> bool:
+    """Run ``stage`` unless it is up to date. Returns True when it ran."""
+    ws, cfg = ctx.ws, ctx.cfg
+    check_ready(ws, cfg, stage, stages)
+    st = status(ws, cfg, stage)
+    if st.state == "done" and not ctx.force:
+        ctx.console.print(f"[green]{stage.name}[/]: up to date, skipped")
+        return False
+    why = "forced" if ctx.force and st.state == "done" else st.reason
+    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({why})")
+    inputs = input_fingerprints(ws, cfg, stage)
+    # An interrupted run must not leave a manifest that vouches for old outputs.
+    ws.drop_manifest(stage.name)
+    started = time.perf_counter()
+    summary = stage.run(ctx)
+    duration = time.perf_counter() - started
+    ws.write_manifest(
+        stage.name,
+        {
+            "config": cfg.sections(stage.sections),
+            "config_hash": config_hash(cfg.sections(stage.sections)),
+            "inputs": inputs,
+            "outputs": {ws.rel(p): ws.fingerprint(p) for p in stage.outputs(ws, cfg)},
+            "finished_at": now_iso(),
+            "duration_s": round(duration, 3),
+            "summary": summary,
+        },
+    )
+    ctx.console.print(f"[green]{stage.name}[/]: done in {duration:.1f}s")
+    return True

@@ -1,0 +1,111 @@
+"""Pieces the training and evaluation stages share: building the model, choosing the
+image source for the mode, scoring a split, and the metric-loss batch sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retdmctl.config import Config
+from retdmctl.data.dataset import DatasetInfo
+from retdmctl.knn import KnnGraph, knn_search
+from retdmctl.metrics import compute_metrics
+from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
+from retdmctl.models.retdm import RETDM
+from retdmctl.training.runtime import autocast
+from retdmctl.training.sources import CachedSource, PixelSource, read_features
+from retdmctl.workspace import Workspace
+
+
+def backbone_cache_path(ws: Workspace) -> Path:
+    return ws.stage_dir("classifier") / "backbone.h5"
+
+
+def build_model(cfg: Config, num_classes: int, *, pretrained: bool) -> tuple[RETDM, BackboneSpec]:
+    """The RETDM model for this config: with a backbone, or heads only when frozen."""
+    m = cfg.model
+    spec = get_backbone_spec(m.backbone)
+    backbone = None
+    if not m.frozen_backbone:
+        weights = Path(m.weights_file) if m.weights_file else None
+        backbone, spec = build_backbone(m.backbone, pretrained=pretrained and m.pretrained, weights_file=weights)
+    model = RETDM(num_classes, spec.out_dim, m.embed_dim, m.dropout, backbone=backbone)
+    return model, spec
+
+
+def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSpec):
+    """Pixels from LMDB, or the cached backbone features in frozen-backbone mode."""
+    if cfg.model.frozen_backbone:
+        return CachedSource(read_features(backbone_cache_path(ws)), info, cfg.model.batch_size)
+    return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, cfg.runtime.workers)
+
+
+@torch.no_grad()
+def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and labels for ``rows``, in the order of ``rows``."""
+    model.eval()
+    scores, labels = [], []
+    for x, y, r in source.eval_batches(rows):
+        with autocast(device):
+            logits = model(x.to(device))
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+@torch.no_grad()
+def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
+    """f = phi(x) for every image (eval mode, centre crop)."""
+    model.eval()
+    out = np.zeros((n, model.cls_head.in_features), dtype=np.float32)
+    for x, _, r in source.eval_batches(np.arange(n)):
+        with autocast(device):
+            out[r] = model.embed_images(x.to(device)).float().cpu().numpy()
+    return out
+
+
+def val_bce_and_map(model: RETDM, source, rows: np.ndarray, device: torch.device) -> dict[str, float]:
+    scores, labels = predict_scores(model, source, rows, device)
+    eps = 1e-7
+    p = np.clip(scores, eps, 1 - eps)
+    bce = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+    return {"val_loss": bce, "val_mAP": compute_metrics(labels, scores)["mAP"]}
+
+
+@dataclass
+class MetricSampler:
+    """Builds the metric-loss inputs for a batch of dataset rows.
+
+    Training rows use the graph's label sets and neighbours. Validation rows may carry a
+    label set unseen in training, so their neighbours are searched among the training
+    label sets once, up front (``for_rows``).
+    """
+
+    graph: KnnGraph
+    label_sets: torch.Tensor  # (S, L) float
+    row_neighbors: dict[int, np.ndarray]  # dataset row -> (k,) neighbour set indices
+
+    @classmethod
+    def build(cls, graph: KnnGraph, info: DatasetInfo, extra_rows: np.ndarray) -> MetricSampler:
+        row_neighbors: dict[int, np.ndarray] = {}
+        train_rows = np.flatnonzero(graph.image_set >= 0)
+        for row, s in zip(train_rows, graph.image_set[train_rows]):
+            row_neighbors[int(row)] = graph.neighbors[s]
+        if len(extra_rows):
+            nbrs, _ = knn_search(graph.label_sets, info.labels[extra_rows], graph.k)
+            for row, nb in zip(extra_rows, nbrs):
+                row_neighbors[int(row)] = nb
+        return cls(graph, torch.from_numpy(graph.label_sets.astype(np.float32)), row_neighbors)
+
+    def neighbors(self, rows: np.ndarray) -> np.ndarray:
+        return np.stack([self.row_neighbors[int(r)] for r in rows])
+
+    def way2_images(self, neighbor_sets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """For each neighbour set, a random training image whose label set is exactly it."""
+        start = self.graph.set_ptr[neighbor_sets]
+        count = self.graph.set_ptr[neighbor_sets + 1] - start
+        pick = start + (rng.random(neighbor_sets.shape) * count).astype(np.int64)
+        return self.graph.set_members[pick]

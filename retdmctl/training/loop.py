@@ -1,0 +1,116 @@
+"""The epoch loop shared by the three training stages.
+
+Read top to bottom: resume if a matching ``resume.pt`` exists, then for each epoch train
+on shuffled batches, validate, step the plateau scheduler, append to the history and save
+``resume.pt`` (atomically). A stage calls :func:`fit` with its own ``step`` (the loss of
+one batch) and ``validate`` (metrics on the validation split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retdmctl.progress import make_progress
+from retdmctl.training.runtime import autocast, epoch_rng, load_checkpoint, restore_rng, save_checkpoint
+
+Step = Callable[[torch.Tensor, torch.Tensor, np.ndarray, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    patience: int = 3
+    seed: int = 0
+
+
+def fit(
+    *,
+    name: str,
+    stage_dir: Path,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    schedule: Schedule,
+    source,
+    train_rows: np.ndarray,
+    step: Step,
+    validate: Callable[[], dict[str, float]],
+    device: torch.device,
+    resume_key: dict[str, Any],
+    console,
+) -> list[dict[str, float]]:
+    # SGD with momentum and weight decay; lr divided by 10 when the val loss plateaus.
+    optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=schedule.patience)
+    history: list[dict[str, float]] = []
+    start_epoch = 1
+
+    resume_path = stage_dir / "resume.pt"
+    if resume_path.exists():
+        state = load_checkpoint(resume_path)
+        if state.get("resume_key") == resume_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"]) + 1
+            restore_rng(state)
+            console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
+        else:
+            resume_path.unlink()  # made with another config or other inputs
+
+    with make_progress() as progress:
+        epochs_task = progress.add_task(f"{name} epochs", total=schedule.epochs, completed=start_epoch - 1, info="")
+        for epoch in range(start_epoch, schedule.epochs + 1):
+            model.train()
+            rng = epoch_rng(schedule.seed, epoch)
+            sums: dict[str, float] = {}
+            seen = 0
+            batch_task = progress.add_task(f"epoch {epoch}", total=source.num_batches(train_rows), info="")
+            for x, y, rows in source.train_batches(train_rows, int(rng.integers(2**31))):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device):
+                    loss, items = step(x, y, rows, rng)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for key, value in items.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(rows)
+                seen += len(rows)
+                progress.update(batch_task, advance=1, info=f"loss {sums['total'] / seen:.4f}")
+            progress.remove_task(batch_task)
+
+            model.eval()
+            with torch.no_grad():
+                val = validate()
+            scheduler.step(val["val_loss"])
+            record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}, **val}
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            history.append(record)
+            progress.update(epochs_task, advance=1, info=_describe(record))
+            save_checkpoint(
+                resume_path,
+                {
+                    "resume_key": resume_key,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "epoch": epoch,
+                },
+            )
+    console.print(f"{name}: " + _describe(history[-1]) if history else f"{name}: no epochs")
+    return history
+
+
+def _describe(record: dict[str, float]) -> str:
+    keys = ("train_total", "val_loss", "val_mAP")
+    return ", ".join(f"{k} {record[k]:.4f}" for k in keys if k in record and record[k] is not None)

@@ -1,0 +1,67 @@
+"""Device choice, autocast, seeding, and the checkpoint dict (nanoGPT style: one dict
+holds everything needed to resume)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retdmctl import __version__
+from retdmctl.errors import ConfigError
+from retdmctl.workspace import atomic_path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device is 'cuda' but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"runtime.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    """A generator fixed by (seed, epoch): a resumed run draws what the whole run would."""
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    state = {**state, "version": __version__, "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def set_threads() -> None:
+    """Use every core for intra-op work unless the user said otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)

@@ -1,0 +1,134 @@
+"""Where a training stage's image inputs come from.
+
+``PixelSource`` decodes images from LMDB (fine-tuning the backbone); ``CachedSource``
+serves backbone features cached on disk (frozen-backbone mode, the CPU-friendly one).
+Both yield ``(x, y, rows)`` batches, so a stage's loop is the same in either mode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from retdmctl import __version__
+from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.loaders import LmdbImages, eval_transform, train_transform, worker_init
+from retdmctl.data.store import ImageReader
+from retdmctl.models.backbones import BackboneSpec
+from retdmctl.progress import make_progress
+from retdmctl.workspace import atomic_path, now_iso
+
+Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
+
+
+class PixelSource:
+    def __init__(self, lmdb: Path, info: DatasetInfo, spec: BackboneSpec, image_size: int, batch_size: int, workers: int) -> None:
+        self.reader = ImageReader(lmdb)
+        self.info, self.batch_size, self.workers = info, batch_size, workers
+        self.train_tf = train_transform(image_size, spec.mean, spec.std)
+        self.eval_tf = eval_transform(image_size, spec.mean, spec.std)
+
+    def _loader(self, rows: np.ndarray, transform, shuffle_seed: int | None) -> DataLoader:
+        ds = LmdbImages(self.reader, self.info.ids, self.info.labels, rows, transform)
+        gen = None
+        if shuffle_seed is not None:
+            gen = torch.Generator().manual_seed(shuffle_seed)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle_seed is not None,
+            generator=gen,
+            num_workers=self.workers,
+            worker_init_fn=worker_init,
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def train_batches(self, rows: np.ndarray, seed: int) -> Iterator[Batch]:
+        for x, y, r in self._loader(rows, self.train_tf, seed):
+            yield x, y, r.numpy()
+
+    def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        for x, y, r in self._loader(rows, self.eval_tf, None):
+            yield x, y, r.numpy()
+
+    def num_batches(self, rows: np.ndarray) -> int:
+        return -(-len(rows) // self.batch_size)
+
+
+class CachedSource:
+    def __init__(self, features: np.ndarray, info: DatasetInfo, batch_size: int) -> None:
+        self.features = torch.from_numpy(features.astype(np.float32))
+        self.labels = torch.from_numpy(info.labels.astype(np.float32))
+        self.batch_size = batch_size
+
+    def _batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        for start in range(0, len(rows), self.batch_size):
+            r = rows[start : start + self.batch_size]
+            idx = torch.from_numpy(r)
+            yield self.features[idx], self.labels[idx], r
+
+    def train_batches(self, rows: np.ndarray, seed: int) -> Iterator[Batch]:
+        return self._batches(np.random.default_rng(seed).permutation(rows))
+
+    def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        return self._batches(rows)
+
+    def num_batches(self, rows: np.ndarray) -> int:
+        return -(-len(rows) // self.batch_size)
+
+
+def cache_key(model_cfg, spec: BackboneSpec, dataset_fp: str | None) -> dict:
+    return {
+        "backbone": spec.name,
+        "pretrained": model_cfg.pretrained,
+        "weights_file": model_cfg.weights_file,
+        "image_size": model_cfg.image_size,
+        "dataset": dataset_fp,
+    }
+
+
+def read_cache_key(path: Path) -> dict | None:
+    try:
+        with h5py.File(path, "r") as h5:
+            return json.loads(h5.attrs["key"])
+    except (OSError, KeyError):
+        return None
+
+
+@torch.no_grad()
+def extract_backbone_features(
+    path: Path, backbone: torch.nn.Module, pixels: PixelSource, key: dict, device: torch.device, autocast
+) -> None:
+    """Run the backbone once over every image (centre crop) and cache the pooled features."""
+    rows = np.arange(len(pixels.info.ids))
+    backbone = backbone.to(device).eval()
+    out = None
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
+        task = progress.add_task("backbone features", total=len(rows), info="")
+        for x, _, r in pixels.eval_batches(rows):
+            with autocast:
+                feats = backbone(x.to(device, non_blocking=True))
+            feats = feats.float().cpu().numpy()
+            if out is None:
+                out = h5.create_dataset("features", shape=(len(rows), feats.shape[1]), dtype=np.float16)
+            out[r] = feats.astype(np.float16)
+            progress.advance(task, len(r))
+        h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
+
+
+def read_features(path: Path, name: str = "features") -> np.ndarray:
+    with h5py.File(path, "r") as h5:
+        return h5[name][()].astype(np.float32)
+
+
+def write_features(path: Path, features: np.ndarray, config: dict) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("features", data=features.astype(np.float16))
+        h5.attrs.update({"config": json.dumps(config), "version": __version__, "created": now_iso()})

@@ -1,0 +1,133 @@
+"""Stage ``eval``: score a split with a checkpoint's classification module and report.
+
+Writes ``eval/scores.h5`` (scores, labels, ids), ``eval/metrics.json`` (the 12 metrics
+of DESIGN.md section 4 plus per-class AP) and ``eval/report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+from rich.table import Table
+
+from retdmctl import __version__
+from retdmctl.config import Config
+from retdmctl.data.dataset import read_dataset
+from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics, per_class_average_precision
+from retdmctl.pipeline import Context, Stage
+from retdmctl.report.html import render_report
+from retdmctl.training.common import backbone_cache_path, build_model, image_source, predict_scores
+from retdmctl.training.runtime import load_checkpoint, pick_device, set_threads
+from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
+
+TRAINED = ("classifier", "metric", "joint")
+
+
+def _blocked(cfg: Config) -> str | None:
+    if cfg.eval.checkpoint not in ("classifier", "joint"):
+        return f"eval.checkpoint must be 'classifier' or 'joint', got {cfg.eval.checkpoint!r}"
+    if cfg.eval.split not in ("train", "val", "test"):
+        return f"eval.split must be train, val or test, got {cfg.eval.split!r}"
+    if cfg.eval.report not in ("html", "none"):
+        return f"eval.report must be 'html' or 'none', got {cfg.eval.report!r}"
+    return None
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("better", justify="center")
+    for name in METRIC_NAMES:
+        table.add_row(name, f"{metrics[name]:.4f}", "higher" if HIGHER_IS_BETTER[name] else "lower")
+    return table
+
+
+def run(ctx: Context) -> dict:
+    ws, cfg = ctx.ws, ctx.cfg
+    set_threads()
+    device = pick_device(cfg.runtime.device)
+    info = read_dataset(ws.dataset)
+    e = cfg.eval
+    ckpt_path = ws.stage_dir(e.checkpoint) / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    model, spec = build_model(cfg, info.num_classes, pretrained=False)
+    model.load_state_dict(ckpt["model"], strict=False)
+    model.to(device)
+
+    rows = info.split(e.split)
+    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec), rows, device)
+    metrics = compute_metrics(labels, scores, threshold=e.threshold)
+    ap = per_class_average_precision(labels, scores)
+
+    out = ws.stage_dir("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "scores.h5") as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("scores", data=scores.astype(np.float32))
+        h5.create_dataset("labels", data=labels.astype(np.uint8))
+        h5.create_dataset("rows", data=rows)
+        h5.create_dataset("ids", data=np.array([info.ids[r] for r in rows], dtype=object), dtype=h5py.string_dtype())
+        h5.create_dataset("class_names", data=np.array(info.class_names, dtype=object), dtype=h5py.string_dtype())
+        h5.attrs.update({"checkpoint": ws.rel(ckpt_path), "split": e.split, "version": __version__})
+    per_class = {name: (None if np.isnan(v) else float(v)) for name, v in zip(info.class_names, ap)}
+    result = {
+        "metrics": metrics,
+        "per_class_ap": per_class,
+        "checkpoint": ws.rel(ckpt_path),
+        "split": e.split,
+        "images": int(len(rows)),
+        "threshold": e.threshold,
+        "config": cfg.sections(STAGE.sections),
+        "version": __version__,
+        "created": now_iso(),
+    }
+    write_text_atomic(out / "metrics.json", json.dumps(result, indent=2))
+
+    if e.report == "html":
+        history = {}
+        for stage in TRAINED:
+            path = ws.stage_dir(stage) / "checkpoint.pt"
+            if path.exists():
+                history[stage] = load_checkpoint(path).get("history", [])
+        page = render_report(
+            title=f"retdmctl evaluation: {e.checkpoint} checkpoint on the {e.split} split",
+            metrics=metrics,
+            class_names=info.class_names,
+            per_class_ap=[float(v) for v in ap],
+            class_support=[int(v) for v in labels.sum(axis=0)],
+            history=history,
+            meta={
+                "workdir": str(ws.root),
+                "checkpoint": ws.rel(ckpt_path),
+                "backbone": f"{spec.name}" + (" (frozen)" if cfg.model.frozen_backbone else ""),
+                "images": str(len(rows)),
+                "threshold": str(e.threshold),
+                "version": __version__,
+                "created": now_iso(),
+            },
+        )
+        write_text_atomic(out / "report.html", page)
+    return {"mAP": metrics["mAP"], "C-F1": metrics["C-F1"], "O-F1": metrics["O-F1"]}
+
+
+def _inputs(ws, cfg: Config) -> list:
+    paths = [ws.dataset, ws.stage_dir(cfg.eval.checkpoint) / "checkpoint.pt"]
+    return paths + ([backbone_cache_path(ws)] if cfg.model.frozen_backbone else [ws.lmdb])
+
+
+def _outputs(ws, cfg: Config) -> list:
+    out = ws.stage_dir("eval")
+    return [out / "scores.h5", out / "metrics.json"] + ([out / "report.html"] if cfg.eval.report == "html" else [])
+
+
+STAGE = Stage(
+    name="eval",
+    command="retdmctl eval",
+    sections=("eval",),
+    inputs=_inputs,
+    outputs=_outputs,
+    run=run,
+    blocked=_blocked,
+)

@@ -1,0 +1,125 @@
+"""Stage 3, ``train --stage joint``: fine-tune everything with
+L = L_cls + alpha * L_metric + beta * L_rec, starting from the classifier and metric
+checkpoints.
+
+Way 2 needs f_{i_j} for images outside the batch. ``joint.way2 = "bank"`` takes them from
+a feature bank initialised from ``features.h5`` and refreshed with each batch's f (no
+extra CNN passes); ``"forward"`` recomputes them with the current phi, which in
+frozen-backbone mode costs one linear layer on cached features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from retdmctl.config import Config
+from retdmctl.data.dataset import read_dataset
+from retdmctl.errors import ConfigError
+from retdmctl.knn import read_graph
+from retdmctl.losses.retdm import classification_loss, total_loss
+from retdmctl.pipeline import Context, Stage
+from retdmctl.training.common import MetricSampler, backbone_cache_path, build_model, image_source, val_bce_and_map
+from retdmctl.training.loop import Schedule, fit
+from retdmctl.training.runtime import load_checkpoint, pick_device, save_checkpoint, seed_everything, set_threads
+from retdmctl.training.sources import read_features
+from stages.metric import metric_and_rec
+
+
+def _blocked(cfg: Config) -> str | None:
+    if cfg.joint.way2 not in ("bank", "forward"):
+        return f"joint.way2 must be 'bank' or 'forward', got {cfg.joint.way2!r}"
+    if cfg.joint.way2 == "forward" and not cfg.model.frozen_backbone:
+        return "joint.way2 = 'forward' needs model.frozen_backbone = true (use 'bank' to fine-tune the CNN)"
+    return None
+
+
+def run(ctx: Context) -> dict:
+    ws, cfg = ctx.ws, ctx.cfg
+    if (reason := _blocked(cfg)) is not None:
+        raise ConfigError(reason)
+    set_threads()
+    seed_everything(cfg.joint.seed)
+    device = pick_device(cfg.runtime.device)
+    info = read_dataset(ws.dataset)
+    graph = read_graph(ws.knn)
+    stage_dir = ws.stage_dir("joint")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.force:
+        (stage_dir / "resume.pt").unlink(missing_ok=True)
+
+    # Start from stage 1 (phi, W_c) and stage 2 (psi, W_r).
+    model, spec = build_model(cfg, info.num_classes, pretrained=False)
+    model.load_state_dict(load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], strict=False)
+    metric_state = load_checkpoint(ws.stage_dir("metric") / "checkpoint.pt")["model"]
+    model.load_state_dict({k: v for k, v in metric_state.items() if k.startswith(("label_net.", "rec_head."))}, strict=False)
+    model.to(device)
+
+    source = image_source(ws, cfg, info, spec)
+    bank = torch.from_numpy(read_features(ws.stage_dir("classifier") / "features.h5")).to(device)
+    cached = source.features.to(device) if cfg.joint.way2 == "forward" else None
+    train_rows, val_rows = info.split("train"), info.split("val")
+    sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
+
+    class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)
+        def __getitem__(self, picks):
+            return model.embed(cached[picks])
+
+    def step(x, y, rows, rng):
+        f = model.embed_images(x)
+        logits = model.classify(f)
+        f_neg_source = FreshFeatures() if cached is not None else bank
+        metric, rec = metric_and_rec(model, f.float(), y, rows, sampler, f_neg_source, rng, cfg.loss)
+        parts = total_loss(classification_loss(logits.float(), y), metric, rec, cfg.loss.alpha, cfg.loss.beta)
+        bank[torch.from_numpy(rows).to(device)] = f.detach().float()  # refresh the bank
+        return parts.total, parts.items()
+
+    j = cfg.joint
+    history = fit(
+        name="joint",
+        stage_dir=stage_dir,
+        model=model,
+        params=list(model.parameters()),
+        schedule=Schedule(j.epochs, j.lr, j.momentum, j.weight_decay, j.patience, j.seed),
+        source=source,
+        train_rows=train_rows,
+        step=step,
+        validate=lambda: val_bce_and_map(model, source, val_rows, device),
+        device=device,
+        resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
+        console=ctx.console,
+    )
+    state = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
+    save_checkpoint(
+        stage_dir / "checkpoint.pt",
+        {
+            "stage": "joint",
+            "model": state,
+            "history": history,
+            "config": cfg.sections(STAGE.sections),
+            "class_names": info.class_names,
+            "backbone": spec.name,
+            "feature_dim": spec.out_dim,
+            "frozen_backbone": cfg.model.frozen_backbone,
+        },
+    )
+    (stage_dir / "resume.pt").unlink(missing_ok=True)
+    last = history[-1] if history else {}
+    return {"epochs": len(history), "val_mAP": last.get("val_mAP"), "val_loss": last.get("val_loss")}
+
+
+def _inputs(ws, cfg) -> list:
+    clf = ws.stage_dir("classifier")
+    paths = [ws.dataset, ws.knn, clf / "checkpoint.pt", clf / "features.h5", ws.stage_dir("metric") / "checkpoint.pt"]
+    return paths + ([backbone_cache_path(ws)] if cfg.model.frozen_backbone else [ws.lmdb])
+
+
+STAGE = Stage(
+    name="joint",
+    command="retdmctl train --stage joint",
+    sections=("model", "loss", "joint"),
+    inputs=_inputs,
+    outputs=lambda ws, cfg: [ws.stage_dir("joint") / "checkpoint.pt"],
+    run=run,
+    blocked=_blocked,
+)

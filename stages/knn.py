@@ -1,0 +1,41 @@
+"""Stage ``knn``: the label-set kNN graph of the training split, written to ``knn.h5``."""
+
+from __future__ import annotations
+
+from retdmctl.data.dataset import read_dataset
+from retdmctl.errors import InputError
+from retdmctl.knn import build_graph, write_graph
+from retdmctl.pipeline import Context, Stage
+from retdmctl.config import Config
+
+
+def _blocked(cfg: Config) -> str | None:
+    return None if cfg.knn.k >= 1 else f"knn.k must be at least 1, got {cfg.knn.k}"
+
+
+def run(ctx: Context) -> dict:
+    ws, cfg = ctx.ws, ctx.cfg
+    info = read_dataset(ws.dataset)
+    try:
+        graph = build_graph(info.labels, info.split("train"), cfg.knn.k)
+    except ValueError as exc:
+        raise InputError(f"{ws.rel(ws.dataset)}: {exc}") from None
+    write_graph(ws.knn, graph, cfg.sections(STAGE.sections))
+    sizes = graph.set_ptr[1:] - graph.set_ptr[:-1]
+    ctx.console.print(
+        f"{len(graph.label_sets)} distinct training label sets, k = {graph.k}"
+        + (f" (capped from {cfg.knn.k})" if graph.k < cfg.knn.k else "")
+        + f"; images per set: median {int(sorted(sizes)[len(sizes) // 2])}, max {int(sizes.max())}"
+    )
+    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k)}
+
+
+STAGE = Stage(
+    name="knn",
+    command="retdmctl knn",
+    sections=("knn",),
+    inputs=lambda ws, cfg: [ws.dataset],
+    outputs=lambda ws, cfg: [ws.knn],
+    run=run,
+    blocked=_blocked,
+)

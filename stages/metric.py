@@ -1,0 +1,119 @@
+"""Stage 2, ``train --stage metric``: phi and W_c frozen; train psi and W_r with
+alpha * L_metric + beta * L_rec.
+
+phi is frozen, so f comes straight from ``classifier/features.h5``: this stage runs no CNN
+at all. Way 2's images f_{i_j} are read from the same cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from retdmctl.data.dataset import read_dataset
+from retdmctl.knn import read_graph
+from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss
+from retdmctl.models.retdm import RETDM
+from retdmctl.pipeline import Context, Stage
+from retdmctl.training.common import MetricSampler
+from retdmctl.training.loop import Schedule, fit
+from retdmctl.training.runtime import load_checkpoint, pick_device, save_checkpoint, seed_everything, set_threads
+from retdmctl.training.sources import CachedSource, read_features
+
+
+def metric_and_rec(model: RETDM, f, y, rows, sampler: MetricSampler, f_bank: torch.Tensor, rng, loss_cfg):
+    """(alpha-free) L_metric and L_rec for a batch; f_{i_j} taken from ``f_bank``."""
+    neighbors = sampler.neighbors(rows)  # (B, k) label-set indices
+    g_pos = model.label_net(y)
+    g_neg = model.label_net(sampler.label_sets.to(y.device)[torch.from_numpy(neighbors).long()])
+    picks = torch.from_numpy(sampler.way2_images(neighbors, rng)).to(y.device)
+    f_neg = f_bank[picks]
+    metric = two_way_metric_loss(f, g_pos, g_neg, f_neg, loss_cfg.lam, loss_cfg.margin)
+    rec = reconstruction_loss(model.rec_head(g_pos), y)
+    return metric, rec
+
+
+def run(ctx: Context) -> dict:
+    ws, cfg = ctx.ws, ctx.cfg
+    set_threads()
+    seed_everything(cfg.metric.seed)
+    device = pick_device(cfg.runtime.device)
+    info = read_dataset(ws.dataset)
+    graph = read_graph(ws.knn)
+    stage_dir = ws.stage_dir("metric")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.force:
+        (stage_dir / "resume.pt").unlink(missing_ok=True)
+
+    # The classifier's checkpoint gives phi's head and W_c (kept as they are) and shapes.
+    clf = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
+    model = RETDM(info.num_classes, clf["feature_dim"], cfg.model.embed_dim, cfg.model.dropout)
+    model.load_state_dict(clf["model"], strict=False)  # the backbone, if any, is not needed
+    model.to(device)
+
+    features = read_features(ws.stage_dir("classifier") / "features.h5")
+    f_bank = torch.from_numpy(features).to(device)
+    source = CachedSource(features, info, cfg.metric.batch_size)
+    train_rows, val_rows = info.split("train"), info.split("val")
+    sampler = MetricSampler.build(graph, info, val_rows)
+    a, b = cfg.loss.alpha, cfg.loss.beta
+
+    def step(f, y, rows, rng):
+        metric, rec = metric_and_rec(model, f, y, rows, sampler, f_bank, rng, cfg.loss)
+        loss = a * metric + b * rec
+        return loss, {"total": float(loss.detach()), "metric": float(metric.detach()), "rec": float(rec.detach())}
+
+    def validate() -> dict[str, float]:
+        rng = np.random.default_rng([cfg.metric.seed, 999])
+        total, metric_sum, n = 0.0, 0.0, 0
+        for f, y, rows in source.eval_batches(val_rows):
+            f, y = f.to(device), y.to(device)
+            metric, rec = metric_and_rec(model, f, y, rows, sampler, f_bank, rng, cfg.loss)
+            total += float(a * metric + b * rec) * len(rows)
+            metric_sum += float(metric) * len(rows)
+            n += len(rows)
+        return {"val_loss": total / max(n, 1), "val_metric": metric_sum / max(n, 1)}
+
+    m = cfg.metric
+    history = fit(
+        name="metric",
+        stage_dir=stage_dir,
+        model=model,
+        params=model.label_parameters(),
+        schedule=Schedule(m.epochs, m.lr, m.momentum, m.weight_decay, 3, m.seed),
+        source=source,
+        train_rows=train_rows,
+        step=step,
+        validate=validate,
+        device=device,
+        resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
+        console=ctx.console,
+    )
+    save_checkpoint(
+        stage_dir / "checkpoint.pt",
+        {
+            "stage": "metric",
+            "model": model.heads_state(),
+            "history": history,
+            "config": cfg.sections(STAGE.sections),
+            "class_names": info.class_names,
+        },
+    )
+    (stage_dir / "resume.pt").unlink(missing_ok=True)
+    last = history[-1] if history else {}
+    return {"epochs": len(history), "val_loss": last.get("val_loss")}
+
+
+def _inputs(ws, cfg) -> list:
+    clf = ws.stage_dir("classifier")
+    return [ws.dataset, ws.knn, clf / "checkpoint.pt", clf / "features.h5"]
+
+
+STAGE = Stage(
+    name="metric",
+    command="retdmctl train --stage metric",
+    sections=("loss", "metric"),
+    inputs=_inputs,
+    outputs=lambda ws, cfg: [ws.stage_dir("metric") / "checkpoint.pt"],
+    run=run,
+)
