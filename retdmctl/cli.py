@@ -10,48 +10,33 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
 
 from retdmctl import __version__
-from retdmctl.config import Config, parse_set
+from retdmctl.cli_ingest import ingest_app
+from retdmctl.cli_support import (
+    STATE,
+    ErrorCatchingGroup,
+    Force,
+    Sets,
+    configure,
+    console,
+    run_stages,
+    workspace,
+)
 from retdmctl.errors import RetdmError
-from retdmctl.workspace import Workspace
-
-console = Console(highlight=False)
-
-
-class _Group(TyperGroup):
-    """Turns every RetdmError into ``error: <message>`` on stderr and exit code 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except RetdmError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
-            raise typer.Exit(130) from None
-
 
 app = typer.Typer(
-    cls=_Group,
+    cls=ErrorCatchingGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="RETDM multi-label image classification as a resumable pipeline:\n\n"
     "ingest -> knn -> train (classifier, metric, joint) -> eval.\n\n"
     "Example: retdmctl quickstart",
-)
-ingest_app = typer.Typer(
-    cls=_Group,
-    no_args_is_help=True,
-    help="Read a dataset in its native format into data/images.lmdb and data/dataset.h5.",
 )
 app.add_typer(ingest_app, name="ingest")
 
@@ -60,15 +45,6 @@ class StageName(str, Enum):
     classifier = "classifier"
     metric = "metric"
     joint = "joint"
-
-
-# --- shared state and helpers ------------------------------------------------
-class State:
-    workdir: Path = Path("retdm-work")
-    config: Path | None = None
-
-
-STATE = State()
 
 
 @app.callback()
@@ -89,132 +65,6 @@ def main(
     STATE.workdir, STATE.config = workdir, config
 
 
-def _workspace() -> Workspace:
-    return Workspace(STATE.workdir.resolve())
-
-
-def _configure(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> tuple[Workspace, Config]:
-    """Resolve the config (retdm.toml < --config < --set < flags) and save it back."""
-    ws = _workspace()
-    merged = parse_set(sets or [])
-    for section, values in overrides.items():
-        merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    cfg = ws.load_config(STATE.config, merged)
-    ws.save_config(cfg)
-    return ws, cfg
-
-
-def _run_stages(ws: Workspace, cfg: Config, names: list[str], force: bool) -> None:
-    from retdmctl.pipeline import Context, run_stage
-    from stages import BY_NAME, PIPELINE
-
-    ctx = Context(ws, cfg, console, force=force)
-    for name in names:
-        run_stage(ctx, BY_NAME[name], PIPELINE)
-    if "eval" in names:
-        _print_metrics(ws)
-
-
-def _print_metrics(ws: Workspace) -> None:
-    import json
-
-    from stages.evaluate import metrics_table
-
-    result = json.loads((ws.stage_dir("eval") / "metrics.json").read_text())
-    title = f"{result['checkpoint']} on the {result['split']} split ({result['images']} images)"
-    console.print(metrics_table(result["metrics"], title))
-
-
-Force = Annotated[bool, typer.Option("--force", help="Run even when up to date.")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Any option as SECTION.KEY=VALUE (repeatable).")]
-
-
-# --- ingest ------------------------------------------------------------------
-def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool) -> None:
-    ws, cfg = _configure({"ingest": {"source": source, "path": path, "images": images, **opts}})
-    _run_stages(ws, cfg, ["ingest"], force)
-
-
-def _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction=None) -> dict:
-    return {
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "short_side": short_side,
-        "keep_original": keep_original,
-        "workers": workers,
-        "strict": strict,
-        "test_fraction": test_fraction,
-    }
-
-
-Seed = Annotated[Optional[int], typer.Option(help="Seed of the random splits.")]
-ValFraction = Annotated[Optional[float], typer.Option(help="Fraction of train held out for validation.")]
-ShortSide = Annotated[Optional[int], typer.Option(help="Re-encode images to this shorter side (px).")]
-KeepOriginal = Annotated[
-    Optional[bool], typer.Option("--keep-original/--reencode", help="Store the original bytes.")
-]
-Workers = Annotated[Optional[int], typer.Option(help="Encoding processes (0 = one per core).")]
-Strict = Annotated[Optional[bool], typer.Option("--strict/--lenient", help="A bad image is an error, not a skip.")]
-
-
-@ingest_app.command("demo")
-def ingest_demo(
-    images: Annotated[Optional[int], typer.Option("--images", help="Number of images.")] = None,
-    classes: Annotated[Optional[int], typer.Option("--classes", help="Number of classes (2-12).")] = None,
-    seed: Seed = None,
-    val_fraction: ValFraction = None,
-    workers: Workers = None,
-    force: Force = False,
-) -> None:
-    """Generate the built-in procedural demo set (seconds; no download).
-
-    Example: retdmctl ingest demo --images 2000 --classes 10
-    """
-    opts = _split_opts(seed, val_fraction, None, None, workers, None)
-    opts.update({"demo_images": images, "demo_classes": classes})
-    _ingest("demo", "", "", opts, force)
-
-
-@ingest_app.command("scene")
-def ingest_scene(
-    path: Annotated[Path, typer.Argument(help="The scene folder (labels.csv, images/).", exists=True, file_okay=False)],
-    seed: Seed = None,
-    val_fraction: ValFraction = None,
-    short_side: ShortSide = None,
-    keep_original: KeepOriginal = None,
-    workers: Workers = None,
-    strict: Strict = None,
-    force: Force = False,
-) -> None:
-    """Read the MIML natural-scene set with the reference 80/20 split.
-
-    Example: retdmctl ingest scene ../shared/data/scene --seed 0
-    """
-    opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, 0.2)
-    _ingest("scene", str(path.resolve()), "", opts, force)
-
-
-@ingest_app.command("csv")
-def ingest_csv(
-    labels: Annotated[Path, typer.Argument(help="CSV lines: relative/path.jpg,label1|label2", exists=True, dir_okay=False)],
-    images: Annotated[Path, typer.Option("--images", help="Folder the paths are relative to.", exists=True, file_okay=False)],
-    seed: Seed = None,
-    test_fraction: Annotated[Optional[float], typer.Option(help="Fraction of images for the test split.")] = None,
-    val_fraction: ValFraction = None,
-    short_side: ShortSide = None,
-    keep_original: KeepOriginal = None,
-    workers: Workers = None,
-    strict: Strict = None,
-    force: Force = False,
-) -> None:
-    """Read your own images and a label CSV (random test split).
-
-    Example: retdmctl ingest csv labels.csv --images photos/
-    """
-    opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
-    _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force)
-
-
 # --- knn / train / eval -------------------------------------------------------
 @app.command()
 def knn(
@@ -225,8 +75,8 @@ def knn(
 
     Example: retdmctl knn --k 10
     """
-    ws, cfg = _configure({"knn": {"k": k}})
-    _run_stages(ws, cfg, ["knn"], force)
+    ws, cfg = configure({"knn": {"k": k}})
+    run_stages(ws, cfg, ["knn"], force)
 
 
 @app.command()
@@ -272,8 +122,8 @@ def train(
         name: {"epochs": epochs, "lr": lr},
         "runtime": {"device": device},
     }
-    ws, cfg = _configure(overrides, sets)
-    _run_stages(ws, cfg, [name], force)
+    ws, cfg = configure(overrides, sets)
+    run_stages(ws, cfg, [name], force)
 
 
 class ReportKind(str, Enum):
@@ -301,8 +151,8 @@ def eval_(
             "report": report.value if report else None,
         }
     }
-    ws, cfg = _configure(overrides)
-    _run_stages(ws, cfg, ["eval"], force)
+    ws, cfg = configure(overrides)
+    run_stages(ws, cfg, ["eval"], force)
 
 
 # --- whole pipeline -------------------------------------------------------------
@@ -326,8 +176,8 @@ def run(
     if until is not None and until not in names:
         raise RetdmError(f"--until must be one of {', '.join(names)}, got {until!r}")
     started = time.perf_counter()
-    ws, cfg = _configure({"model": {"frozen_backbone": frozen_backbone}}, sets)
-    _run_stages(ws, cfg, names[: names.index(until) + 1] if until else names, force)
+    ws, cfg = configure({"model": {"frozen_backbone": frozen_backbone}}, sets)
+    run_stages(ws, cfg, names[: names.index(until) + 1] if until else names, force)
     console.print(f"pipeline finished in {time.perf_counter() - started:.1f}s")
 
 
@@ -341,7 +191,7 @@ def status() -> None:
     from retdmctl.pipeline import status as stage_status
     from stages import PIPELINE
 
-    ws = _workspace()
+    ws = workspace()
     cfg = ws.load_config(STATE.config)
     table = Table(title=f"retdmctl status ({ws.root})")
     for col in ("stage", "state", "reason", "command"):
@@ -373,12 +223,14 @@ def quickstart(
     started = time.perf_counter()
     overrides = {
         "ingest": {"source": "demo", "path": "", "images": "", "demo_images": images},
-        "model": {"backbone": "efficientnet_lite0", "frozen_backbone": True},
+        # The demo images are 96-128 px: 128 px input keeps every pixel and costs a third
+        # of 224 px.
+        "model": {"backbone": "efficientnet_lite0", "frozen_backbone": True, "image_size": 128},
     }
-    ws, cfg = _configure(overrides)
+    ws, cfg = configure(overrides)
     from stages import PIPELINE
 
-    _run_stages(ws, cfg, [s.name for s in PIPELINE], force)
+    run_stages(ws, cfg, [s.name for s in PIPELINE], force)
     console.print(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}")
 
 

@@ -34,6 +34,11 @@ class IngestConfig:
     strict: bool = False  # a bad image or label is an error instead of a skip
     demo_images: int = 2000
     demo_classes: int = 10
+    # Lists below are "|"-joined strings (path and images hold "|"-joined lists for coco).
+    keep_empty: bool = False  # coco, voc, mirflickr, nuswide: keep images without any label
+    coco_splits: str = ""  # one of train|test per annotation file; "" = from the file names
+    voc_years: str = ""  # e.g. "2007|2012"; "" = every VOC20XX folder found
+    voc_difficult: str = "positive"  # positive: a difficult object counts; ignore: it does not
 
 
 @dataclass

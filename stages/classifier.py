@@ -13,14 +13,42 @@ from pathlib import Path
 
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
+from retdmctl.errors import BackboneError
 from retdmctl.losses.retdm import classification_loss
-from retdmctl.models.backbones import build_backbone
+from retdmctl.models.backbones import build_backbone, get_backbone_spec
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import backbone_cache_path, build_model, embed_all, image_source, val_bce_and_map
+from retdmctl.training.common import (
+    backbone_cache_path,
+    build_model,
+    embed_all,
+    image_source,
+    val_bce_and_map,
+)
 from retdmctl.training.loop import Schedule, fit
-from retdmctl.training.runtime import autocast, pick_device, save_checkpoint, seed_everything, set_threads
-from retdmctl.training.sources import PixelSource, cache_key, extract_backbone_features, read_cache_key, write_features
+from retdmctl.training.runtime import (
+    autocast,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    set_threads,
+)
+from retdmctl.training.sources import (
+    PixelSource,
+    cache_key,
+    extract_backbone_features,
+    read_cache_key,
+    write_features,
+)
 from retdmctl.workspace import Workspace
+
+
+def backbone_problem(cfg: Config) -> str | None:
+    """Why ``model.backbone`` cannot be used, or None (shared by the model stages)."""
+    try:
+        get_backbone_spec(cfg.model.backbone)
+    except BackboneError as exc:
+        return str(exc)
+    return None
 
 
 def _outputs(ws: Workspace, cfg: Config) -> list:
@@ -111,4 +139,5 @@ STAGE = Stage(
     inputs=lambda ws, cfg: [ws.lmdb, ws.dataset],
     outputs=_outputs,
     run=run,
+    blocked=backbone_problem,
 )

@@ -15,17 +15,30 @@ from rich.table import Table
 from retdmctl import __version__
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
-from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics, per_class_average_precision
+from retdmctl.metrics import (
+    HIGHER_IS_BETTER,
+    METRIC_NAMES,
+    compute_metrics,
+    per_class_average_precision,
+)
 from retdmctl.pipeline import Context, Stage
 from retdmctl.report.html import render_report
-from retdmctl.training.common import backbone_cache_path, build_model, image_source, predict_scores
+from retdmctl.training.common import (
+    backbone_cache_path,
+    build_model,
+    image_source,
+    predict_scores,
+)
 from retdmctl.training.runtime import load_checkpoint, pick_device, set_threads
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
+from stages.classifier import backbone_problem
 
 TRAINED = ("classifier", "metric", "joint")
 
 
 def _blocked(cfg: Config) -> str | None:
+    if (problem := backbone_problem(cfg)) is not None:
+        return problem
     if cfg.eval.checkpoint not in ("classifier", "joint"):
         return f"eval.checkpoint must be 'classifier' or 'joint', got {cfg.eval.checkpoint!r}"
     if cfg.eval.split not in ("train", "val", "test"):

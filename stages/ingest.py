@@ -2,6 +2,10 @@
 
 The source (``ingest.source``, ``ingest.path``) is part of the config, so ``retdmctl run``
 re-ingests when the dataset's files or the ingest options change.
+
+Lists in the config are ``|``-joined strings: for ``coco``, ``ingest.path`` holds the
+annotation files and ``ingest.images`` their image folders (one for all, or one per
+file), ``ingest.coco_splits`` the split of each file; ``ingest.voc_years`` the VOC years.
 """
 
 from __future__ import annotations
@@ -13,7 +17,16 @@ from retdmctl.data.ingest import SourceData, run_ingest
 from retdmctl.errors import ConfigError
 from retdmctl.pipeline import Context, Stage
 
-READERS = ("demo", "scene", "csv")
+READERS = ("demo", "scene", "csv", "coco", "voc", "mirflickr", "nuswide")
+LIST_SEP = "|"
+
+
+def join_list(items) -> str:
+    return LIST_SEP.join(str(x) for x in items)
+
+
+def split_list(value: str) -> list[str]:
+    return [x for x in value.split(LIST_SEP) if x] if value else []
 
 
 def read_source(cfg: Config) -> SourceData:
@@ -30,18 +43,47 @@ def read_source(cfg: Config) -> SourceData:
         from retdmctl.data.readers.csvfile import read_csv_labels
 
         return read_csv_labels(Path(i.path), Path(i.images))
+    if i.source == "coco":
+        from retdmctl.data.readers.coco import read_coco
+
+        return read_coco(
+            [Path(p) for p in split_list(i.path)],
+            [Path(p) for p in split_list(i.images)],
+            split_list(i.coco_splits),
+            keep_empty=i.keep_empty,
+        )
+    if i.source == "voc":
+        from retdmctl.data.readers.voc import read_voc
+
+        return read_voc(Path(i.path), split_list(i.voc_years), difficult=i.voc_difficult, keep_empty=i.keep_empty)
+    if i.source == "mirflickr":
+        from retdmctl.data.readers.mirflickr import read_mirflickr
+
+        return read_mirflickr(Path(i.path), Path(i.images) if i.images else None, keep_empty=i.keep_empty)
+    if i.source == "nuswide":
+        from retdmctl.data.readers.nuswide import read_nuswide
+
+        return read_nuswide(Path(i.path), Path(i.images) if i.images else None, keep_empty=i.keep_empty)
     raise ConfigError(f"ingest.source must be one of {', '.join(READERS)}, got {i.source!r}")
 
 
 def _blocked(cfg: Config) -> str | None:
     if not cfg.ingest.source:
-        return "no dataset yet: run `retdmctl ingest demo` (or scene, csv) first"
+        return "no dataset yet: run `retdmctl ingest demo` (or scene, csv, coco, voc, mirflickr, nuswide) first"
     return None
 
 
 def _sources(ws, cfg: Config) -> list[Path]:
+    """The dataset's own files and folders, fingerprinted by their listing (names, sizes,
+    mtimes): every annotation file and image folder of a multi-file COCO source."""
     i = cfg.ingest
-    return [Path(p) for p in (i.path, i.images) if p and i.source != "demo"]
+    if i.source == "demo":
+        return []
+    if i.source == "coco":
+        paths = split_list(i.path) + split_list(i.images)
+    else:  # a single path each: never split, a "|" may be part of a file name
+        paths = [p for p in (i.path, i.images) if p]
+    return [Path(p) for p in dict.fromkeys(paths)]
 
 
 def run(ctx: Context) -> dict:
@@ -50,7 +92,7 @@ def run(ctx: Context) -> dict:
 
 STAGE = Stage(
     name="ingest",
-    command="retdmctl ingest",
+    command="retdmctl ingest <format> PATH",
     sections=("ingest",),
     inputs=lambda ws, cfg: [],
     outputs=lambda ws, cfg: [ws.lmdb, ws.dataset],

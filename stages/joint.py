@@ -19,14 +19,29 @@ from retdmctl.errors import ConfigError
 from retdmctl.knn import read_graph
 from retdmctl.losses.retdm import classification_loss, total_loss
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import MetricSampler, backbone_cache_path, build_model, image_source, val_bce_and_map
+from retdmctl.training.common import (
+    MetricSampler,
+    backbone_cache_path,
+    build_model,
+    image_source,
+    val_bce_and_map,
+)
 from retdmctl.training.loop import Schedule, fit
-from retdmctl.training.runtime import load_checkpoint, pick_device, save_checkpoint, seed_everything, set_threads
+from retdmctl.training.runtime import (
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    set_threads,
+)
 from retdmctl.training.sources import read_features
+from stages.classifier import backbone_problem
 from stages.metric import metric_and_rec
 
 
 def _blocked(cfg: Config) -> str | None:
+    if (problem := backbone_problem(cfg)) is not None:
+        return problem
     if cfg.joint.way2 not in ("bank", "forward"):
         return f"joint.way2 must be 'bank' or 'forward', got {cfg.joint.way2!r}"
     if cfg.joint.way2 == "forward" and not cfg.model.frozen_backbone:

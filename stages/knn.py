@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import InputError
 from retdmctl.knn import build_graph, write_graph
 from retdmctl.pipeline import Context, Stage
-from retdmctl.config import Config
 
 
 def _blocked(cfg: Config) -> str | None:

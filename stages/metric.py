@@ -17,7 +17,13 @@ from retdmctl.models.retdm import RETDM
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import MetricSampler
 from retdmctl.training.loop import Schedule, fit
-from retdmctl.training.runtime import load_checkpoint, pick_device, save_checkpoint, seed_everything, set_threads
+from retdmctl.training.runtime import (
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    set_threads,
+)
 from retdmctl.training.sources import CachedSource, read_features
 
 
@@ -25,7 +31,10 @@ def metric_and_rec(model: RETDM, f, y, rows, sampler: MetricSampler, f_bank: tor
     """(alpha-free) L_metric and L_rec for a batch; f_{i_j} taken from ``f_bank``."""
     neighbors = sampler.neighbors(rows)  # (B, k) label-set indices
     g_pos = model.label_net(y)
-    g_neg = model.label_net(sampler.label_sets.to(y.device)[torch.from_numpy(neighbors).long()])
+    # psi once per distinct neighbour set in the batch, not once per (image, neighbour)
+    uniq, inverse = np.unique(neighbors, return_inverse=True)
+    g_uniq = model.label_net(sampler.label_sets.to(y.device)[torch.from_numpy(uniq).long()])
+    g_neg = g_uniq[torch.from_numpy(inverse.reshape(neighbors.shape)).to(y.device)]
     picks = torch.from_numpy(sampler.way2_images(neighbors, rng)).to(y.device)
     f_neg = f_bank[picks]
     metric = two_way_metric_loss(f, g_pos, g_neg, f_neg, loss_cfg.lam, loss_cfg.margin)

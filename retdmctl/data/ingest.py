@@ -4,7 +4,17 @@ Readers (``retdmctl.data.readers``) only parse labels and list image sources; th
 decodes and re-encodes the images in worker processes, writes them to a ``.partial``
 LMDB in committed batches and, once every record is handled, renames it into place.
 Killing ingest at any moment loses at most one uncommitted batch: the next run reads the
-keys already in the ``.partial`` store and carries on from there.
+keys already in the ``.partial`` store and carries on from there. Every stored value is a
+deterministic function of its source file and the encode settings, so a resumed run ends
+with exactly the store an uninterrupted run writes.
+
+What a reader could not use is reported, never silently lost:
+
+* ``SourceData.skipped``: bad input (malformed annotation files, unknown category ids,
+  paths escaping the dataset root, ...); ``--strict`` turns the first one into an error.
+  Images that fail to decode join this list during ingest.
+* ``SourceData.dropped``: images left out by a documented policy, not by an error
+  (no label at all, a NUS-WIDE image missing on disk); ``--strict`` ignores these.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from rich.markup import escape
 
 from retdmctl.config import IngestConfig
 from retdmctl.data.dataset import DatasetInfo, random_splits, write_dataset
@@ -52,7 +64,8 @@ class SourceData:
     name: str
     class_names: list[str]
     records: list[Record]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason): bad input
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason): by policy
 
 
 @dataclass(frozen=True)
@@ -100,8 +113,28 @@ def _encode_task(args: tuple[str, Path | Renderable, EncodeSettings]) -> tuple[s
         return key, encode_image(source, settings), ""
     except FileNotFoundError:
         return key, None, "missing file"
+    except IsADirectoryError:
+        return key, None, "not a file"
+    except UnidentifiedImageError:
+        return key, None, "unreadable image (not an image format PIL knows)"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return key, None, f"unreadable image ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a corrupt file may trip any decoder path
+        return key, None, f"unreadable image ({type(exc).__name__}: {exc})"
+
+
+def _worker_init(parent: int) -> None:
+    """Workers ignore Ctrl-C (the parent handles it and terminates the pool) and die with
+    their parent: a ``kill -9`` of ingest must not leave orphans holding the store open."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _signature(source: SourceData, cfg: IngestConfig) -> dict:
@@ -122,7 +155,7 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     seen: set[str] = set()
     for rec in source.records:
         if rec.key in seen:
-            skipped.append((rec.key, "duplicate id"))
+            skipped.append((_name(rec), "duplicate id"))
             continue
         seen.add(rec.key)
         records.append(rec)
@@ -136,32 +169,43 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     if partial.exists():
         try:
             same = json.loads(sig_file.read_text()) == signature
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             same = False
         if not same:
             remove(partial)
-    writer = ImageWriter(partial)
-    sig_file.write_text(json.dumps(signature))
-    stored = writer.keys()
-    if stored:
-        console.print(f"resuming: {len(stored)} of {len(records)} images already stored")
 
-    by_key = {r.key: r for r in records}
-    settings = EncodeSettings(cfg.short_side, cfg.keep_original, cfg.jpeg_quality)
-    todo = [(r.key, r.source, settings) for r in records if r.key not in stored]
-    failed: dict[str, str] = {}
     workers = cfg.workers or os.cpu_count() or 1
+    # Fork the workers before the LMDB environment is opened: a child must not inherit it.
+    pool = None
+    if workers > 1 and len(records) > 1:
+        pool = mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(os.getpid(),))
+    failed: dict[str, str] = {}
+    by_key = {r.key: r for r in records}
     try:
-        with make_progress() as progress:
-            task = progress.add_task("ingest", total=len(records), completed=len(records) - len(todo), info="")
-            batch: list[tuple[str, bytes]] = []
-            pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
-            try:
-                results = pool.imap(_encode_task, todo, chunksize=8) if pool else map(_encode_task, todo)
+        writer = ImageWriter(partial)
+        try:
+            sig_file.write_text(json.dumps(signature))
+            stored = writer.keys()
+            stale = stored - by_key.keys()
+            if stale:  # left by an earlier run whose reader listed other images
+                _delete(writer, stale)
+                stored -= stale
+            if stored:
+                console.print(f"resuming: {len(stored)} of {len(records)} images already stored")
+            settings = EncodeSettings(cfg.short_side, cfg.keep_original, cfg.jpeg_quality)
+            todo = [(r.key, r.source, settings) for r in records if r.key not in stored]
+            with make_progress() as progress:
+                task = progress.add_task("ingest", total=len(records), completed=len(records) - len(todo), info="")
+                if pool is not None and len(todo) > 1:
+                    chunk = max(1, min(16, len(todo) // (workers * 8)))
+                    results = pool.imap_unordered(_encode_task, todo, chunksize=chunk)
+                else:
+                    results = map(_encode_task, todo)
+                batch: list[tuple[str, bytes]] = []
                 for key, data, error in results:
                     if data is None:
                         if cfg.strict:
-                            raise InputError(f"{_describe(by_key, key)}: {error} (--strict)")
+                            raise InputError(f"{_name(by_key[key])}: {error} (--strict)")
                         failed[key] = error
                     else:
                         batch.append((key, data))
@@ -173,13 +217,15 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
                 if batch:
                     writer.put_many(batch)
                     stored.update(k for k, _ in batch)
-            finally:
-                if pool:
-                    pool.terminate()
+        finally:
+            writer.close()
     finally:
-        writer.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
-    skipped += [(_describe(by_key, k), why) for k, why in failed.items()]
+    # In record order, so that the report does not depend on which worker finished first.
+    skipped += [(_name(r), failed[r.key]) for r in records if r.key in failed]
     good = [r for r in records if r.key in stored]
     if not good:
         raise InputError(f"{cfg.path or source.name}: no readable image with labels found")
@@ -187,14 +233,19 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     write_dataset(ws.dataset, info, source=source.name, config=signature)
     remove(ws.lmdb)
     os.replace(partial, ws.lmdb)
-    summary = summarize(info, skipped)
+    summary = summarize(info, skipped, source.dropped)
     print_summary(console, summary)
     return summary
 
 
-def _describe(by_key: dict[str, Record], key: str) -> str:
-    source = by_key[key].source
-    return str(source) if isinstance(source, Path) else key
+def _delete(writer: ImageWriter, keys: set[str]) -> None:
+    with writer.env.begin(write=True) as txn:
+        for key in keys:
+            txn.delete(key.encode())
+
+
+def _name(rec: Record) -> str:
+    return str(rec.source) if isinstance(rec.source, Path) else rec.key
 
 
 def _build_info(good: list[Record], class_names: list[str], cfg: IngestConfig) -> DatasetInfo:
@@ -210,21 +261,37 @@ def _build_info(good: list[Record], class_names: list[str], cfg: IngestConfig) -
     return DatasetInfo(ids=[r.key for r in good], labels=labels, class_names=class_names, splits=splits)
 
 
-def summarize(info: DatasetInfo, skipped: list[tuple[str, str]]) -> dict:
-    counts = info.labels.sum(axis=0)
+def _reason(why: str) -> str:
+    """The reason without its details: ``unreadable image (broken data stream)`` ->
+    ``unreadable image``, for counting."""
+    return why.split(" (")[0]
+
+
+def summarize(
+    info: DatasetInfo, skipped: list[tuple[str, str]], dropped: list[tuple[str, str]] | None = None
+) -> dict:
+    dropped = dropped or []
+    counts = info.labels.sum(axis=0, dtype=np.int64)
+    per_image = info.labels.sum(axis=1, dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
+    present = [int(i) for i in order if counts[i] > 0]
     return {
         "images": len(info.ids),
         "splits": {name: int(len(idx)) for name, idx in info.splits.items()},
         "classes": info.num_classes,
-        "classes_present": int((counts > 0).sum()),
+        "classes_present": len(present),
         "positive_labels": int(counts.sum()),
-        "labels_per_image": round(float(info.labels.sum(axis=1).mean()), 3),
-        "most_frequent": [[info.class_names[i], int(counts[i])] for i in order[:3]],
-        "least_frequent": [[info.class_names[i], int(counts[i])] for i in order[::-1][:3]],
+        "labels_per_image": round(float(per_image.mean()), 3),
+        "labels_per_image_max": int(per_image.max()),
+        "most_frequent": [[info.class_names[i], int(counts[i])] for i in present[:3]],
+        "least_frequent": [[info.class_names[i], int(counts[i])] for i in present[::-1][:3]],
+        "absent": [info.class_names[i] for i in range(info.num_classes) if counts[i] == 0],
         "skipped": len(skipped),
         "skipped_first": [f"{item}: {why}" for item, why in skipped[:5]],
-        "skipped_reasons": dict(Counter(why.split(" (")[0] for _, why in skipped)),
+        "skipped_reasons": dict(Counter(_reason(why) for _, why in skipped)),
+        "dropped": len(dropped),
+        "dropped_first": [item for item, _ in dropped[:5]],
+        "dropped_reasons": dict(Counter(_reason(why) for _, why in dropped)),
     }
 
 
@@ -235,6 +302,18 @@ def print_summary(console, s: dict) -> None:
         f"{s['positive_labels']} positive labels, {s['labels_per_image']} labels per image"
     )
     fmt = lambda pairs: ", ".join(f"{n} ({c})" for n, c in pairs)  # noqa: E731
-    console.print(f"most frequent: {fmt(s['most_frequent'])}; least frequent: {fmt(s['least_frequent'])}")
+    line = f"most frequent: {fmt(s['most_frequent'])}; least frequent: {fmt(s['least_frequent'])}"
+    if s.get("absent"):
+        line += f"; absent: {', '.join(s['absent'])}"
+    console.print(escape(line))
+    counts = lambda reasons: ", ".join(f"{why}: {n}" for why, n in reasons.items())  # noqa: E731
+    if s.get("dropped"):
+        console.print(
+            escape(f"dropped {s['dropped']} images ({counts(s['dropped_reasons'])}), first: ")
+            + escape(", ".join(item for item in s["dropped_first"]))
+        )
     if s["skipped"]:
-        console.print(f"[yellow]skipped {s['skipped']} items[/], first: " + "; ".join(s["skipped_first"]))
+        console.print(
+            f"[yellow]skipped {s['skipped']} items[/] "
+            + escape(f"({counts(s['skipped_reasons'])}), first: " + "; ".join(s["skipped_first"]))
+        )

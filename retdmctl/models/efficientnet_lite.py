@@ -78,9 +78,10 @@ class Conv2dSame(nn.Conv2d):
                            (x.shape[-2], self.kernel_size[0], self.stride[0])):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        if any(pads):
-            x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+        left, right, top, bottom = pads
+        if left == right and top == bottom:  # symmetric: let the conv pad, no copy
+            return F.conv2d(x, self.weight, None, self.stride, (top, left), self.dilation, self.groups)
+        return F.conv2d(F.pad(x, pads), self.weight, None, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

@@ -8,6 +8,7 @@ one batch) and ``validate`` (metrics on the validation split).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,13 @@ import numpy as np
 import torch
 
 from retdmctl.progress import make_progress
-from retdmctl.training.runtime import autocast, epoch_rng, load_checkpoint, restore_rng, save_checkpoint
+from retdmctl.training.runtime import (
+    autocast,
+    epoch_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 
 Step = Callable[[torch.Tensor, torch.Tensor, np.ndarray, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
 
@@ -72,6 +79,7 @@ def fit(
         for epoch in range(start_epoch, schedule.epochs + 1):
             model.train()
             rng = epoch_rng(schedule.seed, epoch)
+            random.seed(int(rng.integers(2**31)))  # crop choice in the main process (workers=0)
             sums: dict[str, float] = {}
             seen = 0
             batch_task = progress.add_task(f"epoch {epoch}", total=source.num_batches(train_rows), info="")

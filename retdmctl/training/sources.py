@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader
 
 from retdmctl import __version__
 from retdmctl.data.dataset import DatasetInfo
-from retdmctl.data.loaders import LmdbImages, eval_transform, train_transform, worker_init
+from retdmctl.data.loaders import (
+    LmdbImages,
+    eval_transform,
+    train_transform,
+    worker_init,
+)
 from retdmctl.data.store import ImageReader
 from retdmctl.models.backbones import BackboneSpec
 from retdmctl.progress import make_progress

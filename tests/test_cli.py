@@ -1,0 +1,102 @@
+"""The CLI through Typer's CliRunner: exact one-line errors, help, status, run/skip."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from retdmctl.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_every_command_help_has_an_example():
+    for cmd in (["knn"], ["train"], ["eval"], ["run"], ["status"], ["quickstart"], ["ingest", "demo"],
+                ["ingest", "scene"], ["ingest", "csv"]):
+        result = invoke(*cmd, "--help")
+        assert result.exit_code == 0, cmd
+        assert "Example: retdmctl" in result.output, cmd
+
+
+def test_stage_before_its_inputs_names_the_command_to_run_first(tmp_path):
+    result = invoke("--workdir", str(tmp_path), "knn")
+    assert result.exit_code == 1
+    assert result.output == "error: no dataset yet: run `retdmctl ingest demo` (or scene, csv) first\n" or \
+        result.output == "error: data/dataset.h5 does not exist yet: run `retdmctl ingest <format> PATH` first\n"
+    (tmp_path / "retdm.toml").write_text('[ingest]\nsource = "demo"\n')
+    result = invoke("--workdir", str(tmp_path), "train", "--stage", "metric")
+    assert result.exit_code == 1
+    assert result.output == "error: data/dataset.h5 does not exist yet: run `retdmctl ingest <format> PATH` first\n"
+
+
+def test_missing_path_is_a_one_line_error(tmp_path):
+    result = invoke("--workdir", str(tmp_path), "ingest", "scene", str(tmp_path / "nope"))
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert "nope" in result.output and "does not exist" in result.output
+
+
+def test_bad_label_csv_is_a_one_line_error(tmp_path):
+    (tmp_path / "img").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a.jpg,cat,dog\n")
+    result = invoke("--workdir", str(tmp_path / "w"), "ingest", "csv", str(labels), "--images", str(tmp_path / "img"))
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"error: {labels}: line 1: expected 2 columns (path,label1|label2|...), got 3"
+
+
+def test_unreadable_images_only_are_an_error(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(b"not a jpeg")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a.jpg,cat\n")
+    result = invoke("--workdir", str(tmp_path / "w"), "ingest", "csv", str(labels), "--images", str(tmp_path / "img"),
+                    "--workers", "1")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"error: {labels}: no readable image with labels found"
+
+
+def test_bad_config_value_is_a_one_line_error(tmp_path):
+    result = invoke("--workdir", str(tmp_path), "run", "--set", "knn.k=ten")
+    assert result.exit_code == 1
+    assert result.output == "error: knn.k must be an integer, got 'ten'\n"
+    result = invoke("--workdir", str(tmp_path), "train", "--stage", "classifier", "--backbone", "alexnet")
+    assert result.exit_code == 1
+    assert result.output == "error: unknown backbone 'alexnet'; known: efficientnet_lite0, resnet50, tiny_cnn, vgg16\n"
+
+
+@pytest.mark.slow
+def test_run_status_and_skip_through_the_cli(tmp_path):
+    w = str(tmp_path)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        '[ingest]\ndemo_images = 60\ndemo_classes = 5\nworkers = 1\n'
+        '[model]\nbackbone = "tiny_cnn"\npretrained = false\nimage_size = 32\nbatch_size = 16\n'
+        '[runtime]\nworkers = 0\ndevice = "cpu"\n'
+        '[classifier]\nepochs = 1\n[metric]\nepochs = 1\n[joint]\nepochs = 1\n'
+    )
+    assert invoke("--workdir", w, "--config", str(cfg), "ingest", "demo").exit_code == 0
+    result = invoke("--workdir", w, "status")
+    assert re.search(r"ingest\s+│\s+done", result.output) and re.search(r"knn\s+│\s+missing", result.output)
+    result = invoke("--workdir", w, "run")
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output and "pipeline finished" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["mAP"] <= 1
+    result = invoke("--workdir", w, "run")
+    assert result.output.count("up to date, skipped") == 6
+    # a knn option given to its command is saved, so the next run keeps it
+    result = invoke("--workdir", w, "knn", "--k", "2")
+    assert "knn: running (config changed: knn.k=2)" in result.output
+    result = invoke("--workdir", w, "status")
+    assert re.search(r"metric\s+│\s+stale", result.output)
+    assert re.search(r"classifier\s+│\s+done", result.output)
+    result = invoke("--workdir", w, "run")
+    assert [line.split(":")[0] for line in result.output.splitlines() if ": running" in line] == ["metric", "joint", "eval"]

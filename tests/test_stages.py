@@ -1,0 +1,170 @@
+"""Stages on tiny generated data: run, skip when up to date, re-run what a change
+touches, resume after an interruption, train exactly the parameters they should."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+import retdmctl.training.loop as loop
+from retdmctl.config import Config
+from retdmctl.errors import StageNotReadyError
+from retdmctl.pipeline import Context, run_stage, status
+from retdmctl.training.runtime import load_checkpoint
+from retdmctl.workspace import Workspace
+from stages import BY_NAME, PIPELINE
+
+NAMES = [s.name for s in PIPELINE]
+
+
+def tiny_config(frozen: bool = False) -> Config:
+    cfg = Config()
+    cfg.ingest.source, cfg.ingest.demo_images, cfg.ingest.demo_classes, cfg.ingest.workers = "demo", 80, 6, 1
+    cfg.knn.k = 4
+    m = cfg.model
+    m.backbone, m.pretrained, m.frozen_backbone, m.image_size, m.batch_size = "tiny_cnn", False, frozen, 32, 16
+    cfg.runtime.workers, cfg.runtime.device = 0, "cpu"
+    cfg.classifier.epochs, cfg.metric.epochs, cfg.joint.epochs = 3, 2, 2
+    return cfg
+
+
+def run_all(ws: Workspace, cfg: Config, force: bool = False) -> dict[str, bool]:
+    ctx = Context(ws, cfg, Console(file=io.StringIO()), force=force)
+    return {s.name: run_stage(ctx, s, PIPELINE) for s in PIPELINE}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("work"))
+    cfg = tiny_config()
+    ran = run_all(ws, cfg)
+    return ws, cfg, ran
+
+
+def test_every_stage_runs_and_writes_its_artifacts(finished):
+    ws, cfg, ran = finished
+    assert ran == dict.fromkeys(NAMES, True)
+    for rel in ("data/images.lmdb", "data/dataset.h5", "knn.h5", "classifier/checkpoint.pt", "classifier/features.h5",
+                "metric/checkpoint.pt", "joint/checkpoint.pt", "eval/scores.h5", "eval/metrics.json", "eval/report.html"):
+        assert (ws.root / rel).exists(), rel
+    assert not list(ws.root.rglob("resume.pt"))
+    manifest = ws.read_manifest("knn")
+    assert manifest["config"] == {"knn": {"k": 4}} and manifest["version"]
+
+
+def test_rerun_skips_everything(finished):
+    ws, cfg, _ = finished
+    assert run_all(ws, cfg) == dict.fromkeys(NAMES, False)
+    assert all(status(ws, cfg, s).state == "done" for s in PIPELINE)
+
+
+def test_changing_knn_reruns_knn_and_what_reads_it_but_nothing_before(finished):
+    ws, cfg, _ = finished
+    cfg.knn.k = 3
+    assert status(ws, cfg, BY_NAME["knn"]).state == "stale"
+    ran = run_all(ws, cfg)
+    # the classifier reads neither knn.h5 nor anything knn writes: it stays up to date
+    assert ran == {"ingest": False, "knn": True, "classifier": False, "metric": True, "joint": True, "eval": True}
+    assert run_all(ws, cfg) == dict.fromkeys(NAMES, False)
+
+
+def test_metric_stage_trains_only_psi_and_w_r(finished):
+    ws, _, _ = finished
+    clf = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"]
+    met = load_checkpoint(ws.stage_dir("metric") / "checkpoint.pt")["model"]
+    joint = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")["model"]
+    assert not any(k.startswith("backbone.") for k in met)  # the CNN is not even loaded
+    for key in met:
+        same = torch.equal(met[key], clf[key])
+        if key.startswith(("label_net.", "rec_head.")):
+            assert not same, f"metric stage did not train {key}"
+        else:
+            assert same, f"metric stage changed {key}"
+    # the joint stage fine-tunes everything, the CNN included
+    for key in ("backbone.net.0.weight", "embed.0.weight", "cls_head.weight", "label_net.fc1.weight"):
+        ref = met.get(key, clf.get(key))
+        assert not torch.equal(joint[key], ref), key
+
+
+def test_classifier_stage_trains_phi_and_w_c_only(tmp_path, monkeypatch):
+    ws, cfg = Workspace(tmp_path), tiny_config()
+    cfg.classifier.epochs = 1
+    captured = {}
+    real_fit = loop.fit
+
+    def spy(**kw):
+        captured["params"] = {id(p) for p in kw["params"]}
+        captured["model"] = kw["model"]
+        return real_fit(**kw)
+
+    monkeypatch.setattr("stages.classifier.fit", spy)
+    ctx = Context(ws, cfg, Console(file=io.StringIO()))
+    for name in ("ingest", "classifier"):
+        run_stage(ctx, BY_NAME[name], PIPELINE)
+    model = captured["model"]
+    trained = {n for n, p in model.named_parameters() if id(p) in captured["params"]}
+    assert trained == {n for n, _ in model.named_parameters() if n.startswith(("backbone.", "embed.", "cls_head."))}
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    ref_ws, ws = Workspace(tmp_path / "ref"), Workspace(tmp_path / "cut")
+    for w in (ref_ws, ws):
+        ctx = Context(w, cfg, Console(file=io.StringIO()))
+        run_stage(ctx, BY_NAME["ingest"], PIPELINE)
+    run_stage(Context(ref_ws, cfg, Console(file=io.StringIO())), BY_NAME["classifier"], PIPELINE)
+
+    real_save, calls = loop.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived right after epoch 2
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    ctx = Context(ws, cfg, Console(file=io.StringIO()))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(ctx, BY_NAME["classifier"], PIPELINE)
+    clf_dir = ws.stage_dir("classifier")
+    assert not (clf_dir / "checkpoint.pt").exists() and not (clf_dir / "features.h5").exists()
+    assert status(ws, cfg, BY_NAME["classifier"]).state == "missing"
+    with pytest.raises(StageNotReadyError, match=r"^classifier/checkpoint.pt does not exist yet: run `retdmctl train --stage classifier` first$"):
+        run_stage(ctx, BY_NAME["metric"], PIPELINE) if ws.knn.exists() else (
+            run_stage(ctx, BY_NAME["knn"], PIPELINE), run_stage(ctx, BY_NAME["metric"], PIPELINE))
+
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    out = io.StringIO()
+    assert run_stage(Context(ws, cfg, Console(file=out)), BY_NAME["classifier"], PIPELINE)
+    assert "resuming after epoch 2 of 3" in out.getvalue()
+    got = load_checkpoint(clf_dir / "checkpoint.pt")
+    ref = load_checkpoint(ref_ws.stage_dir("classifier") / "checkpoint.pt")
+    assert [h["epoch"] for h in got["history"]] == [1, 2, 3]
+    for key in ref["model"]:
+        assert torch.allclose(got["model"][key].float(), ref["model"][key].float(), atol=1e-6), key
+
+
+def test_frozen_backbone_mode_caches_features_once(tmp_path):
+    ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
+    cfg.joint.way2 = "forward"
+    ran = run_all(ws, cfg)
+    assert ran == dict.fromkeys(NAMES, True)
+    cache = ws.stage_dir("classifier") / "backbone.h5"
+    mtime = cache.stat().st_mtime_ns
+    cfg.classifier.lr = 0.02  # re-runs the classifier, but the backbone features still fit
+    ran = run_all(ws, cfg)
+    assert ran == {"ingest": False, "knn": False, "classifier": True, "metric": True, "joint": True, "eval": True}
+    assert cache.stat().st_mtime_ns == mtime
+    ckpt = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")
+    assert ckpt["frozen_backbone"] and not any(k.startswith("backbone.") for k in ckpt["model"])
+
+
+def test_way2_forward_needs_frozen_backbone(tmp_path):
+    cfg = tiny_config()
+    cfg.joint.way2 = "forward"
+    ctx = Context(Workspace(tmp_path), cfg, Console(file=io.StringIO()))
+    with pytest.raises(StageNotReadyError, match=r"^joint.way2 = 'forward' needs model.frozen_backbone = true"):
+        run_stage(ctx, BY_NAME["joint"], PIPELINE)
