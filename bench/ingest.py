@@ -27,14 +27,14 @@ from pathlib import Path
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
-from rich.console import Console  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from rich.console import Console
 
-from retdmctl.config import IngestConfig  # noqa: E402
-from retdmctl.data.ingest import run_ingest  # noqa: E402
-from retdmctl.data.readers.csvfile import read_csv_labels  # noqa: E402
-from retdmctl.workspace import Workspace  # noqa: E402
+from retdmctl.config import IngestConfig
+from retdmctl.data.ingest import run_ingest
+from retdmctl.data.readers.csvfile import read_csv_labels
+from retdmctl.workspace import Workspace
 
 SIZE = (500, 375)
 TARGET = 0.80

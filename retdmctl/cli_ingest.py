@@ -165,7 +165,7 @@ def ingest_coco(
         folders = [p.resolve() for p in images]
     else:
         folders = [default_image_dir(a) for a in jsons]
-        for ann, folder in zip(jsons, folders):
+        for ann, folder in zip(jsons, folders, strict=True):
             if not folder.is_dir():
                 raise InputError(f"{ann}: image folder {folder} not found; give it with --images")
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)

@@ -28,6 +28,7 @@ from retdmctl.training.loop import Schedule, fit
 from retdmctl.training.runtime import (
     autocast,
     pick_device,
+    prepare_model,
     save_checkpoint,
     seed_everything,
     set_threads,
@@ -86,7 +87,7 @@ def run(ctx: Context) -> dict:
     if cfg.model.frozen_backbone:
         ensure_backbone_cache(ctx, info, device)
     model, spec = build_model(cfg, info.num_classes, pretrained=True)
-    model.to(device)
+    prepare_model(model, device)
     source = image_source(ws, cfg, info, spec)
     train_rows, val_rows = info.split("train"), info.split("val")
 

@@ -29,7 +29,12 @@ from retdmctl.training.common import (
     image_source,
     predict_scores,
 )
-from retdmctl.training.runtime import load_checkpoint, pick_device, set_threads
+from retdmctl.training.runtime import (
+    load_checkpoint,
+    pick_device,
+    prepare_model,
+    set_threads,
+)
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
 from stages.classifier import backbone_problem
 
@@ -68,7 +73,7 @@ def run(ctx: Context) -> dict:
     ckpt = load_checkpoint(ckpt_path)
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
     model.load_state_dict(ckpt["model"], strict=False)
-    model.to(device)
+    prepare_model(model, device)
 
     rows = info.split(e.split)
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec), rows, device)

@@ -30,6 +30,7 @@ from retdmctl.training.loop import Schedule, fit
 from retdmctl.training.runtime import (
     load_checkpoint,
     pick_device,
+    prepare_model,
     save_checkpoint,
     seed_everything,
     set_threads,
@@ -68,7 +69,7 @@ def run(ctx: Context) -> dict:
     model.load_state_dict(load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], strict=False)
     metric_state = load_checkpoint(ws.stage_dir("metric") / "checkpoint.pt")["model"]
     model.load_state_dict({k: v for k, v in metric_state.items() if k.startswith(("label_net.", "rec_head."))}, strict=False)
-    model.to(device)
+    prepare_model(model, device)
 
     source = image_source(ws, cfg, info, spec)
     bank = torch.from_numpy(read_features(ws.stage_dir("classifier") / "features.h5")).to(device)

@@ -13,8 +13,6 @@ from retdmctl.errors import BackboneError
 from retdmctl.models.backbones import BACKBONES, build_backbone, get_backbone_spec
 from retdmctl.models.efficientnet_lite import EfficientNetLite0, package_checkpoint_path
 
-torch.set_num_threads(2)
-
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Clear MIML scene photos and ImageNet classes that a working model ranks in its top 5.

@@ -120,7 +120,7 @@ def test_scene_reference_split(tmp_path):
 def test_lmdb_map_grows_as_needed(tmp_path, monkeypatch):
     import lmdb
 
-    import retdmctl.data.store as store
+    from retdmctl.data import store
 
     monkeypatch.setattr(store, "_INITIAL_MAP", 1 << 16)  # 64 KiB: far too small for the images
     img = tmp_path / "img"

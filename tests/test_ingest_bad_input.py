@@ -135,6 +135,7 @@ def test_grayscale_cmyk_and_png_named_jpg_are_converted_to_rgb(tmp_path, mode, f
 def test_original_bytes_kept_with_keep_original(tmp_path):
     ann, images = coco_case(tmp_path, write_bad=lambda p: make_jpeg(p, size=(400, 300), seed=3, fmt="PNG"))
     summary, ws = ingest(read(ann, images)(), tmp_path, keep_original=True)
+    assert summary["images"] == 3
     data = stored(ws)
     assert data["train2017/bad.jpg"] == (images / "bad.jpg").read_bytes()  # PNG bytes, as on disk
     assert data["train2017/good1.jpg"] == (images / "good1.jpg").read_bytes()
@@ -149,6 +150,7 @@ def test_malformed_json_loses_only_its_own_images(tmp_path):
     src = read_coco([ann, broken], [])
     assert src.skipped == [(str(broken), "malformed json (Expecting value: line 1 column 45 (char 44))")]
     summary, ws = ingest(src, tmp_path)
+    assert read_dataset(ws.dataset).ids == [f"train2017/{n}" for n in [*GOOD, "bad.jpg"]]
     assert summary["images"] == 3 and summary["skipped"] == 1
     assert summary["skipped_first"] == [f"{broken}: malformed json (Expecting value: line 1 column 45 (char 44))"]
     with pytest.raises(InputError, match=re.escape(f"{broken}: malformed json (Expecting value") + r".*\(--strict\)$"):

@@ -186,7 +186,7 @@ def stored(ws: Workspace) -> dict[str, bytes]:
 
 
 def labels_of(info) -> dict[str, list[str]]:
-    return {i: [info.class_names[c] for c in np.flatnonzero(row)] for i, row in zip(info.ids, info.labels)}
+    return {i: [info.class_names[c] for c in np.flatnonzero(row)] for i, row in zip(info.ids, info.labels, strict=True)}
 
 
 def split_of(info) -> dict[str, str]:
@@ -341,7 +341,7 @@ def test_mirflickr_labels_ignore_r1_and_readme(tmp_path):
 
 def test_mirflickr_seeded_80_20_split(tmp_path):
     root = make_mirflickr(tmp_path / "mirflickr25k", n=10)
-    cfg = dict(test_fraction=0.2, val_fraction=0.0)
+    cfg = {"test_fraction": 0.2, "val_fraction": 0.0}
     summary, ws = ingest(read_mirflickr(root), tmp_path / "a", seed=3, **cfg)
     assert summary["splits"] == {"train": 7, "val": 0, "test": 2}  # 9 labelled images, 20% test
     info = read_dataset(ws.dataset)
@@ -445,3 +445,12 @@ def test_coco128_real_sample(tmp_path):
     assert info.class_names[:3] == ["person", "bicycle", "car"] and info.class_names[-1] == "toothbrush"
     assert len(info.splits["test"]) == 0  # train2017 only: no test split
     assert all(min(Image.open(io.BytesIO(b)).size) <= 256 for b in stored(Workspace(tmp_path / "cli-w")).values())
+
+
+def test_new_commands_have_examples_and_validate_paths(tmp_path):
+    for fmt in ("coco", "voc", "mirflickr", "nuswide"):
+        result = RUNNER.invoke(app, ["ingest", fmt, "--help"])
+        assert result.exit_code == 0 and f"Example: retdmctl ingest {fmt} " in result.output, fmt
+        missing = cli(tmp_path, "ingest", fmt, str(tmp_path / "nope"))
+        assert missing.exit_code == 1 and missing.output.count("\n") == 1, fmt
+        assert missing.output.startswith("error: Invalid value for ") and "nope' does not exist." in missing.output

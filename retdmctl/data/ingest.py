@@ -117,7 +117,7 @@ def _encode_task(args: tuple[str, Path | Renderable, EncodeSettings]) -> tuple[s
         return key, None, "not a file"
     except UnidentifiedImageError:
         return key, None, "unreadable image (not an image format PIL knows)"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return key, None, f"unreadable image ({exc})"
     except Exception as exc:  # noqa: BLE001 - a corrupt file may trip any decoder path
         return key, None, f"unreadable image ({type(exc).__name__}: {exc})"
@@ -277,7 +277,7 @@ def summarize(
     present = [int(i) for i in order if counts[i] > 0]
     return {
         "images": len(info.ids),
-        "splits": {name: int(len(idx)) for name, idx in info.splits.items()},
+        "splits": {name: len(idx) for name, idx in info.splits.items()},
         "classes": info.num_classes,
         "classes_present": len(present),
         "positive_labels": int(counts.sum()),
@@ -301,12 +301,16 @@ def print_summary(console, s: dict) -> None:
         f"test {s['splits']['test']}); {s['classes']} classes ({s['classes_present']} occur), "
         f"{s['positive_labels']} positive labels, {s['labels_per_image']} labels per image"
     )
-    fmt = lambda pairs: ", ".join(f"{n} ({c})" for n, c in pairs)  # noqa: E731
+    def fmt(pairs: list) -> str:
+        return ", ".join(f"{n} ({c})" for n, c in pairs)
+
+    def counts(reasons: dict) -> str:
+        return ", ".join(f"{why}: {n}" for why, n in reasons.items())
+
     line = f"most frequent: {fmt(s['most_frequent'])}; least frequent: {fmt(s['least_frequent'])}"
     if s.get("absent"):
         line += f"; absent: {', '.join(s['absent'])}"
     console.print(escape(line))
-    counts = lambda reasons: ", ".join(f"{why}: {n}" for why, n in reasons.items())  # noqa: E731
     if s.get("dropped"):
         console.print(
             escape(f"dropped {s['dropped']} images ({counts(s['dropped_reasons'])}), first: ")

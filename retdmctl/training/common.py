@@ -15,7 +15,7 @@ from retdmctl.knn import KnnGraph, knn_search
 from retdmctl.metrics import compute_metrics
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
 from retdmctl.models.retdm import RETDM
-from retdmctl.training.runtime import autocast
+from retdmctl.training.runtime import autocast, to_device
 from retdmctl.training.sources import CachedSource, PixelSource, read_features
 from retdmctl.workspace import Workspace
 
@@ -50,7 +50,7 @@ def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device)
     scores, labels = [], []
     for x, y, r in source.eval_batches(rows):
         with autocast(device):
-            logits = model(x.to(device))
+            logits = model(to_device(x, device))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(scores), np.concatenate(labels)
@@ -63,7 +63,7 @@ def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
     out = np.zeros((n, model.cls_head.in_features), dtype=np.float32)
     for x, _, r in source.eval_batches(np.arange(n)):
         with autocast(device):
-            out[r] = model.embed_images(x.to(device)).float().cpu().numpy()
+            out[r] = model.embed_images(to_device(x, device)).float().cpu().numpy()
     return out
 
 

@@ -24,6 +24,7 @@ from retdmctl.training.runtime import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    to_device,
 )
 
 Step = Callable[[torch.Tensor, torch.Tensor, np.ndarray, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -84,7 +85,7 @@ def fit(
             seen = 0
             batch_task = progress.add_task(f"epoch {epoch}", total=source.num_batches(train_rows), info="")
             for x, y, rows in source.train_batches(train_rows, int(rng.integers(2**31))):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(x, device), to_device(y, device)
                 with autocast(device):
                     loss, items = step(x, y, rows, rng)
                 optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,17 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch; image batches go channels-last, the fast layout for convolutions."""
+    if x.dim() == 4:
+        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    return model.to(device, memory_format=torch.channels_last)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

@@ -27,6 +27,7 @@ from retdmctl.data.loaders import (
 from retdmctl.data.store import ImageReader
 from retdmctl.models.backbones import BackboneSpec
 from retdmctl.progress import make_progress
+from retdmctl.training.runtime import prepare_model, to_device
 from retdmctl.workspace import atomic_path, now_iso
 
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
@@ -113,13 +114,13 @@ def extract_backbone_features(
 ) -> None:
     """Run the backbone once over every image (centre crop) and cache the pooled features."""
     rows = np.arange(len(pixels.info.ids))
-    backbone = backbone.to(device).eval()
+    backbone = prepare_model(backbone, device).eval()
     out = None
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task("backbone features", total=len(rows), info="")
         for x, _, r in pixels.eval_batches(rows):
             with autocast:
-                feats = backbone(x.to(device, non_blocking=True))
+                feats = backbone(to_device(x, device))
             feats = feats.float().cpu().numpy()
             if out is None:
                 out = h5.create_dataset("features", shape=(len(rows), feats.shape[1]), dtype=np.float16)

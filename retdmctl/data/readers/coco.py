@@ -31,8 +31,7 @@ SPLITS = ("train", "test")
 def split_tag(annotations: Path) -> str:
     """``instances_train2017.json`` -> ``train2017``: the image folder's usual name and
     the prefix of the image ids (so that train and val files never collide)."""
-    stem = annotations.stem
-    return stem[len("instances_") :] if stem.startswith("instances_") else stem
+    return annotations.stem.removeprefix("instances_")
 
 
 def split_from_name(annotations: Path) -> str | None:
@@ -118,7 +117,7 @@ def read_coco(
     skipped: list[tuple[str, str]] = []
     dropped: list[tuple[str, str]] = []
     errors: list[str] = []
-    for ann, root, split in zip(annotations, images, splits):
+    for ann, root, split in zip(annotations, images, splits, strict=True):
         require_file(ann, "annotation file")
         require_dir(root, "image folder")
         data, error = _load(ann)

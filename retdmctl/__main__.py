@@ -1,0 +1,3 @@
+from retdmctl.cli import entry
+
+entry()
