@@ -69,7 +69,7 @@ def read_source(cfg: Config) -> SourceData:
 
 def _blocked(cfg: Config) -> str | None:
     if not cfg.ingest.source:
-        return "no dataset yet: run `retdmctl ingest demo` (or scene, csv) first"
+        return f"no dataset yet: run `retdmctl ingest <format> PATH` first (formats: {', '.join(READERS)})"
     return None
 
 

@@ -19,7 +19,8 @@ def invoke(*args: str):
 
 def test_every_command_help_has_an_example():
     for cmd in (["knn"], ["train"], ["eval"], ["run"], ["status"], ["quickstart"], ["ingest", "demo"],
-                ["ingest", "scene"], ["ingest", "csv"]):
+                ["ingest", "scene"], ["ingest", "csv"], ["ingest", "coco"], ["ingest", "voc"],
+                ["ingest", "mirflickr"], ["ingest", "nuswide"]):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0, cmd
         assert "Example: retdmctl" in result.output, cmd
@@ -28,8 +29,13 @@ def test_every_command_help_has_an_example():
 def test_stage_before_its_inputs_names_the_command_to_run_first(tmp_path):
     result = invoke("--workdir", str(tmp_path), "knn")
     assert result.exit_code == 1
-    assert result.output == "error: no dataset yet: run `retdmctl ingest demo` (or scene, csv) first\n" or \
-        result.output == "error: data/dataset.h5 does not exist yet: run `retdmctl ingest <format> PATH` first\n"
+    assert result.output == "error: data/dataset.h5 does not exist yet: run `retdmctl ingest <format> PATH` first\n"
+    result = invoke("--workdir", str(tmp_path), "run")
+    assert result.exit_code == 1
+    assert result.output == (
+        "error: no dataset yet: run `retdmctl ingest <format> PATH` first "
+        "(formats: demo, scene, csv, coco, voc, mirflickr, nuswide)\n"
+    )
     (tmp_path / "retdm.toml").write_text('[ingest]\nsource = "demo"\n')
     result = invoke("--workdir", str(tmp_path), "train", "--stage", "metric")
     assert result.exit_code == 1
