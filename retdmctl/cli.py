@@ -47,6 +47,12 @@ class StageName(str, Enum):
     joint = "joint"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"retdmctl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     workdir: Annotated[
@@ -57,11 +63,11 @@ def main(
         Optional[Path],
         typer.Option("--config", "-c", help="A TOML config file; flags override it.", exists=True, dir_okay=False),
     ] = None,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
 ) -> None:
-    if version:
-        typer.echo(f"retdmctl {__version__}")
-        raise typer.Exit()
     STATE.workdir, STATE.config = workdir, config
 
 

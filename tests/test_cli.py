@@ -106,3 +106,10 @@ def test_run_status_and_skip_through_the_cli(tmp_path):
     assert re.search(r"classifier\s+│\s+done", result.output)
     result = invoke("--workdir", w, "run")
     assert [line.split(":")[0] for line in result.output.splitlines() if ": running" in line] == ["metric", "joint", "eval"]
+
+
+def test_version():
+    from retdmctl import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output == f"retdmctl {__version__}\n"
