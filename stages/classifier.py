@@ -12,26 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from retdmctl.config import Config
-from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import BackboneError
 from retdmctl.losses.retdm import classification_loss
 from retdmctl.models.backbones import build_backbone, get_backbone_spec
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     backbone_cache_path,
+    begin_training,
     build_model,
     embed_all,
+    finish_training,
     image_source,
     val_bce_and_map,
 )
 from retdmctl.training.loop import Schedule, fit
 from retdmctl.training.runtime import (
     autocast,
-    pick_device,
     prepare_model,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
 )
 from retdmctl.training.sources import (
     PixelSource,
@@ -75,14 +72,7 @@ def ensure_backbone_cache(ctx: Context, info, device) -> None:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    set_threads()
-    seed_everything(cfg.classifier.seed)
-    device = pick_device(cfg.runtime.device)
-    info = read_dataset(ws.dataset)
-    stage_dir = ws.stage_dir("classifier")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.force:
-        (stage_dir / "resume.pt").unlink(missing_ok=True)
+    device, info, stage_dir = begin_training(ctx, "classifier", cfg.classifier.seed)
 
     if cfg.model.frozen_backbone:
         ensure_backbone_cache(ctx, info, device)
@@ -115,22 +105,16 @@ def run(ctx: Context) -> dict:
     config = cfg.sections(STAGE.sections)
     write_features(stage_dir / "features.h5", features, config)
     state = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
-    save_checkpoint(
-        stage_dir / "checkpoint.pt",
-        {
-            "stage": "classifier",
-            "model": state,
-            "history": history,
-            "config": config,
-            "class_names": info.class_names,
-            "backbone": spec.name,
-            "feature_dim": spec.out_dim,
-            "frozen_backbone": cfg.model.frozen_backbone,
-        },
-    )
-    (stage_dir / "resume.pt").unlink(missing_ok=True)
-    last = history[-1] if history else {}
-    return {"epochs": len(history), "val_mAP": last.get("val_mAP"), "val_loss": last.get("val_loss")}
+    state = {
+        "stage": "classifier",
+        "model": state,
+        "config": config,
+        "class_names": info.class_names,
+        "backbone": spec.name,
+        "feature_dim": spec.out_dim,
+        "frozen_backbone": cfg.model.frozen_backbone,
+    }
+    return finish_training(stage_dir, state, history)
 
 
 STAGE = Stage(

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from retdmctl.config import Config
-from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import ConfigError
 from retdmctl.knn import read_graph
 from retdmctl.losses.retdm import classification_loss, total_loss
@@ -22,18 +21,16 @@ from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     MetricSampler,
     backbone_cache_path,
+    begin_training,
     build_model,
+    finish_training,
     image_source,
     val_bce_and_map,
 )
 from retdmctl.training.loop import Schedule, fit
 from retdmctl.training.runtime import (
     load_checkpoint,
-    pick_device,
     prepare_model,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
 )
 from retdmctl.training.sources import read_features
 from stages.classifier import backbone_problem
@@ -54,15 +51,8 @@ def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
     if (reason := _blocked(cfg)) is not None:
         raise ConfigError(reason)
-    set_threads()
-    seed_everything(cfg.joint.seed)
-    device = pick_device(cfg.runtime.device)
-    info = read_dataset(ws.dataset)
+    device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
     graph = read_graph(ws.knn)
-    stage_dir = ws.stage_dir("joint")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.force:
-        (stage_dir / "resume.pt").unlink(missing_ok=True)
 
     # Start from stage 1 (phi, W_c) and stage 2 (psi, W_r).
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
@@ -106,22 +96,16 @@ def run(ctx: Context) -> dict:
         console=ctx.console,
     )
     state = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
-    save_checkpoint(
-        stage_dir / "checkpoint.pt",
-        {
-            "stage": "joint",
-            "model": state,
-            "history": history,
-            "config": cfg.sections(STAGE.sections),
-            "class_names": info.class_names,
-            "backbone": spec.name,
-            "feature_dim": spec.out_dim,
-            "frozen_backbone": cfg.model.frozen_backbone,
-        },
-    )
-    (stage_dir / "resume.pt").unlink(missing_ok=True)
-    last = history[-1] if history else {}
-    return {"epochs": len(history), "val_mAP": last.get("val_mAP"), "val_loss": last.get("val_loss")}
+    state = {
+        "stage": "joint",
+        "model": state,
+        "config": cfg.sections(STAGE.sections),
+        "class_names": info.class_names,
+        "backbone": spec.name,
+        "feature_dim": spec.out_dim,
+        "frozen_backbone": cfg.model.frozen_backbone,
+    }
+    return finish_training(stage_dir, state, history)
 
 
 def _inputs(ws, cfg) -> list:

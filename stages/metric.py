@@ -10,19 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retdmctl.data.dataset import read_dataset
 from retdmctl.knn import read_graph
 from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss
 from retdmctl.models.retdm import RETDM
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import MetricSampler
+from retdmctl.training.common import MetricSampler, begin_training, finish_training
 from retdmctl.training.loop import Schedule, fit
 from retdmctl.training.runtime import (
     load_checkpoint,
-    pick_device,
-    save_checkpoint,
-    seed_everything,
-    set_threads,
 )
 from retdmctl.training.sources import CachedSource, read_features
 
@@ -44,15 +39,8 @@ def metric_and_rec(model: RETDM, f, y, rows, sampler: MetricSampler, f_bank: tor
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    set_threads()
-    seed_everything(cfg.metric.seed)
-    device = pick_device(cfg.runtime.device)
-    info = read_dataset(ws.dataset)
+    device, info, stage_dir = begin_training(ctx, "metric", cfg.metric.seed)
     graph = read_graph(ws.knn)
-    stage_dir = ws.stage_dir("metric")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.force:
-        (stage_dir / "resume.pt").unlink(missing_ok=True)
 
     # The classifier's checkpoint gives phi's head and W_c (kept as they are) and shapes.
     clf = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
@@ -98,19 +86,13 @@ def run(ctx: Context) -> dict:
         resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
         console=ctx.console,
     )
-    save_checkpoint(
-        stage_dir / "checkpoint.pt",
-        {
-            "stage": "metric",
-            "model": model.heads_state(),
-            "history": history,
-            "config": cfg.sections(STAGE.sections),
-            "class_names": info.class_names,
-        },
-    )
-    (stage_dir / "resume.pt").unlink(missing_ok=True)
-    last = history[-1] if history else {}
-    return {"epochs": len(history), "val_loss": last.get("val_loss")}
+    state = {
+        "stage": "metric",
+        "model": model.heads_state(),
+        "config": cfg.sections(STAGE.sections),
+        "class_names": info.class_names,
+    }
+    return finish_training(stage_dir, state, history)
 
 
 def _inputs(ws, cfg) -> list:

@@ -56,9 +56,11 @@ def read_dataset(path: Path) -> DatasetInfo:
 def random_splits(
     n: int, *, seed: int, test_fraction: float, val_fraction: float, test: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """Random train/val/test indices. ``test`` given (an official split) keeps it and
-    carves val out of the rest; otherwise test is the first ``test_fraction`` of a
-    seeded permutation... of the tail, see below."""
+    """Seeded train/val/test row indices.
+
+    Without ``test``: a permutation of the rows, the first part for training and the last
+    ``test_fraction`` for test. With ``test`` (an official split): it is kept as is. In
+    both cases val is ``val_fraction`` of the training rows, drawn with the same seed."""
     rng = np.random.default_rng(seed)
     if test is None:
         perm = rng.permutation(n)

@@ -10,14 +10,43 @@ import numpy as np
 import torch
 
 from retdmctl.config import Config
-from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.dataset import DatasetInfo, read_dataset
 from retdmctl.knn import KnnGraph, knn_search
 from retdmctl.metrics import compute_metrics
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
 from retdmctl.models.retdm import RETDM
-from retdmctl.training.runtime import autocast, to_device
+from retdmctl.progress import track
+from retdmctl.training.runtime import (
+    autocast,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    set_threads,
+    to_device,
+)
 from retdmctl.training.sources import CachedSource, PixelSource, read_features
 from retdmctl.workspace import Workspace
+
+
+def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInfo, Path]:
+    """Threads, seed, device, the dataset and the stage's folder; ``--force`` discards a
+    resume point so that the stage starts over."""
+    set_threads()
+    seed_everything(seed)
+    device = pick_device(ctx.cfg.runtime.device)
+    stage_dir = ctx.ws.stage_dir(stage)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.force:
+        (stage_dir / "resume.pt").unlink(missing_ok=True)
+    return device, read_dataset(ctx.ws.dataset), stage_dir
+
+
+def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
+    """Write the stage's checkpoint, drop its resume point, return the stage summary."""
+    save_checkpoint(stage_dir / "checkpoint.pt", {**state, "history": history})
+    (stage_dir / "resume.pt").unlink(missing_ok=True)
+    last = history[-1] if history else {}
+    return {"epochs": len(history), **{k: last.get(k) for k in ("val_loss", "val_mAP") if k in last}}
 
 
 def backbone_cache_path(ws: Workspace) -> Path:
@@ -48,7 +77,7 @@ def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device)
     """Sigmoid scores and labels for ``rows``, in the order of ``rows``."""
     model.eval()
     scores, labels = [], []
-    for x, y, r in source.eval_batches(rows):
+    for x, y, r in track(source.eval_batches(rows), source.num_batches(rows), "scoring"):
         with autocast(device):
             logits = model(to_device(x, device))
         scores.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -61,7 +90,7 @@ def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
     """f = phi(x) for every image (eval mode, centre crop)."""
     model.eval()
     out = np.zeros((n, model.cls_head.in_features), dtype=np.float32)
-    for x, _, r in source.eval_batches(np.arange(n)):
+    for x, _, r in track(source.eval_batches(np.arange(n)), source.num_batches(np.arange(n)), "embedding"):
         with autocast(device):
             out[r] = model.embed_images(to_device(x, device)).float().cpu().numpy()
     return out
