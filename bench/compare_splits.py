@@ -24,7 +24,7 @@ from rich.console import Console
 
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 
-from retdmctl.config import Config  # noqa: E402
+from retdmctl.config import Config, apply, parse_set  # noqa: E402
 from retdmctl.data.dataset import random_splits, read_dataset, write_dataset  # noqa: E402
 from retdmctl.metrics import compute_metrics  # noqa: E402
 from retdmctl.pipeline import Context, run_stage  # noqa: E402
@@ -36,6 +36,7 @@ KEYS = ("mAP", "C-F1", "O-F1", "one_error", "ranking_loss")
 
 def base_config(args) -> Config:
     cfg = Config()
+    apply(cfg, parse_set(args.set), "--set")
     cfg.ingest.source, cfg.ingest.path = "scene", str(Path(args.data).resolve())
     cfg.model.backbone, cfg.model.frozen_backbone, cfg.model.image_size = args.backbone, True, args.image_size
     return cfg
@@ -56,7 +57,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config for both methods, e.g. loss.alpha=0.1 (repeatable)")
     args = parser.parse_args()
+    print("settings: " + (", ".join(args.set) or "defaults"))
     if not Path(args.data, "labels.csv").exists():
         raise SystemExit(f"scene data not found at {args.data} (see ../shared/data/README.md)")
 

@@ -87,6 +87,10 @@ def ingest_scene(
 def ingest_csv(
     labels: Annotated[Path, typer.Argument(help="CSV lines: relative/path.jpg,label1|label2", exists=True, dir_okay=False)],
     images: Annotated[Path, typer.Option("--images", help="Folder the paths are relative to.", exists=True, file_okay=False)],
+    classes: Annotated[
+        Optional[str],
+        typer.Option(help="The allowed labels, comma-separated, in this order; any other label is an error."),
+    ] = None,
     seed: Seed = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Fraction of images for the test split.")] = None,
     val_fraction: ValFraction = None,
@@ -98,9 +102,10 @@ def ingest_csv(
 ) -> None:
     """Read your own images and a label CSV (random test split).
 
-    Example: retdmctl ingest csv labels.csv --images photos/
+    Example: retdmctl ingest csv labels.csv --images photos/ --classes cat,dog,car
     """
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
+    opts["classes"] = classes
     _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force)
 
 

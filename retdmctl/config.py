@@ -24,6 +24,7 @@ class IngestConfig:
     source: str = ""  # demo | scene | csv | coco | voc | mirflickr | nuswide
     path: str = ""  # the dataset's root folder or label file
     images: str = ""  # image folder, for sources whose labels live apart from images
+    classes: str = ""  # csv: the allowed labels, comma-separated ("" = every label found)
     seed: int = 0  # fixes the random splits
     test_fraction: float = 0.2  # for sources without an official test split
     val_fraction: float = 0.1  # carved from train

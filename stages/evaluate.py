@@ -108,7 +108,10 @@ def run(ctx: Context) -> dict:
         for stage in TRAINED:
             path = ws.stage_dir(stage) / "checkpoint.pt"
             if path.exists():
-                history[stage] = load_checkpoint(path).get("history", [])
+                # the learning rate has its own scale: it would flatten the loss curves
+                history[stage] = [
+                    {k: v for k, v in rec.items() if k != "lr"} for rec in load_checkpoint(path).get("history", [])
+                ]
         page = render_report(
             title=f"retdmctl evaluation: {e.checkpoint} checkpoint on the {e.split} split",
             metrics=metrics,

@@ -42,7 +42,8 @@ def read_source(cfg: Config) -> SourceData:
     if i.source == "csv":
         from retdmctl.data.readers.csvfile import read_csv_labels
 
-        return read_csv_labels(Path(i.path), Path(i.images))
+        classes = [c.strip() for c in i.classes.split(",") if c.strip()] or None
+        return read_csv_labels(Path(i.path), Path(i.images), classes)
     if i.source == "coco":
         from retdmctl.data.readers.coco import read_coco
 

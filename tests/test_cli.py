@@ -58,6 +58,16 @@ def test_bad_label_csv_is_a_one_line_error(tmp_path):
     assert result.output.splitlines()[-1] == f"error: {labels}: line 1: expected 2 columns (path,label1|label2|...), got 3"
 
 
+def test_unknown_label_is_a_one_line_error(tmp_path):
+    (tmp_path / "img").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a.jpg,cat\nb.jpg,dog|cow\n")
+    result = invoke("--workdir", str(tmp_path / "w"), "ingest", "csv", str(labels), "--images", str(tmp_path / "img"),
+                    "--classes", "cat,dog")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"error: {labels}: line 2: unknown label 'cow'"
+
+
 def test_unreadable_images_only_are_an_error(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(b"not a jpeg")
