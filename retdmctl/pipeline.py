@@ -18,7 +18,7 @@ from rich.console import Console
 
 from retdmctl.config import Config, config_hash
 from retdmctl.errors import StageNotReadyError
-from retdmctl.workspace import Workspace, now_iso
+from retdmctl.workspace import Workspace, now_iso, remove_stale_tmp
 
 
 @dataclass
@@ -118,6 +118,8 @@ def run_stage(ctx: Context, stage: Stage, stages: list[Stage]) -> bool:
     inputs = input_fingerprints(ws, cfg, stage)
     # An interrupted run must not leave a manifest that vouches for old outputs.
     ws.drop_manifest(stage.name)
+    for path in stage.outputs(ws, cfg):
+        remove_stale_tmp(path)
     started = time.perf_counter()
     summary = stage.run(ctx)
     duration = time.perf_counter() - started

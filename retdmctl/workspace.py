@@ -185,6 +185,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_tmp(path: Path) -> None:
+    """Remove what a killed writer of ``path`` left behind (kill -9 skips cleanup)."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        remove(leftover)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

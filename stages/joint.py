@@ -94,6 +94,7 @@ def run(ctx: Context) -> dict:
         device=device,
         resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
         console=ctx.console,
+        buffers={"bank": bank},
     )
     state = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
     state = {

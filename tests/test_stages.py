@@ -55,6 +55,16 @@ def test_every_stage_runs_and_writes_its_artifacts(finished):
     assert manifest["config"] == {"knn": {"k": 4}} and manifest["version"]
 
 
+def test_leftovers_of_a_killed_writer_are_removed_on_the_next_run(tmp_path):
+    ws, cfg = Workspace(tmp_path), tiny_config()
+    ctx = Context(ws, cfg, Console(file=io.StringIO()))
+    run_stage(ctx, BY_NAME["ingest"], PIPELINE)
+    leftover = ws.knn.with_name(".knn.h5.tmp-99999")  # as kill -9 mid-write leaves it
+    leftover.write_bytes(b"half")
+    run_stage(ctx, BY_NAME["knn"], PIPELINE)
+    assert not leftover.exists() and ws.knn.exists()
+
+
 def test_rerun_skips_everything(finished):
     ws, cfg, _ = finished
     assert run_all(ws, cfg) == dict.fromkeys(NAMES, False)
@@ -109,40 +119,46 @@ def test_classifier_stage_trains_phi_and_w_c_only(tmp_path, monkeypatch):
     assert trained == {n for n, _ in model.named_parameters() if n.startswith(("backbone.", "embed.", "cls_head."))}
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "stage, before, cut, total",
+    [("classifier", ["ingest"], 2, 3), ("joint", ["ingest", "knn", "classifier", "metric"], 1, 2)],
+)
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, stage, before, cut, total):
     cfg = tiny_config()
     ref_ws, ws = Workspace(tmp_path / "ref"), Workspace(tmp_path / "cut")
     for w in (ref_ws, ws):
-        ctx = Context(w, cfg, Console(file=io.StringIO()))
-        run_stage(ctx, BY_NAME["ingest"], PIPELINE)
-    run_stage(Context(ref_ws, cfg, Console(file=io.StringIO())), BY_NAME["classifier"], PIPELINE)
+        for name in before:
+            run_stage(Context(w, cfg, Console(file=io.StringIO())), BY_NAME[name], PIPELINE)
+    run_stage(Context(ref_ws, cfg, Console(file=io.StringIO())), BY_NAME[stage], PIPELINE)
 
-    real_save, calls = loop.save_checkpoint, []
+    real_save = loop.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
-        calls.append(state["epoch"])
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt  # as if Ctrl-C arrived right after epoch 2
+        if state["epoch"] == cut:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived right after this epoch
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     ctx = Context(ws, cfg, Console(file=io.StringIO()))
     with pytest.raises(KeyboardInterrupt):
-        run_stage(ctx, BY_NAME["classifier"], PIPELINE)
-    clf_dir = ws.stage_dir("classifier")
-    assert not (clf_dir / "checkpoint.pt").exists() and not (clf_dir / "features.h5").exists()
-    assert status(ws, cfg, BY_NAME["classifier"]).state == "missing"
-    with pytest.raises(StageNotReadyError, match=r"^classifier/checkpoint.pt does not exist yet: run `retdmctl train --stage classifier` first$"):
-        run_stage(ctx, BY_NAME["metric"], PIPELINE) if ws.knn.exists() else (
-            run_stage(ctx, BY_NAME["knn"], PIPELINE), run_stage(ctx, BY_NAME["metric"], PIPELINE))
+        run_stage(ctx, BY_NAME[stage], PIPELINE)
+    stage_dir = ws.stage_dir(stage)
+    assert not (stage_dir / "checkpoint.pt").exists()  # no half-artifact for the next stage
+    assert status(ws, cfg, BY_NAME[stage]).state == "missing"
+    if stage == "classifier":
+        run_stage(ctx, BY_NAME["knn"], PIPELINE)
+        assert not (stage_dir / "features.h5").exists()
+        with pytest.raises(StageNotReadyError, match=r"^classifier/checkpoint.pt does not exist yet: "
+                           r"run `retdmctl train --stage classifier` first$"):
+            run_stage(ctx, BY_NAME["metric"], PIPELINE)
 
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     out = io.StringIO()
-    assert run_stage(Context(ws, cfg, Console(file=out)), BY_NAME["classifier"], PIPELINE)
-    assert "resuming after epoch 2 of 3" in out.getvalue()
-    got = load_checkpoint(clf_dir / "checkpoint.pt")
-    ref = load_checkpoint(ref_ws.stage_dir("classifier") / "checkpoint.pt")
-    assert [h["epoch"] for h in got["history"]] == [1, 2, 3]
+    assert run_stage(Context(ws, cfg, Console(file=out)), BY_NAME[stage], PIPELINE)
+    assert f"resuming after epoch {cut} of {total}" in out.getvalue()
+    got = load_checkpoint(stage_dir / "checkpoint.pt")
+    ref = load_checkpoint(ref_ws.stage_dir(stage) / "checkpoint.pt")
+    assert [h["epoch"] for h in got["history"]] == list(range(1, total + 1))
     for key in ref["model"]:
         assert torch.allclose(got["model"][key].float(), ref["model"][key].float(), atol=1e-6), key
 

@@ -54,7 +54,14 @@ def fit(
     device: torch.device,
     resume_key: dict[str, Any],
     console,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
+    """Train ``params`` for ``schedule.epochs``; returns the per-epoch history.
+
+    ``buffers`` are tensors the stage updates in place during training (the joint
+    stage's feature bank): they are saved with every resume point and restored on resume.
+    """
+    buffers = buffers or {}
     # SGD with momentum and weight decay; lr divided by 10 when the val loss plateaus.
     optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=schedule.patience)
@@ -69,6 +76,8 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             history = list(state["history"])
+            for name, tensor in buffers.items():
+                tensor.copy_(state["buffers"][name])
             start_epoch = int(state["epoch"]) + 1
             restore_rng(state)
             console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
@@ -114,6 +123,7 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "history": history,
                     "epoch": epoch,
+                    "buffers": {name: t.detach().cpu() for name, t in buffers.items()},
                 },
             )
     console.print(f"{name}: " + _describe(history[-1]) if history else f"{name}: no epochs")
