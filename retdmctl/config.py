@@ -57,6 +57,7 @@ class ModelConfig:
     embed_dim: int = 512
     dropout: float = 0.2
     batch_size: int = 64
+    backbone_lr_mult: float = 1.0  # the backbone's learning rate relative to the heads' (fine-tuning)
 
 
 @dataclass
@@ -136,8 +137,19 @@ class Config:
         return {n: dataclasses.asdict(getattr(self, n)) for n in names}
 
 
-def config_hash(sections: dict[str, Any]) -> str:
-    blob = json.dumps(sections, sort_keys=True, separators=(",", ":"))
+def config_hash(sections: dict[str, dict[str, Any]]) -> str:
+    """A short hash of the values that differ from the defaults.
+
+    Leaving defaults out means that a later version that adds an option (at a default
+    that keeps the old behaviour) does not invalidate every finished stage. A changed
+    default cannot slip through either: ``retdm.toml`` records every value explicitly.
+    """
+    defaults = Config().to_dict()
+    changed = {
+        name: {k: v for k, v in entries.items() if defaults.get(name, {}).get(k, object()) != v}
+        for name, entries in sections.items()
+    }
+    blob = json.dumps(changed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -90,7 +90,7 @@ def run(ctx: Context) -> dict:
         name="classifier",
         stage_dir=stage_dir,
         model=model,
-        params=model.image_parameters(),
+        params=model.param_groups(model.image_parameters(), cfg.model.backbone_lr_mult),
         schedule=Schedule(c.epochs, c.lr, c.momentum, c.weight_decay, c.patience, c.seed),
         source=source,
         train_rows=train_rows,

@@ -85,7 +85,7 @@ def run(ctx: Context) -> dict:
         name="joint",
         stage_dir=stage_dir,
         model=model,
-        params=list(model.parameters()),
+        params=model.param_groups(list(model.parameters()), cfg.model.backbone_lr_mult),
         schedule=Schedule(j.epochs, j.lr, j.momentum, j.weight_decay, j.patience, j.seed),
         source=source,
         train_rows=train_rows,

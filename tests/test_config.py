@@ -53,3 +53,12 @@ def test_config_hash_changes_with_any_value():
     b.knn.k = 3
     assert config_hash(a.sections(("knn",))) != config_hash(b.sections(("knn",)))
     assert config_hash(a.sections(("model",))) == config_hash(b.sections(("model",)))
+
+
+def test_config_hash_ignores_options_at_their_default():
+    # a stage finished before an option existed stays up to date once it is added
+    full = Config().sections(("ingest",))
+    older = {"ingest": {k: v for k, v in full["ingest"].items() if k != "classes"}}
+    assert config_hash(older) == config_hash(full)
+    full["ingest"]["classes"] = "cat,dog"
+    assert config_hash(older) != config_hash(full)

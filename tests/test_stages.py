@@ -106,7 +106,7 @@ def test_classifier_stage_trains_phi_and_w_c_only(tmp_path, monkeypatch):
     real_fit = loop.fit
 
     def spy(**kw):
-        captured["params"] = {id(p) for p in kw["params"]}
+        captured["params"] = {id(p) for group in kw["params"] for p in group["params"]}
         captured["model"] = kw["model"]
         return real_fit(**kw)
 
@@ -184,3 +184,16 @@ def test_way2_forward_needs_frozen_backbone(tmp_path):
     ctx = Context(Workspace(tmp_path), cfg, Console(file=io.StringIO()))
     with pytest.raises(StageNotReadyError, match=r"^joint.way2 = 'forward' needs model.frozen_backbone = true"):
         run_stage(ctx, BY_NAME["joint"], PIPELINE)
+
+
+def test_param_groups_scale_the_backbone_learning_rate():
+    from retdmctl.models.backbones import build_backbone
+    from retdmctl.models.retdm import RETDM
+
+    backbone, spec = build_backbone("tiny_cnn")
+    model = RETDM(5, spec.out_dim, 16, backbone=backbone)
+    heads, body = model.param_groups(model.image_parameters(), 0.1)
+    assert body["lr_mult"] == 0.1 and {id(p) for p in body["params"]} == {id(p) for p in backbone.parameters()}
+    assert heads["lr_mult"] == 1.0 and len(heads["params"]) == 4  # embed and W_c, weights and biases
+    frozen = RETDM(5, spec.out_dim, 16)
+    assert [g["lr_mult"] for g in frozen.param_groups(frozen.image_parameters(), 0.1)] == [1.0]

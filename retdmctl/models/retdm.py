@@ -47,6 +47,15 @@ class RETDM(nn.Module):
         mods = [self.embed, self.cls_head] + ([self.backbone] if self.backbone is not None else [])
         return [p for m in mods for p in m.parameters()]
 
+    def param_groups(self, params: list[nn.Parameter], backbone_lr_mult: float) -> list[dict]:
+        """``params`` as optimizer groups: the backbone's at ``backbone_lr_mult`` x lr."""
+        in_backbone = {id(p) for p in self.backbone.parameters()} if self.backbone is not None else set()
+        groups = [
+            {"params": [p for p in params if id(p) not in in_backbone], "lr_mult": 1.0},
+            {"params": [p for p in params if id(p) in in_backbone], "lr_mult": backbone_lr_mult},
+        ]
+        return [g for g in groups if g["params"]]
+
     def label_parameters(self) -> list[nn.Parameter]:
         """psi and W_r: what the metric stage trains."""
         return [*self.label_net.parameters(), *self.rec_head.parameters()]

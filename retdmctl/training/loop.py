@@ -45,7 +45,7 @@ def fit(
     name: str,
     stage_dir: Path,
     model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict],
     schedule: Schedule,
     source,
     train_rows: np.ndarray,
@@ -63,7 +63,9 @@ def fit(
     """
     buffers = buffers or {}
     # SGD with momentum and weight decay; lr divided by 10 when the val loss plateaus.
-    optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [{"params": g["params"], "lr": schedule.lr * g.get("lr_mult", 1.0)} for g in groups]
+    optimizer = torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=schedule.patience)
     history: list[dict[str, float]] = []
     start_epoch = 1
