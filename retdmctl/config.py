@@ -77,37 +77,36 @@ class LossConfig:
 
 
 @dataclass
-class ClassifierConfig:
+class TrainConfig:
+    """The optimisation schedule of a training stage: SGD with momentum and weight decay,
+    lr divided by 10 after ``patience`` epochs without a better validation loss."""
+
     epochs: int = 20
     lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    patience: int = 3  # epochs without val-loss improvement before lr /= 10
-    seed: int = 0
-
-
-@dataclass
-class MetricConfig:
-    epochs: int = 20
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    seed: int = 0
-
-
-@dataclass
-class JointConfig:
-    epochs: int = 10
-    lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-4
     patience: int = 3
+    seed: int = 0
+
+
+@dataclass
+class ClassifierConfig(TrainConfig):
+    pass
+
+
+@dataclass
+class MetricConfig(TrainConfig):
+    batch_size: int = 256  # label-net batches are cheap: no CNN runs in this stage
+
+
+@dataclass
+class JointConfig(TrainConfig):
+    epochs: int = 10
+    lr: float = 0.001
     # where way 2 takes f_{i_j} from: "bank" = a feature bank initialised from
     # features.h5 and refreshed by each batch; "forward" = a fresh forward pass
     # (frozen-backbone mode only, where it costs one linear layer).
     way2: str = "bank"
-    seed: int = 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ from retdmctl.training.common import (
     image_source,
     val_bce_and_map,
 )
-from retdmctl.training.loop import Schedule, fit
+from retdmctl.training.loop import fit
 from retdmctl.training.runtime import (
     autocast,
     prepare_model,
@@ -85,13 +85,12 @@ def run(ctx: Context) -> dict:
         loss = classification_loss(model(x).float(), y)
         return loss, {"total": float(loss.detach())}
 
-    c = cfg.classifier
     history = fit(
         name="classifier",
         stage_dir=stage_dir,
         model=model,
         params=model.param_groups(model.image_parameters(), cfg.model.backbone_lr_mult),
-        schedule=Schedule(c.epochs, c.lr, c.momentum, c.weight_decay, c.patience, c.seed),
+        schedule=cfg.classifier,
         source=source,
         train_rows=train_rows,
         step=step,

@@ -27,7 +27,7 @@ from retdmctl.training.common import (
     image_source,
     val_bce_and_map,
 )
-from retdmctl.training.loop import Schedule, fit
+from retdmctl.training.loop import fit
 from retdmctl.training.runtime import (
     load_checkpoint,
     prepare_model,
@@ -80,13 +80,12 @@ def run(ctx: Context) -> dict:
         bank[torch.from_numpy(rows).to(device)] = f.detach().float()  # refresh the bank
         return parts.total, parts.items()
 
-    j = cfg.joint
     history = fit(
         name="joint",
         stage_dir=stage_dir,
         model=model,
         params=model.param_groups(list(model.parameters()), cfg.model.backbone_lr_mult),
-        schedule=Schedule(j.epochs, j.lr, j.momentum, j.weight_decay, j.patience, j.seed),
+        schedule=cfg.joint,
         source=source,
         train_rows=train_rows,
         step=step,

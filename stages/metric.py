@@ -15,7 +15,7 @@ from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss
 from retdmctl.models.retdm import RETDM
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import MetricSampler, begin_training, finish_training
-from retdmctl.training.loop import Schedule, fit
+from retdmctl.training.loop import fit
 from retdmctl.training.runtime import (
     load_checkpoint,
 )
@@ -71,13 +71,12 @@ def run(ctx: Context) -> dict:
             n += len(rows)
         return {"val_loss": total / max(n, 1), "val_metric": metric_sum / max(n, 1)}
 
-    m = cfg.metric
     history = fit(
         name="metric",
         stage_dir=stage_dir,
         model=model,
         params=model.label_parameters(),
-        schedule=Schedule(m.epochs, m.lr, m.momentum, m.weight_decay, 3, m.seed),
+        schedule=cfg.metric,
         source=source,
         train_rows=train_rows,
         step=step,

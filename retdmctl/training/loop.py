@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from retdmctl.config import TrainConfig
 from retdmctl.progress import make_progress
 from retdmctl.training.runtime import (
     autocast,
@@ -30,23 +30,13 @@ from retdmctl.training.runtime import (
 Step = Callable[[torch.Tensor, torch.Tensor, np.ndarray, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
-@dataclass
-class Schedule:
-    epochs: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    patience: int = 3
-    seed: int = 0
-
-
 def fit(
     *,
     name: str,
     stage_dir: Path,
     model: torch.nn.Module,
     params: list[torch.nn.Parameter] | list[dict],
-    schedule: Schedule,
+    schedule: TrainConfig,
     source,
     train_rows: np.ndarray,
     step: Step,
