@@ -76,6 +76,11 @@ def run(ctx: Context) -> dict:
 
     if cfg.model.frozen_backbone:
         ensure_backbone_cache(ctx, info, device)
+    elif device.type == "cpu":
+        ctx.console.print(
+            "[yellow]fine-tuning the CNN on the CPU is slow; --frozen-backbone trains every stage "
+            "from backbone features cached once[/]"
+        )
     model, spec = build_model(cfg, info.num_classes, pretrained=True)
     prepare_model(model, device)
     source = image_source(ws, cfg, info, spec)

@@ -55,6 +55,27 @@ def test_every_stage_runs_and_writes_its_artifacts(finished):
     assert manifest["config"] == {"knn": {"k": 4}} and manifest["version"]
 
 
+def test_eval_writes_the_test_scores_and_their_metrics(finished):
+    import json
+
+    import h5py
+
+    from retdmctl.data.dataset import read_dataset
+    from retdmctl.metrics import compute_metrics
+
+    ws, _, _ = finished
+    info = read_dataset(ws.dataset)
+    with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
+        rows, scores, labels = h5["rows"][()], h5["scores"][()], h5["labels"][()]
+    assert list(rows) == list(info.split("test")) and (labels == info.labels[rows]).all()
+    assert ((scores >= 0) & (scores <= 1)).all()
+    saved = json.loads((ws.stage_dir("eval") / "metrics.json").read_text())
+    assert saved["metrics"] == pytest.approx(compute_metrics(labels, scores))
+    assert saved["checkpoint"] == "joint/checkpoint.pt" and set(saved["per_class_ap"]) == set(info.class_names)
+    page = (ws.stage_dir("eval") / "report.html").read_text()
+    assert all(name in page for name in info.class_names) and page.count("<svg") == 3
+
+
 def test_leftovers_of_a_killed_writer_are_removed_on_the_next_run(tmp_path):
     ws, cfg = Workspace(tmp_path), tiny_config()
     ctx = Context(ws, cfg, Console(file=io.StringIO()))

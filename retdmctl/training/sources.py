@@ -53,6 +53,7 @@ class PixelSource:
             num_workers=self.workers,
             worker_init_fn=worker_init,
             persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
             drop_last=False,
         )
 
