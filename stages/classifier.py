@@ -108,10 +108,10 @@ def run(ctx: Context) -> dict:
     features = embed_all(model, source, len(info.ids), device)
     config = cfg.sections(STAGE.sections)
     write_features(stage_dir / "features.h5", features, config)
-    state = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
+    weights = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
     state = {
         "stage": "classifier",
-        "model": state,
+        "model": weights,
         "config": config,
         "class_names": info.class_names,
         "backbone": spec.name,

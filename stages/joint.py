@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from retdmctl.config import Config
-from retdmctl.errors import ConfigError
 from retdmctl.knn import read_graph
 from retdmctl.losses.retdm import classification_loss, total_loss
 from retdmctl.pipeline import Context, Stage
@@ -49,8 +48,6 @@ def _blocked(cfg: Config) -> str | None:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    if (reason := _blocked(cfg)) is not None:
-        raise ConfigError(reason)
     device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
     graph = read_graph(ws.knn)
 
@@ -95,10 +92,10 @@ def run(ctx: Context) -> dict:
         console=ctx.console,
         buffers={"bank": bank},
     )
-    state = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
+    weights = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
     state = {
         "stage": "joint",
-        "model": state,
+        "model": weights,
         "config": cfg.sections(STAGE.sections),
         "class_names": info.class_names,
         "backbone": spec.name,
