@@ -48,20 +48,27 @@ def workspace() -> Workspace:
 
 
 def configure(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> tuple[Workspace, Config]:
-    """Resolve the config (retdm.toml < --config < --set < flags) and save it back."""
+    """Resolve the config: retdm.toml < --config < --set < flags."""
     ws = workspace()
     merged = parse_set(sets or [])
     for section, values in overrides.items():
         merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    cfg = ws.load_config(STATE.config, merged)
-    ws.save_config(cfg)
-    return ws, cfg
+    return ws, ws.load_config(STATE.config, merged)
 
 
 def run_stages(ws: Workspace, cfg: Config, names: list[str], force: bool) -> None:
+    """Check the config against every named stage, save it to retdm.toml (so that a later
+    ``retdmctl run`` uses the same values), then run the stages in order. A rejected
+    value is never saved."""
+    from retdmctl.errors import ConfigError
     from retdmctl.pipeline import Context, run_stage
     from stages import BY_NAME, PIPELINE
 
+    for name in names:
+        reason = BY_NAME[name].blocked(cfg)
+        if reason and name != "ingest":  # ingest's only block is "no dataset yet"
+            raise ConfigError(reason)
+    ws.save_config(cfg)
     ctx = Context(ws, cfg, console, force=force)
     for name in names:
         run_stage(ctx, BY_NAME[name], PIPELINE)

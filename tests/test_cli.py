@@ -80,12 +80,14 @@ def test_unreadable_images_only_are_an_error(tmp_path):
 
 
 def test_bad_config_value_is_a_one_line_error(tmp_path):
+    (tmp_path / "retdm.toml").write_text("[knn]\nk = 3\n")
     result = invoke("--workdir", str(tmp_path), "run", "--set", "knn.k=ten")
     assert result.exit_code == 1
     assert result.output == "error: knn.k must be an integer, got 'ten'\n"
     result = invoke("--workdir", str(tmp_path), "train", "--stage", "classifier", "--backbone", "alexnet")
     assert result.exit_code == 1
     assert result.output == "error: unknown backbone 'alexnet'; known: efficientnet_lite0, resnet50, tiny_cnn, vgg16\n"
+    assert (tmp_path / "retdm.toml").read_text() == "[knn]\nk = 3\n"  # rejected values are not kept
 
 
 @pytest.mark.slow
