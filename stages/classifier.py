@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from retdmctl.config import Config
-from retdmctl.errors import BackboneError
 from retdmctl.losses.retdm import classification_loss
-from retdmctl.models.backbones import build_backbone, get_backbone_spec
+from retdmctl.models.backbones import build_backbone
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     backbone_cache_path,
+    backbone_problem,
     begin_training,
     build_model,
     embed_all,
@@ -38,15 +38,6 @@ from retdmctl.training.sources import (
     write_features,
 )
 from retdmctl.workspace import Workspace
-
-
-def backbone_problem(cfg: Config) -> str | None:
-    """Why ``model.backbone`` cannot be used, or None (shared by the model stages)."""
-    try:
-        get_backbone_spec(cfg.model.backbone)
-    except BackboneError as exc:
-        return str(exc)
-    return None
 
 
 def _outputs(ws: Workspace, cfg: Config) -> list:

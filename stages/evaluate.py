@@ -25,6 +25,7 @@ from retdmctl.pipeline import Context, Stage
 from retdmctl.report.html import render_report
 from retdmctl.training.common import (
     backbone_cache_path,
+    backbone_problem,
     build_model,
     image_source,
     predict_scores,
@@ -36,7 +37,6 @@ from retdmctl.training.runtime import (
     set_threads,
 )
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
-from stages.classifier import backbone_problem
 
 TRAINED = ("classifier", "metric", "joint")
 

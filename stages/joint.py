@@ -20,10 +20,12 @@ from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     MetricSampler,
     backbone_cache_path,
+    backbone_problem,
     begin_training,
     build_model,
     finish_training,
     image_source,
+    metric_and_rec,
     val_bce_and_map,
 )
 from retdmctl.training.loop import fit
@@ -32,8 +34,6 @@ from retdmctl.training.runtime import (
     prepare_model,
 )
 from retdmctl.training.sources import read_features
-from stages.classifier import backbone_problem
-from stages.metric import metric_and_rec
 
 
 def _blocked(cfg: Config) -> str | None:

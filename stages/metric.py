@@ -11,30 +11,19 @@ import numpy as np
 import torch
 
 from retdmctl.knn import read_graph
-from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss
 from retdmctl.models.retdm import RETDM
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import MetricSampler, begin_training, finish_training
+from retdmctl.training.common import (
+    MetricSampler,
+    begin_training,
+    finish_training,
+    metric_and_rec,
+)
 from retdmctl.training.loop import fit
 from retdmctl.training.runtime import (
     load_checkpoint,
 )
 from retdmctl.training.sources import CachedSource, read_features
-
-
-def metric_and_rec(model: RETDM, f, y, rows, sampler: MetricSampler, f_bank: torch.Tensor, rng, loss_cfg):
-    """(alpha-free) L_metric and L_rec for a batch; f_{i_j} taken from ``f_bank``."""
-    neighbors = sampler.neighbors(rows)  # (B, k) label-set indices
-    g_pos = model.label_net(y)
-    # psi once per distinct neighbour set in the batch, not once per (image, neighbour)
-    uniq, inverse = np.unique(neighbors, return_inverse=True)
-    g_uniq = model.label_net(sampler.label_sets.to(y.device)[torch.from_numpy(uniq).long()])
-    g_neg = g_uniq[torch.from_numpy(inverse.reshape(neighbors.shape)).to(y.device)]
-    picks = torch.from_numpy(sampler.way2_images(neighbors, rng)).to(y.device)
-    f_neg = f_bank[picks]
-    metric = two_way_metric_loss(f, g_pos, g_neg, f_neg, loss_cfg.lam, loss_cfg.margin)
-    rec = reconstruction_loss(model.rec_head(g_pos), y)
-    return metric, rec
 
 
 def run(ctx: Context) -> dict:

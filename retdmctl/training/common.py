@@ -11,7 +11,9 @@ import torch
 
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo, read_dataset
+from retdmctl.errors import BackboneError
 from retdmctl.knn import KnnGraph, knn_search
+from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss
 from retdmctl.metrics import compute_metrics
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
 from retdmctl.models.retdm import RETDM
@@ -26,6 +28,15 @@ from retdmctl.training.runtime import (
 )
 from retdmctl.training.sources import CachedSource, PixelSource, read_features
 from retdmctl.workspace import Workspace
+
+
+def backbone_problem(cfg: Config) -> str | None:
+    """Why ``model.backbone`` cannot be used, or None (checked by every stage that builds the model)."""
+    try:
+        get_backbone_spec(cfg.model.backbone)
+    except BackboneError as exc:
+        return str(exc)
+    return None
 
 
 def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInfo, Path]:
@@ -138,3 +149,18 @@ class MetricSampler:
         count = self.graph.set_ptr[neighbor_sets + 1] - start
         pick = start + (rng.random(neighbor_sets.shape) * count).astype(np.int64)
         return self.graph.set_members[pick]
+
+
+def metric_and_rec(model: RETDM, f, y, rows, sampler: MetricSampler, f_bank: torch.Tensor, rng, loss_cfg):
+    """(alpha-free) L_metric and L_rec for a batch; f_{i_j} taken from ``f_bank``."""
+    neighbors = sampler.neighbors(rows)  # (B, k) label-set indices
+    g_pos = model.label_net(y)
+    # psi once per distinct neighbour set in the batch, not once per (image, neighbour)
+    uniq, inverse = np.unique(neighbors, return_inverse=True)
+    g_uniq = model.label_net(sampler.label_sets.to(y.device)[torch.from_numpy(uniq).long()])
+    g_neg = g_uniq[torch.from_numpy(inverse.reshape(neighbors.shape)).to(y.device)]
+    picks = torch.from_numpy(sampler.way2_images(neighbors, rng)).to(y.device)
+    f_neg = f_bank[picks]
+    metric = two_way_metric_loss(f, g_pos, g_neg, f_neg, loss_cfg.lam, loss_cfg.margin)
+    rec = reconstruction_loss(model.rec_head(g_pos), y)
+    return metric, rec
