@@ -22,12 +22,17 @@ from retdmctl.cli_support import (
     ErrorCatchingGroup,
     Force,
     Sets,
-    configure,
+    Workdir,
     console,
+    option,
+    read_workspace,
+    resolve,
     run_stages,
+    set_workdir,
     workspace,
 )
 from retdmctl.errors import RetdmError
+from retdmctl.models.backbones import BACKBONES
 
 app = typer.Typer(
     cls=ErrorCatchingGroup,
@@ -47,6 +52,23 @@ class StageName(str, Enum):
     joint = "joint"
 
 
+class EvalCheckpoint(str, Enum):
+    classifier = "classifier"
+    joint = "joint"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"retdmctl {__version__}")
@@ -55,65 +77,78 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     workdir: Annotated[
         Path,
-        typer.Option("--workdir", "-w", envvar="RETDM_WORKDIR", help="Where artifacts live.", file_okay=False),
+        typer.Option("--workdir", "-w", envvar="RETDM_WORKDIR", metavar="DIR", help="Where artifacts live.", file_okay=False),
     ] = Path("retdm-work"),
     config: Annotated[
         Optional[Path],
-        typer.Option("--config", "-c", help="A TOML config file; flags override it.", exists=True, dir_okay=False),
+        typer.Option("--config", "-c", metavar="FILE", help="A TOML config file; flags override it.", exists=True, dir_okay=False),
     ] = None,
     version: Annotated[
         bool,
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
 ) -> None:
+    import click
+
     STATE.workdir, STATE.config = workdir, config
+    STATE.workdir_given = ctx.get_parameter_source("workdir") is not click.core.ParameterSource.DEFAULT
 
 
 # --- knn / train / eval -------------------------------------------------------
 @app.command()
 def knn(
-    k: Annotated[Optional[int], typer.Option("--k", help="Neighbouring label sets per label set (paper: 10).")] = None,
+    k: Annotated[Optional[int], option("--k", metavar="N", default="knn.k", help="Neighbouring label sets per label set (paper: 10).")] = None,
+    sets: Sets = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Build the label-set kNN graph of the training split (knn.h5).
 
     Example: retdmctl knn --k 10
     """
-    ws, cfg = configure({"knn": {"k": k}})
-    run_stages(ws, cfg, ["knn"], force)
+    set_workdir(workdir)
+    cfg = resolve({"knn": {"k": k}}, sets)
+    run_stages(cfg, ["knn"], force)
+
+
+_BACKBONE_NAMES = ", ".join(BACKBONES)
 
 
 @app.command()
 def train(
-    stage: Annotated[StageName, typer.Option("--stage", help="classifier, metric or joint.")],
-    backbone: Annotated[Optional[str], typer.Option(help="efficientnet_lite0, resnet50, vgg16, tiny_cnn.")] = None,
+    stage: Annotated[StageName, typer.Option("--stage", help="The stage to train; the stages it reads from run first when they are not up to date.")],
+    backbone: Annotated[Optional[str], option(metavar="NAME", default="model.backbone", help=f"Image backbone: {_BACKBONE_NAMES}.")] = None,
     frozen_backbone: Annotated[
         Optional[bool],
-        typer.Option("--frozen-backbone/--finetune-backbone", help="Train from cached backbone features (CPU-friendly)."),
+        option("--frozen-backbone/--finetune-backbone", default="model.frozen_backbone",
+               help="Train from cached backbone features (CPU-friendly), or fine-tune the CNN."),
     ] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights.")] = None,
+    pretrained: Annotated[Optional[bool], option("--pretrained/--no-pretrained", default="model.pretrained", help="Start from ImageNet weights.")] = None,
     weights_file: Annotated[
-        Optional[Path], typer.Option(help="Backbone weights file (torch state dict).", exists=True, dir_okay=False)
+        Optional[Path], option(metavar="FILE", help="Backbone weights file (a torch state dict); its content is part of the fingerprint.", exists=True, dir_okay=False)
     ] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input side in px.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs of this stage.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate of this stage.")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Weight of the metric loss.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Weight of the reconstruction loss.")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="Weight of way 2 (0 = one-way).")] = None,
-    margin: Annotated[Optional[float], typer.Option(help="Hinge margin m.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    image_size: Annotated[Optional[int], option(metavar="PX", default="model.image_size", help="Input side in px.")] = None,
+    batch_size: Annotated[Optional[int], option(metavar="N", default="model.batch_size", help="Images per batch.")] = None,
+    epochs: Annotated[Optional[int], option(metavar="N", help="Epochs of this stage.  [default: 20 (joint: 10), or <stage>.epochs in retdm.toml]")] = None,
+    lr: Annotated[Optional[float], option(metavar="LR", help="Learning rate of this stage.  [default: classifier 0.1, metric 0.01, joint 0.001, or <stage>.lr in retdm.toml]")] = None,
+    alpha: Annotated[Optional[float], option(metavar="W", default="loss.alpha", help="Weight of the metric loss (>= 0).")] = None,
+    beta: Annotated[Optional[float], option(metavar="W", default="loss.beta", help="Weight of the reconstruction loss (>= 0).")] = None,
+    lam: Annotated[Optional[float], option("--lambda", metavar="W", default="loss.lam", help="Weight of way 2 (>= 0; 0 = one-way).")] = None,
+    margin: Annotated[Optional[float], option(metavar="M", default="loss.margin", help="Hinge margin m (>= 0).")] = None,
+    device: Annotated[Optional[Device], option(default="runtime.device", help="Where to train.")] = None,
     sets: Sets = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Train one stage: classifier (L_cls), metric (psi and W_r on cached features) or
     joint (everything with L = L_cls + alpha L_metric + beta L_rec).
 
     Example: retdmctl train --stage classifier --frozen-backbone --epochs 20
     """
+    set_workdir(workdir)
     name = stage.value
     overrides = {
         "model": {
@@ -126,10 +161,10 @@ def train(
         },
         "loss": {"alpha": alpha, "beta": beta, "lam": lam, "margin": margin},
         name: {"epochs": epochs, "lr": lr},
-        "runtime": {"device": device},
+        "runtime": {"device": device.value if device else None},
     }
-    ws, cfg = configure(overrides, sets)
-    run_stages(ws, cfg, [name], force)
+    cfg = resolve(overrides, sets)
+    run_stages(cfg, [name], force)
 
 
 class ReportKind(str, Enum):
@@ -139,38 +174,56 @@ class ReportKind(str, Enum):
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[Optional[StageName], typer.Option(help="Evaluate the classifier or joint model.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="train, val or test.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Score threshold for the thresholded metrics.")] = None,
-    report: Annotated[Optional[ReportKind], typer.Option(help="Write eval/report.html (html) or not (none).")] = None,
+    checkpoint: Annotated[Optional[EvalCheckpoint], option(default="eval.checkpoint", help="The model to evaluate.")] = None,
+    split: Annotated[Optional[Split], option(default="eval.split", help="The split to score.")] = None,
+    threshold: Annotated[
+        Optional[float], option(metavar="T", help="One score threshold in (0, 1) for every class, instead of the thresholds chosen on validation.")
+    ] = None,
+    report: Annotated[Optional[ReportKind], option(default="eval.report", help="Write eval/report.html or not.")] = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
-    """Score the test split, write scores.h5, metrics.json and report.html.
+    """Score a split with a trained model; write scores.h5, metrics.json and report.html.
 
-    Example: retdmctl eval --report html
+    The options here are for this evaluation only: they are not saved to retdm.toml, so
+    a later `retdmctl run` still evaluates what the config says.
+
+    Example: retdmctl eval --checkpoint classifier --split val
     """
+    set_workdir(workdir)
     overrides = {
         "eval": {
             "checkpoint": checkpoint.value if checkpoint else None,
-            "split": split,
+            "split": split.value if split else None,
             "threshold": threshold,
             "report": report.value if report else None,
         }
     }
-    ws, cfg = configure(overrides)
-    run_stages(ws, cfg, ["eval"], force)
+    cfg = resolve(overrides)
+    run_stages(cfg, ["eval"], force, persist=False)
 
 
 # --- whole pipeline -------------------------------------------------------------
+class Until(str, Enum):
+    ingest = "ingest"
+    knn = "knn"
+    classifier = "classifier"
+    metric = "metric"
+    joint = "joint"
+    eval = "eval"
+
+
 @app.command()
 def run(
     frozen_backbone: Annotated[
         Optional[bool],
-        typer.Option("--frozen-backbone/--finetune-backbone", help="Train from cached backbone features (CPU-friendly)."),
+        option("--frozen-backbone/--finetune-backbone", default="model.frozen_backbone",
+               help="Train from cached backbone features (CPU-friendly), or fine-tune the CNN."),
     ] = None,
-    until: Annotated[Optional[str], typer.Option(help="Stop after this stage.")] = None,
+    until: Annotated[Optional[Until], typer.Option(help="Stop after this stage.  [default: eval]", show_default=False)] = None,
     sets: Sets = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Run every stage in order, skipping those already up to date.
 
@@ -178,18 +231,18 @@ def run(
     """
     from stages import PIPELINE
 
+    set_workdir(workdir)
     names = [s.name for s in PIPELINE]
-    if until is not None and until not in names:
-        raise RetdmError(f"--until must be one of {', '.join(names)}, got {until!r}")
     started = time.perf_counter()
-    ws, cfg = configure({"model": {"frozen_backbone": frozen_backbone}}, sets)
-    run_stages(ws, cfg, names[: names.index(until) + 1] if until else names, force)
+    cfg = resolve({"model": {"frozen_backbone": frozen_backbone}}, sets)
+    run_stages(cfg, names[: names.index(until.value) + 1] if until else names, force)
     console.print(f"pipeline finished in {time.perf_counter() - started:.1f}s")
 
 
 @app.command()
-def status() -> None:
-    """Show each stage as done, stale or missing, and why.
+def status(workdir: Workdir = None) -> None:
+    """Show each stage as done, stale or missing, and why. Reads only: works while
+    another command is writing the workspace.
 
     Example: retdmctl status
     """
@@ -197,7 +250,8 @@ def status() -> None:
     from retdmctl.pipeline import status as stage_status
     from stages import PIPELINE
 
-    ws = workspace()
+    set_workdir(workdir)
+    ws = read_workspace()
     cfg = ws.load_config(STATE.config)
     table = Table(title=f"retdmctl status ({ws.root})")
     for col in ("stage", "state", "reason", "command"):
@@ -216,16 +270,25 @@ def status() -> None:
     console.print(table)
 
 
+QUICKSTART_WORKDIR = Path("retdm-quickstart")
+
+
 @app.command()
 def quickstart(
-    images: Annotated[int, typer.Option(help="Demo images.")] = 2000,
+    images: Annotated[int, typer.Option(metavar="N", help="Demo images.")] = 2000,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Every stage on the built-in demo set (frozen EfficientNet-Lite0 on the CPU), then
-    the metrics table. Takes a few minutes on a laptop.
+    the metrics table. Takes about half a minute on a laptop. Uses its own workdir,
+    ./retdm-quickstart, unless -w/--workdir is given, so that the demo's settings
+    (128 px images) never leak into your own datasets.
 
     Example: retdmctl quickstart
     """
+    set_workdir(workdir)
+    if not STATE.workdir_given:
+        STATE.workdir = QUICKSTART_WORKDIR
     started = time.perf_counter()
     overrides = {
         "ingest": {"source": "demo", "path": "", "images": "", "demo_images": images},
@@ -233,10 +296,10 @@ def quickstart(
         # of 224 px.
         "model": {"backbone": "efficientnet_lite0", "frozen_backbone": True, "image_size": 128},
     }
-    ws, cfg = configure(overrides)
+    cfg = resolve(overrides)
     from stages import PIPELINE
 
-    run_stages(ws, cfg, [s.name for s in PIPELINE], force)
+    ws = run_stages(cfg, [s.name for s in PIPELINE], force)
     console.print(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}")
 
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from retdmctl.cli_support import ErrorCatchingGroup, Force, configure, run_stages
+from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, console, option, resolve, run_stages, set_workdir, workspace
+from retdmctl.config import Config, apply, load_toml
 from retdmctl.errors import InputError
 
 ingest_app = typer.Typer(
@@ -19,9 +20,31 @@ ingest_app = typer.Typer(
 
 
 # --- ingest ------------------------------------------------------------------
+# Settings that belong to one dataset: reset when another dataset is ingested.
+DATASET_SPECIFIC = (("model", "image_size"),)
+
+
 def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool) -> None:
-    ws, cfg = configure({"ingest": {"source": source, "path": path, "images": images, **opts}})
-    run_stages(ws, cfg, ["ingest"], force)
+    """Ingest with this command's flags over retdm.toml's [ingest]. When the workspace
+    held another dataset, the settings of that dataset are reset first and the command
+    says so: nothing of an earlier dataset's options leaks into this one."""
+    previous = workspace().load_config()
+    overrides: dict[str, dict[str, Any]] = {"ingest": {**opts, "source": source, "path": path, "images": images}}
+    notes = []
+    if previous.ingest.source and (previous.ingest.source, previous.ingest.path) != (source, path):
+        fresh = Config()
+        if STATE.config is not None:  # a --config file still counts, retdm.toml's old values do not
+            apply(fresh, load_toml(STATE.config), str(STATE.config))
+        for section, key in DATASET_SPECIFIC + tuple(("ingest", k) for k in fresh.to_dict()["ingest"]):
+            old, new = getattr(getattr(previous, section), key), getattr(getattr(fresh, section), key)
+            if old != new and key not in ("source", "path", "images"):
+                if overrides.setdefault(section, {}).get(key) is None:  # not given as a flag
+                    overrides[section][key] = new
+                    notes.append(f"{section}.{key} reset from {old!r} to {new!r}")
+    cfg = resolve(overrides)
+    if notes:
+        console.print("note: another dataset: " + "; ".join(notes))
+    run_stages(cfg, ["ingest"], force)
 
 
 def _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction=None) -> dict:
@@ -36,29 +59,40 @@ def _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, 
     }
 
 
-Seed = Annotated[Optional[int], typer.Option(help="Seed of the random splits.")]
-ValFraction = Annotated[Optional[float], typer.Option(help="Fraction of train held out for validation.")]
-ShortSide = Annotated[Optional[int], typer.Option(help="Re-encode images to this shorter side (px).")]
-KeepOriginal = Annotated[
-    Optional[bool], typer.Option("--keep-original/--reencode", help="Store the original bytes.")
+def _opt(*decls: str, help: str, default: str, metavar: str | None = None, **kw):
+    """An ingest option: its default is the built-in one (ingest starts afresh)."""
+    shown = str(getattr(Config().ingest, default.split(".")[1]))
+    return typer.Option(*decls, help=help, show_default=shown, metavar=metavar, **kw)
+
+
+Seed = Annotated[Optional[int], _opt(metavar="N", default="ingest.seed", help="Seed of the random splits.")]
+ValFraction = Annotated[Optional[float], _opt(metavar="F", default="ingest.val_fraction", help="Fraction of train held out for validation, in [0, 1).")]
+TestFraction = Annotated[
+    Optional[float], _opt(metavar="F", default="ingest.test_fraction", help="Fraction of images for the test split when the source has none, in [0, 1).")
 ]
-Workers = Annotated[Optional[int], typer.Option(help="Encoding processes (0 = one per core).")]
-Strict = Annotated[Optional[bool], typer.Option("--strict/--lenient", help="A bad image is an error, not a skip.")]
+ShortSide = Annotated[Optional[int], _opt(metavar="PX", default="ingest.short_side", help="Re-encode images to this shorter side (0 = keep the size).")]
+KeepOriginal = Annotated[
+    Optional[bool], _opt("--keep-original/--reencode", default="ingest.keep_original", help="Store the original bytes.")
+]
+Workers = Annotated[Optional[int], _opt(metavar="N", default="ingest.workers", help="Encoding processes (0 = one per core).")]
+Strict = Annotated[Optional[bool], _opt("--strict/--lenient", default="ingest.strict", help="A bad image is an error, not a skip.")]
 
 
 @ingest_app.command("demo")
 def ingest_demo(
-    images: Annotated[Optional[int], typer.Option("--images", help="Number of images.")] = None,
-    classes: Annotated[Optional[int], typer.Option("--classes", help="Number of classes (2-12).")] = None,
+    images: Annotated[Optional[int], typer.Option("--images", metavar="N", show_default="2000", help="Number of images.")] = None,
+    classes: Annotated[Optional[int], typer.Option("--classes", metavar="N", show_default="10", help="Number of classes (2-12).")] = None,
     seed: Seed = None,
     val_fraction: ValFraction = None,
     workers: Workers = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Generate the built-in procedural demo set (seconds; no download).
 
     Example: retdmctl ingest demo --images 2000 --classes 10
     """
+    set_workdir(workdir)
     opts = _split_opts(seed, val_fraction, None, None, workers, None)
     opts.update({"demo_images": images, "demo_classes": classes})
     _ingest("demo", "", "", opts, force)
@@ -74,11 +108,13 @@ def ingest_scene(
     workers: Workers = None,
     strict: Strict = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Read the MIML natural-scene set with the reference 80/20 split.
 
     Example: retdmctl ingest scene ../shared/data/scene --seed 0
     """
+    set_workdir(workdir)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, 0.2)
     _ingest("scene", str(path.resolve()), "", opts, force)
 
@@ -89,21 +125,23 @@ def ingest_csv(
     images: Annotated[Path, typer.Option("--images", help="Folder the paths are relative to.", exists=True, file_okay=False)],
     classes: Annotated[
         Optional[str],
-        typer.Option(help="The allowed labels, comma-separated, in this order; any other label is an error."),
+        typer.Option(metavar="A,B,...", help="The allowed labels, comma-separated, in this order; any other label is an error.  [default: every label found, sorted]"),
     ] = None,
     seed: Seed = None,
-    test_fraction: Annotated[Optional[float], typer.Option(help="Fraction of images for the test split.")] = None,
+    test_fraction: TestFraction = None,
     val_fraction: ValFraction = None,
     short_side: ShortSide = None,
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Read your own images and a label CSV (random test split).
 
     Example: retdmctl ingest csv labels.csv --images photos/ --classes cat,dog,car
     """
+    set_workdir(workdir)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts["classes"] = classes
     _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force)
@@ -157,11 +195,13 @@ def ingest_coco(
     workers: Workers = None,
     strict: Strict = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Read MS-COCO instances_*.json files: 80 classes, train* -> train, val* -> test.
 
     Example: retdmctl ingest coco coco/annotations/instances_train2017.json coco/annotations/instances_val2017.json
     """
+    set_workdir(workdir)
     from retdmctl.data.readers.coco import default_image_dir
     from stages.ingest import join_list
 
@@ -186,7 +226,7 @@ def ingest_voc(
     ],
     year: Annotated[
         Optional[list[str]],
-        typer.Option("--year", help="Use this year's folder, e.g. 2007 (repeatable; default: every one found)."),
+        typer.Option("--year", metavar="YEAR", help="Use this year's folder, e.g. 2007 (repeatable; default: every one found)."),
     ] = None,
     difficult: Annotated[
         Optional[Difficult],
@@ -200,11 +240,13 @@ def ingest_voc(
     workers: Workers = None,
     strict: Strict = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Read PASCAL VOC 2007/2012: 20 classes, trainval -> train, test -> test.
 
     Example: retdmctl ingest voc VOCdevkit --year 2007
     """
+    set_workdir(workdir)
     from stages.ingest import join_list
 
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)
@@ -234,18 +276,20 @@ def ingest_mirflickr(
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,
-    test_fraction: Annotated[Optional[float], typer.Option(help="Fraction of images for the test split.")] = 0.2,
+    test_fraction: TestFraction = None,
     val_fraction: ValFraction = None,
     short_side: ShortSide = None,
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Read MIRFLICKR-25K: 24 labels (the *_r1 files are ignored), seeded 80/20 split.
 
     Example: retdmctl ingest mirflickr ~/data/mirflickr25k --seed 0
     """
+    set_workdir(workdir)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(_format_opts(keep_empty))
     _ingest("mirflickr", str(path.resolve()), str(images.resolve()) if images else "", opts, force)
@@ -273,11 +317,13 @@ def ingest_nuswide(
     workers: Workers = None,
     strict: Strict = None,
     force: Force = False,
+    workdir: Workdir = None,
 ) -> None:
     """Read NUS-WIDE: 81 concepts, the official train/test split; missing images are counted.
 
     Example: retdmctl ingest nuswide ~/data/NUS-WIDE --images ~/data/NUS-WIDE/Flickr
     """
+    set_workdir(workdir)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)
     opts.update(_format_opts(keep_empty))
     _ingest("nuswide", str(path.resolve()), str(images.resolve()) if images else "", opts, force)

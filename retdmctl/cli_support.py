@@ -1,25 +1,44 @@
-"""What the CLI modules share: the error-catching group, the config resolution that
-saves flags into retdm.toml, and running stages by name."""
+"""What the CLI modules share: the error-catching group, option helpers, the config
+resolution, and running stages under the workspace lock."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from retdmctl.config import Config, parse_set
+from retdmctl.config import Config, parse_set, validate
 from retdmctl.errors import RetdmError
 from retdmctl.workspace import Workspace
 
 console = Console(highlight=False)
 
+# The order `retdmctl --help` lists commands in: the pipeline's, then the tools.
+COMMAND_ORDER = ("ingest", "knn", "train", "eval", "run", "status", "quickstart", "predict", "export")
+
+
+def _os_error_message(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device{where}; the previous artifacts are unchanged, free some space and run the command again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where} (is the workspace read-only?)"
+    return f"{exc.strerror or exc}{where}"
+
 
 class ErrorCatchingGroup(TyperGroup):
-    """Turns every RetdmError into ``error: <message>`` on stderr and exit code 1."""
+    """Turns every RetdmError (and an OS error such as a full disk or a read-only
+    folder) into ``error: <message>`` on stderr and exit code 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = list(self.commands)
+        return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
 
     def invoke(self, ctx):
         try:
@@ -30,6 +49,9 @@ class ErrorCatchingGroup(TyperGroup):
         except typer.BadParameter as exc:  # e.g. a path that does not exist: one line, exit 1
             typer.echo(f"error: {exc.format_message()}", err=True)
             raise typer.Exit(1) from None
+        except OSError as exc:
+            typer.echo(f"error: {_os_error_message(exc)}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
@@ -37,43 +59,70 @@ class ErrorCatchingGroup(TyperGroup):
 
 class State:
     workdir: Path = Path("retdm-work")
+    workdir_given: bool = False
     config: Path | None = None
 
 
 STATE = State()
 
 
+def set_workdir(workdir: Path | None) -> None:
+    """``-w/--workdir`` given after the subcommand wins over the one before it."""
+    if workdir is not None:
+        STATE.workdir, STATE.workdir_given = workdir, True
+
+
 def workspace() -> Workspace:
     return Workspace(STATE.workdir.resolve())
 
 
-def configure(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> tuple[Workspace, Config]:
-    """Resolve the config: retdm.toml < --config < --set < flags."""
+def read_workspace() -> Workspace:
+    """The workspace, for a command that only reads it: it must exist."""
     ws = workspace()
+    if not ws.root.is_dir():
+        raise RetdmError(f"workspace {ws.root} does not exist: run `retdmctl ingest <format> PATH` first")
+    return ws
+
+
+def resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> Config:
+    """The config: retdm.toml < --config < --set < flags (None = not given), validated."""
     merged = parse_set(sets or [])
     for section, values in overrides.items():
         merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return ws, ws.load_config(STATE.config, merged)
+    cfg = workspace().load_config(STATE.config, merged)
+    validate(cfg)
+    return cfg
 
 
-def run_stages(ws: Workspace, cfg: Config, names: list[str], force: bool) -> None:
-    """Check the config against every named stage, save it to retdm.toml (so that a later
-    ``retdmctl run`` uses the same values), then run the stages in order. A rejected
-    value is never saved."""
-    from retdmctl.errors import ConfigError
-    from retdmctl.pipeline import Context, run_stage
+def run_stages(cfg: Config, names: list[str], force: bool, *, persist: bool = True, with_upstream: bool = True) -> Workspace:
+    """Run the named stages (and, first, every stage they read from that is not up to
+    date) under the workspace lock. The resolved config is saved to retdm.toml only
+    after every stage succeeded (``persist``), so a rejected or failed command leaves it
+    as it was."""
+    from retdmctl.lock import workspace_lock
+    from retdmctl.pipeline import Context, run_stage, upstream
     from stages import BY_NAME, PIPELINE
 
+    ws = workspace()
     for name in names:
         reason = BY_NAME[name].blocked(cfg)
         if reason and name != "ingest":  # ingest's only block is "no dataset yet"
-            raise ConfigError(reason)
-    ws.save_config(cfg)
-    ctx = Context(ws, cfg, console, force=force)
+            raise RetdmError(reason)
+    todo: list[str] = []
     for name in names:
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+        before = [s.name for s in upstream(BY_NAME[name], ws, cfg, PIPELINE)] if with_upstream else []
+        todo += [n for n in before + [name] if n not in todo]
+    todo = [s.name for s in PIPELINE if s.name in todo]
+    with workspace_lock(ws.root):
+        ctx = Context(ws, cfg, console, force=False)
+        for name in todo:
+            ctx.force = force and name in names
+            run_stage(ctx, BY_NAME[name], PIPELINE)
+        if persist:
+            ws.save_config(cfg)
     if "eval" in names:
         print_metrics(ws)
+    return ws
 
 
 def print_metrics(ws: Workspace) -> None:
@@ -84,7 +133,28 @@ def print_metrics(ws: Workspace) -> None:
     console.print(metrics_table(result["metrics"], title))
 
 
+def default_of(name: str) -> str:
+    """The built-in default of ``section.key``, for help texts."""
+    section, key = name.split(".")
+    return str(getattr(getattr(Config(), section), key))
+
+
+def option(*decls: str, help: str, default: str | None = None, metavar: str | None = None, **kw) -> Any:
+    """A typer.Option whose help shows where its default comes from. Options default to
+    None (= not given, keep retdm.toml's value); ``default`` names the config key."""
+    shown: str | bool = False
+    if default is not None:
+        shown = f"{default_of(default)}, or {default} in retdm.toml"
+    return typer.Option(*decls, help=help, show_default=shown, metavar=metavar, **kw)
+
+
 Force = Annotated[bool, typer.Option("--force", help="Run even when up to date.")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Any option as SECTION.KEY=VALUE (repeatable).")]
-
-
+Sets = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Any config option, e.g. --set knn.k=5 (repeatable)."),
+]
+Workdir = Annotated[
+    Optional[Path],
+    typer.Option("--workdir", "-w", metavar="DIR", file_okay=False, show_default=False,
+                 help="Where artifacts live (also accepted before the command).  [default: ./retdm-work or $RETDM_WORKDIR]"),
+]

@@ -139,18 +139,10 @@ class Config:
 
 
 def config_hash(sections: dict[str, dict[str, Any]]) -> str:
-    """A short hash of the values that differ from the defaults.
-
-    Leaving defaults out means that a later version that adds an option (at a default
-    that keeps the old behaviour) does not invalidate every finished stage. A changed
-    default cannot slip through either: ``retdm.toml`` records every value explicitly.
-    """
-    defaults = Config().to_dict()
-    changed = {
-        name: {k: v for k, v in entries.items() if defaults.get(name, {}).get(k, object()) != v}
-        for name, entries in sections.items()
-    }
-    blob = json.dumps(changed, sort_keys=True, separators=(",", ":"))
+    """A short hash of every value of the given sections, defaults included: a default
+    that changes between versions changes the hash too, so a stage never passes as up to
+    date for values it did not run with."""
+    blob = json.dumps(sections, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -221,18 +213,85 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def dump_toml(cfg: Config) -> str:
-    lines = ["# retdmctl resolved configuration: edit it, or override with flags.", ""]
-    for section, entries in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in entries.items()]
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML (written by tomli-w: any label or path round-trips)."""
+    import tomli_w
+
+    header = "# retdmctl resolved configuration: edit it, or override with flags.\n\n"
+    return header + tomli_w.dumps(cfg.to_dict())
+
+
+# --- validation ----------------------------------------------------------------------
+# Every value is checked before a command runs or saves anything; the message names the
+# option and the allowed range.
+def _at_least(lo: float) -> Any:
+    return lambda v: None if v >= lo else f"must be >= {lo:g}"
+
+
+def _open_unit(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _unit_right_open(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _one_of(*choices: str) -> Any:
+    return lambda v: None if v in choices else "must be one of " + ", ".join(choices)
+
+
+_RULES: dict[str, Any] = {
+    "ingest.test_fraction": _unit_right_open,
+    "ingest.val_fraction": _unit_right_open,
+    "ingest.short_side": _at_least(0),
+    "ingest.jpeg_quality": lambda v: None if 1 <= v <= 100 else "must be in [1, 100]",
+    "ingest.workers": _at_least(0),
+    "ingest.demo_images": _at_least(10),
+    "ingest.demo_classes": lambda v: None if 2 <= v <= 12 else "must be in [2, 12]",
+    "ingest.voc_difficult": _one_of("positive", "ignore"),
+    "knn.k": _at_least(1),
+    "model.image_size": _at_least(1),
+    "model.embed_dim": _at_least(1),
+    "model.dropout": _unit_right_open,
+    "model.batch_size": _at_least(1),
+    "model.backbone_lr_mult": _at_least(0),
+    "loss.alpha": _at_least(0),
+    "loss.beta": _at_least(0),
+    "loss.lam": _at_least(0),
+    "loss.margin": _at_least(0),
+    "metric.batch_size": _at_least(1),
+    "joint.way2": _one_of("bank", "forward"),
+    "eval.checkpoint": _one_of("classifier", "joint"),
+    "eval.split": _one_of("train", "val", "test"),
+    "eval.threshold": _open_unit,
+    "eval.report": _one_of("html", "none"),
+    "runtime.device": _one_of("auto", "cpu", "cuda"),
+    "runtime.workers": _at_least(0),
+}
+for _stage in ("classifier", "metric", "joint"):
+    _RULES.update(
+        {
+            f"{_stage}.epochs": _at_least(1),
+            f"{_stage}.lr": _positive,
+            f"{_stage}.momentum": _unit_right_open,
+            f"{_stage}.weight_decay": _at_least(0),
+            f"{_stage}.patience": _at_least(0),
+        }
+    )
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value outside its allowed range or choices."""
+    from retdmctl.models.backbones import get_backbone_spec
+
+    for name, rule in _RULES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        problem = rule(value)
+        if problem:
+            raise ConfigError(f"{name} {problem}, got {value!r}")
+    get_backbone_spec(cfg.model.backbone)  # BackboneError names the known ones

@@ -23,3 +23,11 @@ class StageNotReadyError(RetdmError):
 
 class BackboneError(RetdmError):
     """An unknown backbone name or missing pretrained weights."""
+
+
+class WorkspaceBusyError(RetdmError):
+    """Another process is writing the same workspace."""
+
+
+class CheckpointError(RetdmError):
+    """A checkpoint is unreadable or does not fit the model it is loaded into."""

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from retdmctl.config import Config, config_hash
 from retdmctl.errors import StageNotReadyError
-from retdmctl.workspace import Workspace, now_iso, remove_stale_tmp
+from retdmctl.atomic import remove_stale_tmp, transaction
+from retdmctl.workspace import Workspace, now_iso
 
 
 @dataclass
@@ -89,24 +90,51 @@ def producer_of(path: Path, ws: Workspace, cfg: Config, stages: list[Stage]) -> 
     return None
 
 
+def upstream(stage: Stage, ws: Workspace, cfg: Config, stages: list[Stage]) -> list[Stage]:
+    """Every stage whose outputs ``stage`` reads, directly or not, in pipeline order."""
+    needed: set[str] = set()
+    todo = [stage]
+    while todo:
+        current = todo.pop()
+        for path in current.inputs(ws, cfg):
+            producer = producer_of(path, ws, cfg, stages)
+            if producer is not None and producer.name not in needed:
+                needed.add(producer.name)
+                todo.append(producer)
+    return [s for s in stages if s.name in needed]
+
+
 def check_ready(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage]) -> None:
-    """Raise StageNotReadyError unless every input exists and was completely produced."""
+    """Raise StageNotReadyError unless every input exists, was completely produced, and
+    its producer is up to date: a stage never reads a stale or missing input."""
     reason = stage.blocked(cfg)
     if reason:
         raise StageNotReadyError(reason)
+    checked: set[str] = set()
     for path in stage.inputs(ws, cfg):
         producer = producer_of(path, ws, cfg, stages)
         hint = f": run `{producer.command}` first" if producer else ""
         if not path.exists():
             raise StageNotReadyError(f"{ws.rel(path)} does not exist yet{hint}")
-        if producer is not None:
-            manifest = ws.read_manifest(producer.name)
-            if manifest is None or manifest["outputs"].get(ws.rel(path)) != ws.fingerprint(path):
-                raise StageNotReadyError(f"{ws.rel(path)} is incomplete or was changed by hand{hint}")
+        if producer is None:
+            continue
+        manifest = ws.read_manifest(producer.name)
+        if manifest is None or manifest["outputs"].get(ws.rel(path)) != ws.fingerprint(path):
+            raise StageNotReadyError(f"{ws.rel(path)} is incomplete or was changed by hand{hint}")
+        if producer.name not in checked:
+            checked.add(producer.name)
+            st = status(ws, cfg, producer)
+            if st.state != "done":
+                raise StageNotReadyError(f"{ws.rel(path)} is out of date ({producer.name}: {st.reason}){hint}")
 
 
 def run_stage(ctx: Context, stage: Stage, stages: list[Stage]) -> bool:
-    """Run ``stage`` unless it is up to date. Returns True when it ran."""
+    """Run ``stage`` unless it is up to date. Returns True when it ran.
+
+    The stage's outputs are staged and renamed into place together once it has
+    succeeded, and only then is its manifest written: a stage that fails or is killed
+    leaves the previous artifacts and the previous manifest as they were.
+    """
     ws, cfg = ctx.ws, ctx.cfg
     check_ready(ws, cfg, stage, stages)
     st = status(ws, cfg, stage)
@@ -116,12 +144,11 @@ def run_stage(ctx: Context, stage: Stage, stages: list[Stage]) -> bool:
     why = "forced" if ctx.force and st.state == "done" else st.reason
     ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({why})")
     inputs = input_fingerprints(ws, cfg, stage)
-    # An interrupted run must not leave a manifest that vouches for old outputs.
-    ws.drop_manifest(stage.name)
     for path in stage.outputs(ws, cfg):
         remove_stale_tmp(path)
     started = time.perf_counter()
-    summary = stage.run(ctx)
+    with transaction():
+        summary = stage.run(ctx)
     duration = time.perf_counter() - started
     ws.write_manifest(
         stage.name,

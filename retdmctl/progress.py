@@ -18,7 +18,8 @@ from rich.progress import (
 T = TypeVar("T")
 
 
-def make_progress() -> Progress:
+def make_progress(*, transient: bool = True, console=None) -> Progress:
+    """Bars vanish when done (``transient``): logs keep the lines printed beside them."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -27,7 +28,8 @@ def make_progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=bool(os.environ.get("RETDM_NO_PROGRESS")),
-        transient=False,
+        transient=transient,
+        console=console,
     )
 
 

@@ -9,11 +9,9 @@ names, sizes and mtimes instead of their content.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from retdmctl import __version__
+from retdmctl.atomic import (  # noqa: F401  (re-exported: the stages import them from here)
+    atomic_path,
+    remove,
+    remove_stale_tmp,
+    tmp_name,
+    write_text_atomic,
+)
 from retdmctl.config import Config, apply, dump_toml, load_toml
 
 # Files that change without their content changing (LMDB's reader lock table).
@@ -56,6 +61,11 @@ class Workspace:
         return self.root / ".retdm" / "manifests"
 
     @property
+    def cache_dir(self) -> Path:
+        """Content-addressed caches (backbone features): never replaced, only added."""
+        return self.root / ".retdm" / "cache"
+
+    @property
     def state_file(self) -> Path:
         return self.root / ".retdm" / "state.json"
 
@@ -78,7 +88,7 @@ class Workspace:
 
     def save_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.params_file, dump_toml(cfg))
+        write_text_atomic(self.params_file, dump_toml(cfg), defer=False)
 
     # --- manifests ----------------------------------------------------------
     def manifest_path(self, stage: str) -> Path:
@@ -93,7 +103,7 @@ class Workspace:
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         self.manifests.mkdir(parents=True, exist_ok=True)
         manifest = {"stage": stage, "version": __version__, **manifest}
-        write_text_atomic(self.manifest_path(stage), json.dumps(manifest, indent=2, sort_keys=True))
+        write_text_atomic(self.manifest_path(stage), json.dumps(manifest, indent=2, sort_keys=True), defer=False)
 
     def drop_manifest(self, stage: str) -> None:
         self.manifest_path(stage).unlink(missing_ok=True)
@@ -129,7 +139,7 @@ def _walk(root: Path) -> Iterator[Path]:
 
 
 class _State:
-    """Cache of content hashes keyed by path, valid while (size, mtime_ns) match."""
+    """Cache of content hashes keyed by path, valid while (size, mtime_ns, inode) match."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -143,64 +153,27 @@ class _State:
         st = path.stat()
         key = str(path.resolve())
         hit = self.entries.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        # The inode too: an atomic replace makes a new file even within one mtime tick.
+        if hit and hit[:2] == [st.st_size, st.st_mtime_ns] and hit[3:] == [st.st_ino]:
             return hit[2]
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
         value = "sha256:" + digest.hexdigest()
-        self.entries[key] = [st.st_size, st.st_mtime_ns, value]
+        self.entries[key] = [st.st_size, st.st_mtime_ns, value, st.st_ino]
         self.dirty = True
         return value
 
     def save(self) -> None:
+        """Best effort: the cache only saves time, and a reader (``status``) of a
+        read-only workspace must still work."""
         if self.dirty:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, json.dumps(self.entries))
-
-
-# --- atomic writes ----------------------------------------------------------
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` on success.
-
-    On any exception (Ctrl-C included) the temporary file or folder is removed, so a
-    reader never sees a half-written artifact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    remove(tmp)
-    try:
-        yield tmp
-        if path.is_dir() and tmp.is_dir():
-            remove(path)
-        os.replace(tmp, path)
-    except BaseException:
-        remove(tmp)
-        raise
-
-
-def remove_stale_tmp(path: Path) -> None:
-    """Remove what a killed writer of ``path`` left behind (kill -9 skips cleanup)."""
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-        remove(leftover)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.path, json.dumps(self.entries), defer=False)
+            except OSError:
+                pass
 
 
 def now_iso() -> str:

@@ -24,11 +24,13 @@ from retdmctl.metrics import (
 from retdmctl.pipeline import Context, Stage
 from retdmctl.report.html import render_report
 from retdmctl.training.common import (
-    backbone_cache_path,
     backbone_problem,
     build_model,
     image_source,
+    model_inputs,
     predict_scores,
+    require_splits,
+    restore_image_model,
 )
 from retdmctl.training.runtime import (
     load_checkpoint,
@@ -72,11 +74,12 @@ def run(ctx: Context) -> dict:
     ckpt_path = ws.stage_dir(e.checkpoint) / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path)
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    model.load_state_dict(ckpt["model"], strict=False)
+    backbone_from = restore_image_model(model, ckpt, cfg, ws.rel(ckpt_path))
     prepare_model(model, device)
 
+    require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
-    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec), rows, device)
+    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device)
     metrics = compute_metrics(labels, scores, threshold=e.threshold)
     ap = per_class_average_precision(labels, scores)
 
@@ -98,6 +101,7 @@ def run(ctx: Context) -> dict:
         "images": int(len(rows)),
         "threshold": e.threshold,
         "config": cfg.sections(STAGE.sections),
+        "backbone_from": backbone_from,
         "version": __version__,
         "created": now_iso(),
     }
@@ -134,8 +138,7 @@ def run(ctx: Context) -> dict:
 
 
 def _inputs(ws, cfg: Config) -> list:
-    paths = [ws.dataset, ws.stage_dir(cfg.eval.checkpoint) / "checkpoint.pt"]
-    return paths + ([backbone_cache_path(ws)] if cfg.model.frozen_backbone else [ws.lmdb])
+    return [ws.dataset, ws.stage_dir(cfg.eval.checkpoint) / "checkpoint.pt"] + model_inputs(ws, cfg)
 
 
 def _outputs(ws, cfg: Config) -> list:
@@ -146,7 +149,7 @@ def _outputs(ws, cfg: Config) -> list:
 STAGE = Stage(
     name="eval",
     command="retdmctl eval",
-    sections=("eval",),
+    sections=("model", "eval"),
     inputs=_inputs,
     outputs=_outputs,
     run=run,

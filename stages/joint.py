@@ -19,13 +19,15 @@ from retdmctl.losses.retdm import classification_loss, total_loss
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     MetricSampler,
-    backbone_cache_path,
     backbone_problem,
     begin_training,
     build_model,
     finish_training,
     image_source,
+    load_parts,
     metric_and_rec,
+    model_inputs,
+    restore_image_model,
     val_bce_and_map,
 )
 from retdmctl.training.loop import fit
@@ -51,14 +53,16 @@ def run(ctx: Context) -> dict:
     device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
     graph = read_graph(ws.knn)
 
-    # Start from stage 1 (phi, W_c) and stage 2 (psi, W_r).
-    model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    model.load_state_dict(load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], strict=False)
-    metric_state = load_checkpoint(ws.stage_dir("metric") / "checkpoint.pt")["model"]
-    model.load_state_dict({k: v for k, v in metric_state.items() if k.startswith(("label_net.", "rec_head."))}, strict=False)
+    # Start from stage 1 (phi, W_c) and stage 2 (psi, W_r), every key loaded strictly.
+    model, spec = build_model(cfg, info.num_classes, pretrained=False, seed=cfg.joint.seed)
+    clf_path, metric_path = ws.stage_dir("classifier") / "checkpoint.pt", ws.stage_dir("metric") / "checkpoint.pt"
+    classifier = load_checkpoint(clf_path)
+    backbone_from = restore_image_model(model, classifier, cfg, ws.rel(clf_path))
+    load_parts(model, load_checkpoint(metric_path)["model"], ("label_net", "rec_head"), ws.rel(metric_path))
+    ctx.console.print(f"joint: backbone weights {backbone_from}")
     prepare_model(model, device)
 
-    source = image_source(ws, cfg, info, spec)
+    source = image_source(ws, cfg, info, spec, device, ctx.console)
     bank = torch.from_numpy(read_features(ws.stage_dir("classifier") / "features.h5")).to(device)
     cached = source.features.to(device) if cfg.joint.way2 == "forward" else None
     train_rows, val_rows = info.split("train"), info.split("val")
@@ -101,14 +105,16 @@ def run(ctx: Context) -> dict:
         "backbone": spec.name,
         "feature_dim": spec.out_dim,
         "frozen_backbone": cfg.model.frozen_backbone,
+        "backbone_from": backbone_from,
     }
-    return finish_training(stage_dir, state, history)
+    summary = finish_training(stage_dir, state, history)
+    return {**summary, "backbone_from": backbone_from}
 
 
 def _inputs(ws, cfg) -> list:
     clf = ws.stage_dir("classifier")
     paths = [ws.dataset, ws.knn, clf / "checkpoint.pt", clf / "features.h5", ws.stage_dir("metric") / "checkpoint.pt"]
-    return paths + ([backbone_cache_path(ws)] if cfg.model.frozen_backbone else [ws.lmdb])
+    return paths + model_inputs(ws, cfg)
 
 
 STAGE = Stage(

@@ -17,12 +17,11 @@ from retdmctl.training.common import (
     MetricSampler,
     begin_training,
     finish_training,
+    load_state,
     metric_and_rec,
 )
 from retdmctl.training.loop import fit
-from retdmctl.training.runtime import (
-    load_checkpoint,
-)
+from retdmctl.training.runtime import derive_seed, load_checkpoint
 from retdmctl.training.sources import CachedSource, read_features
 
 
@@ -32,9 +31,15 @@ def run(ctx: Context) -> dict:
     graph = read_graph(ws.knn)
 
     # The classifier's checkpoint gives phi's head and W_c (kept as they are) and shapes.
-    clf = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
-    model = RETDM(info.num_classes, clf["feature_dim"], cfg.model.embed_dim, cfg.model.dropout)
-    model.load_state_dict(clf["model"], strict=False)  # the backbone, if any, is not needed
+    # This stage never runs the CNN: a fine-tuned backbone in the checkpoint is left out
+    # on purpose, and everything else must fit exactly.
+    clf_path = ws.stage_dir("classifier") / "checkpoint.pt"
+    clf = load_checkpoint(clf_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.metric.seed, "init"))
+        model = RETDM(info.num_classes, clf["feature_dim"], cfg.model.embed_dim, cfg.model.dropout)
+    heads = {k: v for k, v in clf["model"].items() if not k.startswith("backbone.")}
+    load_state(model, heads, ws.rel(clf_path))
     model.to(device)
 
     features = read_features(ws.stage_dir("classifier") / "features.h5")

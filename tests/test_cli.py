@@ -26,20 +26,17 @@ def test_every_command_help_has_an_example():
         assert "Example: retdmctl" in result.output, cmd
 
 
-def test_stage_before_its_inputs_names_the_command_to_run_first(tmp_path):
-    result = invoke("--workdir", str(tmp_path), "knn")
-    assert result.exit_code == 1
-    assert result.output == "error: data/dataset.h5 does not exist yet: run `retdmctl ingest <format> PATH` first\n"
-    result = invoke("--workdir", str(tmp_path), "run")
-    assert result.exit_code == 1
-    assert result.output == (
-        "error: no dataset yet: run `retdmctl ingest <format> PATH` first "
-        "(formats: demo, scene, csv, coco, voc, mirflickr, nuswide)\n"
-    )
-    (tmp_path / "retdm.toml").write_text('[ingest]\nsource = "demo"\n')
-    result = invoke("--workdir", str(tmp_path), "train", "--stage", "metric")
-    assert result.exit_code == 1
-    assert result.output == "error: data/dataset.h5 does not exist yet: run `retdmctl ingest <format> PATH` first\n"
+NO_DATASET = (
+    "error: no dataset yet: run `retdmctl ingest <format> PATH` first "
+    "(formats: demo, scene, csv, coco, voc, mirflickr, nuswide)\n"
+)
+
+
+def test_a_stage_without_a_dataset_names_the_command_to_run_first(tmp_path):
+    for command in (["knn"], ["run"], ["train", "--stage", "metric"], ["eval"]):
+        result = invoke("--workdir", str(tmp_path), *command)
+        assert (result.exit_code, result.output) == (1, NO_DATASET), command
+    assert not (tmp_path / "retdm.toml").exists()
 
 
 def test_missing_path_is_a_one_line_error(tmp_path):

@@ -55,10 +55,54 @@ def test_config_hash_changes_with_any_value():
     assert config_hash(a.sections(("model",))) == config_hash(b.sections(("model",)))
 
 
-def test_config_hash_ignores_options_at_their_default():
-    # a stage finished before an option existed stays up to date once it is added
+def test_config_hash_covers_defaults_too():
+    # a default that changes between versions must not let a stage pass as up to date
     full = Config().sections(("ingest",))
+    changed_default = {"ingest": {**full["ingest"], "short_side": 320}}
+    assert config_hash(changed_default) != config_hash(full)
     older = {"ingest": {k: v for k, v in full["ingest"].items() if k != "classes"}}
-    assert config_hash(older) == config_hash(full)
-    full["ingest"]["classes"] = "cat,dog"
     assert config_hash(older) != config_hash(full)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("model.image_size=0", "model.image_size must be >= 1, got 0"),
+        ("model.batch_size=-3", "model.batch_size must be >= 1, got -3"),
+        ("classifier.epochs=0", "classifier.epochs must be >= 1, got 0"),
+        ("joint.epochs=0", "joint.epochs must be >= 1, got 0"),
+        ("knn.k=0", "knn.k must be >= 1, got 0"),
+        ("eval.threshold=1", "eval.threshold must be in (0, 1), got 1.0"),
+        ("eval.threshold=0", "eval.threshold must be in (0, 1), got 0.0"),
+        ("loss.alpha=-5", "loss.alpha must be >= 0, got -5.0"),
+        ("loss.beta=-0.1", "loss.beta must be >= 0, got -0.1"),
+        ("loss.lam=-1", "loss.lam must be >= 0, got -1.0"),
+        ("classifier.lr=0", "classifier.lr must be > 0, got 0.0"),
+        ("ingest.val_fraction=1.5", "ingest.val_fraction must be in [0, 1), got 1.5"),
+        ("eval.checkpoint=metric", "eval.checkpoint must be one of classifier, joint, got 'metric'"),
+        ("runtime.device=tpu", "runtime.device must be one of auto, cpu, cuda, got 'tpu'"),
+        ("joint.way2=cache", "joint.way2 must be one of bank, forward, got 'cache'"),
+        ("model.backbone=alexnet", "unknown backbone 'alexnet'; known: efficientnet_lite0, resnet50, tiny_cnn, vgg16"),
+    ],
+)
+def test_every_value_is_validated_with_its_allowed_range(setting, message):
+    from retdmctl.config import validate
+    from retdmctl.errors import RetdmError
+
+    cfg = Config()
+    apply(cfg, parse_set([setting]), "command line")
+    with pytest.raises(RetdmError) as info:
+        validate(cfg)
+    assert str(info.value) == message
+    validate(Config())  # the defaults are valid
+
+
+def test_toml_round_trips_non_ascii_and_astral_names(tmp_path):
+    cfg = Config()
+    cfg.ingest.classes = 'chat,café,日本,"quoted",back\\slash,🐈,𝔘𝔫𝔦'
+    cfg.ingest.path = "/données/ダタ/🐈.csv"
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(cfg), encoding="utf-8")
+    again = Config()
+    apply(again, load_toml(path), str(path))
+    assert again == cfg

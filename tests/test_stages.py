@@ -154,8 +154,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
 
     real_save = loop.save_checkpoint
 
-    def save_then_die(path, state):
-        real_save(path, state)
+    def save_then_die(path, state, **kw):
+        real_save(path, state, **kw)
         if state["epoch"] == cut:
             raise KeyboardInterrupt  # as if Ctrl-C arrived right after this epoch
 
@@ -189,12 +189,18 @@ def test_frozen_backbone_mode_caches_features_once(tmp_path):
     cfg.joint.way2 = "forward"
     ran = run_all(ws, cfg)
     assert ran == dict.fromkeys(NAMES, True)
-    cache = ws.stage_dir("classifier") / "backbone.h5"
+    from retdmctl.training.common import backbone_cache_path
+
+    cache = backbone_cache_path(ws, cfg)
+    assert list((ws.cache_dir / "backbone").iterdir()) == [cache]
     mtime = cache.stat().st_mtime_ns
     cfg.classifier.lr = 0.02  # re-runs the classifier, but the backbone features still fit
     ran = run_all(ws, cfg)
     assert ran == {"ingest": False, "knn": False, "classifier": True, "metric": True, "joint": True, "eval": True}
-    assert cache.stat().st_mtime_ns == mtime
+    assert cache.stat().st_mtime_ns == mtime and backbone_cache_path(ws, cfg) == cache
+    cfg.model.image_size = 48  # other features: a second cache beside the first, never replacing it
+    run_all(ws, cfg)
+    assert cache.stat().st_mtime_ns == mtime and len(list((ws.cache_dir / "backbone").iterdir())) == 2
     ckpt = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")
     assert ckpt["frozen_backbone"] and not any(k.startswith("backbone.") for k in ckpt["model"])
 

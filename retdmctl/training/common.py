@@ -6,12 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import hashlib
+import json
+
 import numpy as np
 import torch
 
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo, read_dataset
-from retdmctl.errors import BackboneError
+from retdmctl.atomic import after_commit
+from retdmctl.errors import BackboneError, CheckpointError, InputError
 from retdmctl.knn import KnnGraph, knn_search
 from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss
 from retdmctl.metrics import compute_metrics
@@ -20,13 +24,21 @@ from retdmctl.models.retdm import RETDM
 from retdmctl.progress import track
 from retdmctl.training.runtime import (
     autocast,
+    derive_seed,
     pick_device,
     save_checkpoint,
     seed_everything,
     set_threads,
     to_device,
 )
-from retdmctl.training.sources import CachedSource, PixelSource, read_features
+from retdmctl.training.sources import (
+    CachedSource,
+    PixelSource,
+    cache_key,
+    extract_backbone_features,
+    read_cache_key,
+    read_features,
+)
 from retdmctl.workspace import Workspace
 
 
@@ -41,46 +53,157 @@ def backbone_problem(cfg: Config) -> str | None:
 
 def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInfo, Path]:
     """Threads, seed, device, the dataset and the stage's folder; ``--force`` discards a
-    resume point so that the stage starts over."""
+    resume point so that the stage starts over. Train and val must not be empty."""
     set_threads()
     seed_everything(seed)
     device = pick_device(ctx.cfg.runtime.device)
+    info = read_dataset(ctx.ws.dataset)
+    require_splits(info, ("train", "val"), ctx.ws)
     stage_dir = ctx.ws.stage_dir(stage)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if ctx.force:
         (stage_dir / "resume.pt").unlink(missing_ok=True)
-    return device, read_dataset(ctx.ws.dataset), stage_dir
+    return device, info, stage_dir
+
+
+def require_splits(info: DatasetInfo, names: tuple[str, ...], ws: Workspace) -> None:
+    """An empty split is an error before any training, not a traceback after it."""
+    for name in names:
+        if len(info.split(name)) == 0:
+            fix = f"; re-ingest with a larger --{name}-fraction" if name in ("val", "test") else ""
+            raise InputError(f"{ws.rel(ws.dataset)}: the {name} split is empty{fix}")
 
 
 def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
-    """Write the stage's checkpoint, drop its resume point, return the stage summary."""
+    """Write the stage's checkpoint; drop its resume point once the checkpoint is in
+    place; return the stage summary."""
     save_checkpoint(stage_dir / "checkpoint.pt", {**state, "history": history})
-    (stage_dir / "resume.pt").unlink(missing_ok=True)
+    after_commit(lambda: (stage_dir / "resume.pt").unlink(missing_ok=True))
     last = history[-1] if history else {}
     return {"epochs": len(history), **{k: last.get(k) for k in ("val_loss", "val_mAP") if k in last}}
 
 
-def backbone_cache_path(ws: Workspace) -> Path:
-    return ws.stage_dir("classifier") / "backbone.h5"
+def backbone_cache_path(ws: Workspace, cfg: Config) -> Path:
+    """Where the frozen backbone's features for this config live: named by the hash of
+    everything they depend on (backbone, weights, input size, the image store), so a
+    cache is never replaced, only added, and never read for another config."""
+    key = cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return ws.cache_dir / "backbone" / f"{cfg.model.backbone}-{digest}.h5"
 
 
-def build_model(cfg: Config, num_classes: int, *, pretrained: bool) -> tuple[RETDM, BackboneSpec]:
-    """The RETDM model for this config: with a backbone, or heads only when frozen."""
+def _weights_fp(ws: Workspace, cfg: Config) -> str | None:
+    return ws.fingerprint(Path(cfg.model.weights_file)) if cfg.model.weights_file else None
+
+
+def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device, console) -> Path:
+    """Extract the frozen backbone's features once; reuse them while their key matches."""
+    m = cfg.model
+    path = backbone_cache_path(ws, cfg)
+    key = cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
+    if read_cache_key(path) == key:
+        console.print(f"reusing cached {m.backbone} features ({ws.rel(path)})")
+        return path
+    weights = Path(m.weights_file) if m.weights_file else None
+    backbone, spec = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
+    pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, cfg.runtime.workers)
+    # Not part of the stage's transaction: the cache is keyed by its content's inputs.
+    extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
+    return path
+
+
+def model_inputs(ws: Workspace, cfg: Config) -> list[Path]:
+    """The files a stage that builds the image model reads besides its checkpoints."""
+    return [ws.lmdb] + ([Path(cfg.model.weights_file)] if cfg.model.weights_file else [])
+
+
+def build_model(cfg: Config, num_classes: int, *, pretrained: bool, seed: int = 0) -> tuple[RETDM, BackboneSpec]:
+    """The RETDM model for this config: with a backbone, or heads only when frozen.
+    Initialised from its own seed, whatever the global RNG went through before."""
     m = cfg.model
     spec = get_backbone_spec(m.backbone)
     backbone = None
-    if not m.frozen_backbone:
-        weights = Path(m.weights_file) if m.weights_file else None
-        backbone, spec = build_backbone(m.backbone, pretrained=pretrained and m.pretrained, weights_file=weights)
-    model = RETDM(num_classes, spec.out_dim, m.embed_dim, m.dropout, backbone=backbone)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init"))
+        if not m.frozen_backbone:
+            weights = Path(m.weights_file) if m.weights_file else None
+            backbone, spec = build_backbone(m.backbone, pretrained=pretrained and m.pretrained, weights_file=weights)
+        model = RETDM(num_classes, spec.out_dim, m.embed_dim, m.dropout, backbone=backbone)
     return model, spec
 
 
-def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSpec):
-    """Pixels from LMDB, or the cached backbone features in frozen-backbone mode."""
+def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSpec, device=None, console=None):
+    """Pixels from LMDB, or the cached backbone features in frozen-backbone mode
+    (extracted first when this config has none yet)."""
     if cfg.model.frozen_backbone:
-        return CachedSource(read_features(backbone_cache_path(ws)), info, cfg.model.batch_size)
+        path = ensure_backbone_cache(ws, cfg, info, device or torch.device("cpu"), console or _QUIET)
+        return CachedSource(read_features(path), info, cfg.model.batch_size)
     return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, cfg.runtime.workers)
+
+
+class _Quiet:
+    def print(self, *args, **kwargs) -> None:
+        pass
+
+
+_QUIET = _Quiet()
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state, strict=True)``, with a one-line CheckpointError
+    that names the missing and unexpected keys."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    mismatched = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+            if keys
+        ]
+        raise CheckpointError(f"{source} does not fit the model; {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def restore_image_model(model: RETDM, ckpt: dict, cfg: Config, source: str) -> str:
+    """Load a classifier/joint checkpoint into ``model`` strictly; returns where the
+    backbone's weights came from.
+
+    A checkpoint of a frozen-backbone run holds no backbone: when ``model`` fine-tunes
+    one, the backbone is the pretrained one the frozen run used (loaded explicitly, and
+    said so). A fine-tuned backbone never goes into a frozen model: its weights would be
+    silently dropped.
+    """
+    state = ckpt["model"]
+    has_backbone = any(k.startswith("backbone.") for k in state)
+    if model.backbone is None:
+        if has_backbone:
+            raise CheckpointError(
+                f"{source} holds a fine-tuned backbone, but model.frozen_backbone = true would "
+                "drop it: use --finetune-backbone"
+            )
+        load_state(model, state, source)
+        return "pretrained (frozen, cached features)"
+    if has_backbone:
+        load_state(model, state, source)
+        return f"from {source}"
+    if not ckpt.get("frozen_backbone"):
+        raise CheckpointError(f"{source} holds no backbone weights")
+    m = cfg.model
+    weights = Path(m.weights_file) if m.weights_file else None
+    pretrained, _ = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
+    backbone = {f"backbone.{k}": v for k, v in pretrained.state_dict().items()}
+    load_state(model, {**state, **backbone}, source)
+    return f"{m.backbone} pretrained weights ({source} was trained on frozen features)"
+
+
+def load_parts(model: torch.nn.Module, state: dict[str, torch.Tensor], parts: tuple[str, ...], source: str) -> None:
+    """Strictly load the submodules ``parts`` of ``model`` from the keys ``part.*`` of
+    ``state`` (the rest of ``state`` is deliberately not used)."""
+    for part in parts:
+        prefix = part + "."
+        load_state(getattr(model, part), {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{source} [{part}]")
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ one batch) and ``validate`` (metrics on the validation split).
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,11 @@ import numpy as np
 import torch
 
 from retdmctl.config import TrainConfig
+from retdmctl.errors import CheckpointError
 from retdmctl.progress import make_progress
 from retdmctl.training.runtime import (
     autocast,
+    derive_seed,
     epoch_rng,
     load_checkpoint,
     restore_rng,
@@ -61,8 +65,8 @@ def fit(
     start_epoch = 1
 
     resume_path = stage_dir / "resume.pt"
-    if resume_path.exists():
-        state = load_checkpoint(resume_path)
+    state = _read_resume_point(resume_path, name, console)
+    if state is not None:
         if state.get("resume_key") == resume_key:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -76,12 +80,17 @@ def fit(
         else:
             resume_path.unlink()  # made with another config or other inputs
 
-    with make_progress() as progress:
+    # Bars are transient; the log keeps one line per epoch.
+    with make_progress(transient=True, console=console) as progress:
         epochs_task = progress.add_task(f"{name} epochs", total=schedule.epochs, completed=start_epoch - 1, info="")
         for epoch in range(start_epoch, schedule.epochs + 1):
             model.train()
             rng = epoch_rng(schedule.seed, epoch)
-            random.seed(int(rng.integers(2**31)))  # crop choice in the main process (workers=0)
+            # Dropout and the crops/flips drawn in the main process (workers=0) take
+            # their own per-epoch seeds: an epoch draws the same numbers whether it runs
+            # in one go, after a resume, or after anything else consumed the global RNG.
+            random.seed(int(rng.integers(2**31)))
+            torch.manual_seed(derive_seed(schedule.seed, "epoch", epoch))
             sums: dict[str, float] = {}
             seen = 0
             batch_task = progress.add_task(f"epoch {epoch}", total=source.num_batches(train_rows), info="")
@@ -106,6 +115,7 @@ def fit(
             record["lr"] = optimizer.param_groups[0]["lr"]
             history.append(record)
             progress.update(epochs_task, advance=1, info=_describe(record))
+            console.print(f"{name} epoch {epoch}/{schedule.epochs}: {_describe(record)}")
             save_checkpoint(
                 resume_path,
                 {
@@ -117,9 +127,23 @@ def fit(
                     "epoch": epoch,
                     "buffers": {name: t.detach().cpu() for name, t in buffers.items()},
                 },
+                defer=False,
             )
-    console.print(f"{name}: " + _describe(history[-1]) if history else f"{name}: no epochs")
     return history
+
+
+def _read_resume_point(path: Path, name: str, console) -> dict | None:
+    """The resume point, or None. A corrupt one is set aside (never deleted: it may be
+    worth a look) and the stage starts over from its last good state, with a warning."""
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        console.print(f"[yellow]warning[/]: {exc}; set aside as {aside.name}, {name} starts over")
+        return None
 
 
 def _describe(record: dict[str, float]) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from retdmctl import __version__
-from retdmctl.errors import ConfigError
+from retdmctl.errors import CheckpointError, ConfigError
 from retdmctl.workspace import atomic_path
 
 
@@ -54,16 +54,36 @@ def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, stream])
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], *, defer: bool = True) -> None:
+    """Write one checkpoint dict atomically (with the stage's other outputs, unless
+    ``defer`` is False: a resume point must survive a kill at once)."""
     state = {**state, "version": __version__, "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, defer=defer) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint dict (tensors and plain data only: ``weights_only=True``).
+    CheckpointError, one line, for a file that is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated, corrupt, or holding pickled objects
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a readable checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def derive_seed(seed: int, *stream: int | str) -> int:
+    """A seed for one consumer (initialisation, an epoch's dropout, ...), independent of
+    what other consumers drew before: results never depend on what was cached."""
+    words = [seed] + [int.from_bytes(s.encode(), "little") % 2**32 if isinstance(s, str) else s for s in stream]
+    return int(np.random.default_rng(words).integers(2**63))
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -42,9 +42,10 @@ class PixelSource:
 
     def _loader(self, rows: np.ndarray, transform, shuffle_seed: int | None) -> DataLoader:
         ds = LmdbImages(self.reader, self.info.ids, self.info.labels, rows, transform)
-        gen = None
-        if shuffle_seed is not None:
-            gen = torch.Generator().manual_seed(shuffle_seed)
+        # Always an explicit generator: a loader without one draws its workers' base
+        # seed from the global RNG, and the training run's numbers would then depend
+        # on whether features had to be extracted first.
+        gen = torch.Generator().manual_seed(shuffle_seed if shuffle_seed is not None else 0)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -91,13 +92,15 @@ class CachedSource:
         return -(-len(rows) // self.batch_size)
 
 
-def cache_key(model_cfg, spec: BackboneSpec, dataset_fp: str | None) -> dict:
+def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: str | None = None) -> dict:
+    """Everything the cached backbone features depend on."""
     return {
         "backbone": spec.name,
         "pretrained": model_cfg.pretrained,
-        "weights_file": model_cfg.weights_file,
+        "weights_file": weights_fp,
         "image_size": model_cfg.image_size,
-        "dataset": dataset_fp,
+        "images": images_fp,
+        "version": 1,
     }
 
 
@@ -117,7 +120,7 @@ def extract_backbone_features(
     rows = np.arange(len(pixels.info.ids))
     backbone = prepare_model(backbone, device).eval()
     out = None
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
+    with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task("backbone features", total=len(rows), info="")
         for x, _, r in pixels.eval_batches(rows):
             with autocast:
