@@ -91,10 +91,9 @@ def main(
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
 ) -> None:
-    import click
-
     STATE.workdir, STATE.config = workdir, config
-    STATE.workdir_given = ctx.get_parameter_source("workdir") is not click.core.ParameterSource.DEFAULT
+    source = ctx.get_parameter_source("workdir")
+    STATE.workdir_given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 # --- knn / train / eval -------------------------------------------------------

@@ -43,7 +43,7 @@ def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bo
                     notes.append(f"{section}.{key} reset from {old!r} to {new!r}")
     cfg = resolve(overrides)
     if notes:
-        console.print("note: another dataset: " + "; ".join(notes))
+        console.print("note: another dataset: " + "; ".join(notes), soft_wrap=True)
     run_stages(cfg, ["ingest"], force)
 
 

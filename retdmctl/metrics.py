@@ -6,9 +6,13 @@ bool dtype) and ``scores`` of shape ``(N, L)`` holding per-label probabilities.
 Conventions (the project's spec):
 
 * A label is predicted positive when ``score >= threshold`` (inclusive).
-* Per-class precision is 0 for a class with no predicted positive; per-class recall is 0
-  for a class with no positive. ``C-P``/``C-R`` are their means over *all* classes and
-  ``C-F1`` is the F1 of those two means (not the mean of per-class F1s).
+* Classes without a positive in the evaluated labels have no defined recall or AP: they
+  are left out of *every* per-class average (``mAP``, ``C-P``, ``C-R``, ``C-F1``), one
+  convention for all four, and the report names them. Their false positives still count
+  in the pooled ``O-P`` and in ``hamming_loss``.
+* Per-class precision is 0 for a class with no predicted positive. ``C-P``/``C-R`` are
+  the means over the classes with a positive, and ``C-F1`` is the F1 of those two means
+  (not the mean of per-class F1s).
 * ``O-P``/``O-R``/``O-F1`` pool the counts of all classes (micro averaging).
 * Ranking metrics (``ranking_loss``, ``coverage``, ``one_error``, ``average_precision``)
   ignore images with no true label; ``coverage`` is 0-based (sklearn's
@@ -134,6 +138,11 @@ def _per_class_ap(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     return ap
 
 
+def classes_without_positives(y_true: np.ndarray) -> np.ndarray:
+    """Indices of the classes with no positive: left out of every per-class average."""
+    return np.flatnonzero(~np.asarray(y_true).astype(bool).any(axis=0))
+
+
 def per_class_average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Average precision of each class, shape ``(L,)``; NaN for a class with no positive.
 
@@ -198,8 +207,12 @@ def compute_metrics(
     tp = (pred & y).sum(axis=0)
     fp = (pred & ~y).sum(axis=0)
     fn = (~pred & y).sum(axis=0)
-    c_p = float(_safe_div(tp, tp + fp).mean())
-    c_r = float(_safe_div(tp, tp + fn).mean())
+    present = y.any(axis=0)
+    if present.any():
+        c_p = float(_safe_div(tp, tp + fp)[present].mean())
+        c_r = float(_safe_div(tp, tp + fn)[present].mean())
+    else:
+        c_p = c_r = float("nan")
     o_p = float(_safe_div(tp.sum(), tp.sum() + fp.sum()))
     o_r = float(_safe_div(tp.sum(), tp.sum() + fn.sum()))
 
@@ -210,7 +223,7 @@ def compute_metrics(
         "mAP": m_ap,
         "C-P": c_p,
         "C-R": c_r,
-        "C-F1": _f1(c_p, c_r),
+        "C-F1": _f1(c_p, c_r) if present.any() else float("nan"),
         "O-P": o_p,
         "O-R": o_r,
         "O-F1": _f1(o_p, o_r),
