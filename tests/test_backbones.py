@@ -183,11 +183,17 @@ def test_conv2d_same_matches_tf_padding(side, kernel):
     assert (out[0, 0].item(), out[-1, -1].item()) == SAME_CORNERS[side, kernel]
 
 
-@pytest.mark.parametrize("size,sides", [(240, [240, 120, 60, 30, 15, 8]), (260, [260, 130, 65, 33, 17, 9])])
-def test_stride2_convs_see_the_expected_sides(size, sides):
-    model = EfficientNetLite2().eval()
-    seen: list[tuple[int, int, int]] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[-1], m.kernel_size[0], o.shape[-1])))
+@pytest.mark.parametrize("cls,size,sides", [(EfficientNetLite1, 240, [240, 120, 60, 30, 15, 8]),
+                                            (EfficientNetLite2, 260, [260, 130, 65, 33, 17, 9])],
+                         ids=["lite1-240", "lite2-260"])
+def test_stride2_convs_see_the_expected_sides(cls, size, sides):
+    model = cls().eval()
+    seen: list[tuple[int, int, int]] = []  # (input side, kernel, output side)
+
+    def record(module, inputs, output):
+        seen.append((inputs[0].shape[-1], module.kernel_size[0], output.shape[-1]))
+
+    hooks = [m.register_forward_hook(record)
              for m in model.modules() if isinstance(m, Conv2dSame) and m.stride[0] == 2]
     with torch.no_grad():
         model.forward_features(torch.zeros(1, 3, size, size))
