@@ -240,7 +240,9 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     reused = failed is not None
     if reused:
         remove(partial)  # whatever an interrupted earlier run left is of no use now
-        console.print("images.lmdb already holds these images with these settings: reused, only the splits are rewritten")
+        console.print(
+            "images.lmdb already holds these images with these settings: reused, only the splits are rewritten"
+        )
         if cfg.strict:
             for rec in records:
                 if rec.key in failed:
@@ -259,11 +261,12 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     config = {**signature, "split": {"mode": mode, **split_args}}
     write_dataset(ws.dataset, info, source=source.name, config=config)
     if not reused:
-        meta = {"signature": signature, "sources": stamp, "failed": {r.key: failed[r.key] for r in records if r.key in failed}}
-        (partial / STORE_META).write_text(json.dumps(meta))
+        failures = {r.key: failed[r.key] for r in records if r.key in failed}
+        (partial / STORE_META).write_text(json.dumps({"signature": signature, "sources": stamp, "failed": failures}))
         remove(ws.lmdb)
         os.replace(partial, ws.lmdb)
-    summary = summarize(info, skipped, source.dropped, note=describe(mode, seed=cfg.seed, test_fraction=cfg.test_fraction))
+    note = describe(mode, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    summary = summarize(info, skipped, source.dropped, note=note)
     summary["store_reused"] = reused
     print_summary(console, summary)
     return summary
