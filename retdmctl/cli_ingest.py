@@ -76,6 +76,7 @@ KeepOriginal = Annotated[
 ]
 Workers = Annotated[Optional[int], _opt(metavar="N", default="ingest.workers", help="Encoding processes (0 = one per core).")]
 Strict = Annotated[Optional[bool], _opt("--strict/--lenient", default="ingest.strict", help="A bad image is an error, not a skip.")]
+CarveFraction = TestFraction  # coco and voc: carved only when the source has no test split
 
 
 @ingest_app.command("demo")
@@ -121,7 +122,14 @@ def ingest_scene(
 
 @ingest_app.command("csv")
 def ingest_csv(
-    labels: Annotated[Path, typer.Argument(help="CSV lines: relative/path.jpg,label1|label2", exists=True, dir_okay=False)],
+    labels: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV lines: relative/path.jpg,label1|label2|?label3 (?name: unknown for this image).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
     images: Annotated[Path, typer.Option("--images", help="Folder the paths are relative to.", exists=True, file_okay=False)],
     classes: Annotated[
         Optional[str],
@@ -138,6 +146,9 @@ def ingest_csv(
     workdir: Workdir = None,
 ) -> None:
     """Read your own images and a label CSV (random test split).
+
+    A label written ?name is unknown for that image: neither positive nor negative
+    (stored as dataset.h5 "known"); name and ?name on one line is an error.
 
     Example: retdmctl ingest csv labels.csv --images photos/ --classes cat,dog,car
     """
@@ -189,6 +200,7 @@ def ingest_coco(
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,
+    test_fraction: CarveFraction = None,
     val_fraction: ValFraction = None,
     short_side: ShortSide = None,
     keep_original: KeepOriginal = None,
@@ -213,7 +225,7 @@ def ingest_coco(
         for ann, folder in zip(jsons, folders, strict=True):
             if not folder.is_dir():
                 raise InputError(f"{ann}: image folder {folder} not found; give it with --images")
-    opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)
+    opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(_format_opts(keep_empty, coco_splits=join_list(s.value for s in split or [])))
     _ingest("coco", join_list(jsons), join_list(folders), opts, force)
 
@@ -234,6 +246,7 @@ def ingest_voc(
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,
+    test_fraction: CarveFraction = None,
     val_fraction: ValFraction = None,
     short_side: ShortSide = None,
     keep_original: KeepOriginal = None,
@@ -249,7 +262,7 @@ def ingest_voc(
     set_workdir(workdir)
     from stages.ingest import join_list
 
-    opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)
+    opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(
         _format_opts(
             keep_empty,

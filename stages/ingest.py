@@ -1,7 +1,10 @@
 """Stage ``ingest``: a dataset in its native format -> ``data/images.lmdb`` + ``data/dataset.h5``.
 
 The source (``ingest.source``, ``ingest.path``) is part of the config, so ``retdmctl run``
-re-ingests when the dataset's files or the ingest options change.
+re-ingests when the dataset's files or the ingest options change. A re-ingest that only
+changes the splits (``--seed``, ``--val-fraction``, ``--test-fraction``) keeps
+``data/images.lmdb`` as it is, byte for byte (see ``retdmctl.data.ingest``), so its
+fingerprint in the manifest stays the same and only ``data/dataset.h5`` changes.
 
 Lists in the config are ``|``-joined strings: for ``coco``, ``ingest.path`` holds the
 annotation files and ``ingest.images`` their image folders (one for all, or one per

@@ -21,6 +21,8 @@ from retdmctl.workspace import Workspace
 from tests.conftest import shared
 
 QUIET = Console(file=io.StringIO())
+# Fractions that leave each of train, val and test at least one image of a 3-6 image fixture.
+FEW = {"test_fraction": 0.34, "val_fraction": 0.5}
 
 
 def _jpeg(path, size=(40, 30), color=(200, 10, 10), mode="RGB", fmt="JPEG"):
@@ -88,7 +90,7 @@ def test_bad_images_are_skipped_and_good_ones_kept(tmp_path):
     names = ["good.jpg", "gray.jpg", "png_named.jpg", "empty.jpg", "truncated.jpg", "missing.jpg"]
     labels.write_text("".join(f"{n},x\n" for n in names))
     ws = Workspace(tmp_path / "w")
-    summary = run_ingest(read_csv_labels(labels, img), ws, IngestConfig(path=str(labels), workers=1), QUIET)
+    summary = run_ingest(read_csv_labels(labels, img), ws, IngestConfig(path=str(labels), workers=1, **FEW), QUIET)
     info = read_dataset(ws.dataset)
     assert sorted(info.ids) == ["good.jpg", "gray.jpg", "png_named.jpg"]
     assert summary["skipped"] == 3
@@ -98,7 +100,9 @@ def test_bad_images_are_skipped_and_good_ones_kept(tmp_path):
         assert im.format == "JPEG" and im.mode == "RGB"
     assert Image.open(io.BytesIO(stored["good.jpg"])).size == (384, 256)  # shorter side 256
     with pytest.raises(InputError, match=r"empty.jpg: unreadable image \(empty file\) \(--strict\)$"):
-        run_ingest(read_csv_labels(labels, img), Workspace(tmp_path / "s"), IngestConfig(workers=1, strict=True), QUIET)
+        run_ingest(
+            read_csv_labels(labels, img), Workspace(tmp_path / "s"), IngestConfig(workers=1, strict=True, **FEW), QUIET
+        )
 
 
 @pytest.mark.data

@@ -21,6 +21,7 @@ from retdmctl.data.readers.voc import read_voc
 from retdmctl.errors import InputError
 from retdmctl.workspace import Workspace
 from tests.test_ingest_formats import (
+    FEW,
     QUIET,
     cli,
     coco_json,
@@ -31,20 +32,20 @@ from tests.test_ingest_formats import (
     stored,
 )
 
-GOOD = ["good1.jpg", "good2.jpg"]
+GOOD = ["good1.jpg", "good2.jpg", "good3.jpg"]  # three: train, val and test must not be empty
 
 
 def coco_case(tmp_path: Path, bad_name: str = "bad.jpg", write_bad=None, extra_images=(), extra_annotations=()):
-    """A COCO train2017 set with two good images and one ``bad_name`` written by
-    ``write_bad(path)`` (not written at all when None), each labelled person."""
+    """A COCO train2017 set with three good images (person, car, cat) and one ``bad_name``
+    (person) written by ``write_bad(path)`` (not written at all when None)."""
     root = tmp_path / "coco"
     for k, name in enumerate(GOOD):
         make_jpeg(root / "train2017" / name, seed=k)
     if write_bad is not None:
         (root / "train2017").mkdir(parents=True, exist_ok=True)
         write_bad(root / "train2017" / bad_name)
-    images = [(1, GOOD[0]), (2, GOOD[1]), (3, bad_name), *extra_images]
-    annotations = [(1, 1), (2, 3), (3, 1), *extra_annotations]
+    images = [(1, GOOD[0]), (2, GOOD[1]), (6, GOOD[2]), (3, bad_name), *extra_images]
+    annotations = [(1, 1), (2, 3), (3, 1), *extra_annotations, (6, 17)]  # ids 1000, 1001, ...: keep the first ones
     ann = root / "annotations" / "instances_train2017.json"
     ann.parent.mkdir(parents=True, exist_ok=True)
     ann.write_text(json.dumps(coco_json(images, annotations)))
@@ -111,7 +112,8 @@ def test_zero_byte_file(tmp_path):
     ann, images = coco_case(tmp_path, write_bad=lambda p: p.write_bytes(b""))
     assert_skipped(tmp_path, read(ann, images), str(images / "bad.jpg"), "unreadable image (empty file)")
     # and through the CLI: one line, exit 1, no traceback
-    result = cli(tmp_path, "ingest", "coco", str(ann), "--images", str(images), "--strict", "--workers", "1")
+    result = cli(tmp_path, "ingest", "coco", str(ann), "--images", str(images), "--strict", "--workers", "1",
+                 "--val-fraction", "0.5")  # fmt: skip
     assert result.exit_code == 1
     assert result.stderr == f"error: {images.resolve() / 'bad.jpg'}: unreadable image (empty file) (--strict)\n"
 
@@ -127,7 +129,7 @@ def test_missing_file(tmp_path):
 def test_grayscale_cmyk_and_png_named_jpg_are_converted_to_rgb(tmp_path, mode, fmt):
     ann, images = coco_case(tmp_path, write_bad=lambda p: make_jpeg(p, size=(400, 300), seed=3, mode=mode, fmt=fmt))
     summary, ws = ingest(read(ann, images)(), tmp_path)
-    assert summary["skipped"] == 0 and summary["images"] == 3
+    assert summary["skipped"] == 0 and summary["images"] == 4
     img = Image.open(io.BytesIO(stored(ws)["train2017/bad.jpg"]))
     assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (341, 256))
 
@@ -135,7 +137,7 @@ def test_grayscale_cmyk_and_png_named_jpg_are_converted_to_rgb(tmp_path, mode, f
 def test_original_bytes_kept_with_keep_original(tmp_path):
     ann, images = coco_case(tmp_path, write_bad=lambda p: make_jpeg(p, size=(400, 300), seed=3, fmt="PNG"))
     summary, ws = ingest(read(ann, images)(), tmp_path, keep_original=True)
-    assert summary["images"] == 3
+    assert summary["images"] == 4
     data = stored(ws)
     assert data["train2017/bad.jpg"] == (images / "bad.jpg").read_bytes()  # PNG bytes, as on disk
     assert data["train2017/good1.jpg"] == (images / "good1.jpg").read_bytes()
@@ -151,10 +153,10 @@ def test_malformed_json_loses_only_its_own_images(tmp_path):
     assert src.skipped == [(str(broken), "malformed json (Expecting value: line 1 column 45 (char 44))")]
     summary, ws = ingest(src, tmp_path)
     assert read_dataset(ws.dataset).ids == [f"train2017/{n}" for n in [*GOOD, "bad.jpg"]]
-    assert summary["images"] == 3 and summary["skipped"] == 1
+    assert summary["images"] == 4 and summary["skipped"] == 1
     assert summary["skipped_first"] == [f"{broken}: malformed json (Expecting value: line 1 column 45 (char 44))"]
     with pytest.raises(InputError, match=re.escape(f"{broken}: malformed json (Expecting value") + r".*\(--strict\)$"):
-        run_ingest(read_coco([ann, broken], []), Workspace(tmp_path / "s"), IngestConfig(strict=True), QUIET)
+        run_ingest(read_coco([ann, broken], []), Workspace(tmp_path / "s"), IngestConfig(strict=True, **FEW), QUIET)
     # alone, it is an error: there is nothing to ingest
     with pytest.raises(InputError, match=r"^" + re.escape(f"{broken}: malformed json (Expecting value")):
         read_coco([broken], [images])
@@ -193,7 +195,7 @@ def test_unknown_category_id_skips_the_annotation_not_the_image(tmp_path):
     assert src.dropped == [("train2017/only_unknown.jpg", "without labels")]
     summary, ws = ingest(src, tmp_path)
     assert summary["skipped"] == 2 and summary["skipped_reasons"] == {"unknown category id 999": 2}
-    assert read_dataset(ws.dataset).labels.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]]
+    assert read_dataset(ws.dataset).labels.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]]
     with pytest.raises(InputError, match=r"^instances_train2017.json: annotation 1003: unknown category id 999 \(--strict\)$"):
         ingest(read_coco([ann], [images]), tmp_path / "strict", strict=True)
 
@@ -230,14 +232,14 @@ def test_duplicate_ids(tmp_path):
     src = read_coco([ann], [images])
     assert src.skipped == [("instances_train2017.json: image id 1 (bad.jpg)", "duplicate id")]
     summary, ws = ingest(src, tmp_path / "a")
-    assert summary["images"] == 3 and summary["skipped_first"] == [
+    assert summary["images"] == 4 and summary["skipped_first"] == [
         "instances_train2017.json: image id 1 (bad.jpg): duplicate id"
     ]
     # two ids naming the same file: the same stable key, stored once
     ann, images = coco_case(tmp_path / "b", write_bad=lambda p: make_jpeg(p), extra_images=[(4, "good1.jpg")],
                             extra_annotations=[(4, 3)])  # fmt: skip
     summary, ws = ingest(read_coco([ann], [images]), tmp_path / "b")
-    assert summary["images"] == 3
+    assert summary["images"] == 4
     assert summary["skipped_first"] == [f"{images / 'good1.jpg'}: duplicate id"]
     assert read_dataset(ws.dataset).labels[0].tolist() == [1, 0, 0, 0]  # the first entry's labels
     with pytest.raises(InputError, match=r"good1.jpg: duplicate id \(--strict\)$"):

@@ -32,6 +32,9 @@ from tests.conftest import shared
 
 QUIET = Console(file=io.StringIO())
 RUNNER = CliRunner()
+# Fractions that leave each of train, val and test at least one image of these 3-6 image
+# fixtures (an empty split is an error); the tests below that check fractions set their own.
+FEW = {"test_fraction": 0.34, "val_fraction": 0.5}
 
 
 # --- builders -------------------------------------------------------------------
@@ -173,7 +176,7 @@ def make_nuswide(root: Path, missing: tuple[str, ...] = ("water\\0003_202.jpg",)
 
 def ingest(src, tmp_path: Path, **cfg) -> tuple[dict, Workspace]:
     ws = Workspace(tmp_path / "w")
-    summary = run_ingest(src, ws, IngestConfig(workers=1, **cfg), QUIET)
+    summary = run_ingest(src, ws, IngestConfig(workers=1, **{**FEW, **cfg}), QUIET)
     return summary, ws
 
 
@@ -238,7 +241,7 @@ def test_coco_keep_empty_and_explicit_split(tmp_path):
 def test_coco_cli_infers_folders_and_fingerprints_every_file(tmp_path):
     root = make_coco(tmp_path / "coco")
     train, val = root / "annotations" / "instances_train2017.json", root / "annotations" / "instances_val2017.json"
-    result = cli(tmp_path, "ingest", "coco", str(train), str(val), "--workers", "1")
+    result = cli(tmp_path, "ingest", "coco", str(train), str(val), "--workers", "1", "--val-fraction", "0.5")
     assert result.exit_code == 0, result.output
     assert "stored 5 images" in result.output and "dropped 1 images (without labels: 1)" in result.output
     ws = Workspace(tmp_path / "cli-w")
@@ -248,7 +251,7 @@ def test_coco_cli_infers_folders_and_fingerprints_every_file(tmp_path):
     assert STAGE.sources(ws, cfg) == [train.resolve(), val.resolve(), (root / "train2017").resolve(),
                                       (root / "val2017").resolve()]  # fmt: skip
     assert len(read_source(cfg).records) == 5
-    again = cli(tmp_path, "ingest", "coco", str(train), str(val), "--workers", "1")
+    again = cli(tmp_path, "ingest", "coco", str(train), str(val), "--workers", "1", "--val-fraction", "0.5")
     assert again.exit_code == 0 and "ingest: up to date, skipped" in again.output
 
 
@@ -263,8 +266,12 @@ def test_coco_cli_errors_are_one_line(tmp_path):
         "give --split train or --split test\n"
     )
     assert "Traceback" not in result.output
-    ok = cli(tmp_path, "ingest", "coco", str(odd), "--images", str(root / "val2017"), "--split", "test")
-    assert ok.exit_code == 0, ok.output
+    # --split test is taken: every image is then a test image, which leaves nothing to train on
+    only_test = cli(tmp_path, "ingest", "coco", str(odd), "--images", str(root / "val2017"), "--split", "test")
+    assert only_test.exit_code == 1
+    assert only_test.stderr == (
+        "error: the train split is empty (every image is in the source's test split): add training images\n"
+    )
     moved = tmp_path / "elsewhere" / "instances_train2017.json"
     moved.parent.mkdir()
     moved.write_text("{}")
@@ -317,7 +324,8 @@ def test_voc_difficult_ignore_and_years(tmp_path):
 
 def test_voc_cli(tmp_path):
     root = make_voc(tmp_path / "VOCdevkit")
-    result = cli(tmp_path, "ingest", "voc", str(root), "--difficult", "ignore", "--year", "2007", "--workers", "1")
+    result = cli(tmp_path, "ingest", "voc", str(root), "--difficult", "ignore", "--year", "2007", "--workers", "1",
+                 "--val-fraction", "0.5")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "stored 5 images" in result.output
     cfg = Workspace(tmp_path / "cli-w").load_config()
@@ -341,9 +349,9 @@ def test_mirflickr_labels_ignore_r1_and_readme(tmp_path):
 
 def test_mirflickr_seeded_80_20_split(tmp_path):
     root = make_mirflickr(tmp_path / "mirflickr25k", n=10)
-    cfg = {"test_fraction": 0.2, "val_fraction": 0.0}
+    cfg = {"test_fraction": 0.2, "val_fraction": 0.2}
     summary, ws = ingest(read_mirflickr(root), tmp_path / "a", seed=3, **cfg)
-    assert summary["splits"] == {"train": 7, "val": 0, "test": 2}  # 9 labelled images, 20% test
+    assert summary["splits"] == {"train": 6, "val": 1, "test": 2}  # 9 labelled images, 20% test
     info = read_dataset(ws.dataset)
     perm = np.random.default_rng(3).permutation(9)
     assert np.array_equal(info.splits["test"], np.sort(perm[7:]))
@@ -393,7 +401,7 @@ def test_nuswide_damaged_label_file_is_an_error(tmp_path):
 
 def test_nuswide_cli_reports_missing(tmp_path):
     root = make_nuswide(tmp_path / "NUS-WIDE")
-    result = cli(tmp_path, "ingest", "nuswide", str(root), "--workers", "1", "--strict")
+    result = cli(tmp_path, "ingest", "nuswide", str(root), "--workers", "1", "--strict", "--val-fraction", "0.5")
     assert result.exit_code == 0, result.output
     assert "dropped 2 images (without labels: 1, missing on disk: 1)" in result.output
     cfg = Workspace(tmp_path / "cli-w").load_config()
@@ -443,7 +451,12 @@ def test_coco128_real_sample(tmp_path):
     assert summary["skipped"] == 0
     info = read_dataset(Workspace(tmp_path / "cli-w").dataset)
     assert info.class_names[:3] == ["person", "bicycle", "car"] and info.class_names[-1] == "toothbrush"
-    assert len(info.splits["test"]) == 0  # train2017 only: no test split
+    # train2017 only: the test split is carved from it, 20% with seed 0, as for scene
+    assert summary["splits"] == {"train": 91, "val": 10, "test": 25}
+    perm = np.random.default_rng(0).permutation(126)
+    assert np.array_equal(info.splits["test"], np.sort(perm[101:]))
+    assert summary["split_note"] == "no test split in the source: carved 20% of it (seed 0) as test"
+    assert "no test split in the source: carved 20% of it (seed 0) as test\n" in result.output
     assert all(min(Image.open(io.BytesIO(b)).size) <= 256 for b in stored(Workspace(tmp_path / "cli-w")).values())
 
 

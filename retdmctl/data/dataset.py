@@ -1,4 +1,8 @@
-"""``dataset.h5``: image ids, the uint8 label matrix, class names and split indices."""
+"""``dataset.h5``: image ids, the uint8 label matrix, class names and split indices, and
+optionally ``known``: a boolean (N, L) matrix, False where a label is unknown for an image
+(neither positive nor negative; ``?name`` in a csv label file). It is absent when every
+label is known.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,24 @@ import h5py
 import numpy as np
 
 from retdmctl import __version__
+from retdmctl.errors import InputError
 from retdmctl.workspace import atomic_path, now_iso
 
 SPLITS = ("train", "val", "test")
+_FIX = {
+    "train": "re-run ingest with a smaller --val-fraction or --test-fraction, or more images",
+    "val": "re-run ingest with a larger --val-fraction or more images",
+    "test": "re-run ingest with a larger --test-fraction or more images",
+}
 
 
 @dataclass
 class DatasetInfo:
     ids: list[str]
-    labels: np.ndarray  # (N, L) uint8
+    labels: np.ndarray  # (N, L) uint8; 0 where a label is unknown
     class_names: list[str]
     splits: dict[str, np.ndarray]  # split name -> sorted int64 row indices
+    known: np.ndarray | None = None  # (N, L) bool, False = unknown; None = all known
 
     @property
     def num_classes(self) -> int:
@@ -28,6 +39,22 @@ class DatasetInfo:
 
     def split(self, name: str) -> np.ndarray:
         return self.splits[name]
+
+    def observed(self) -> np.ndarray:
+        """The labels as int8: 1 positive, 0 negative, -1 unknown."""
+        out = self.labels.astype(np.int8)
+        if self.known is not None:
+            out[~self.known] = -1
+        return out
+
+    def require_nonempty(self, *names: str) -> None:
+        """Raise InputError naming the first of the given splits (default: all three)
+        that holds no image, and how to fix it."""
+        for name in names or SPLITS:
+            if name not in SPLITS:
+                raise ValueError(f"unknown split {name!r}; splits: {', '.join(SPLITS)}")
+            if len(self.splits[name]) == 0:
+                raise InputError(f"the {name} split of the dataset is empty ({len(self.ids)} images): {_FIX[name]}")
 
 
 def write_dataset(path: Path, info: DatasetInfo, *, source: str, config: dict) -> None:
@@ -38,6 +65,8 @@ def write_dataset(path: Path, info: DatasetInfo, *, source: str, config: dict) -
         h5.create_dataset("class_names", data=np.array(info.class_names, dtype=object), dtype=str_dt)
         for name in SPLITS:
             h5.create_dataset(f"splits/{name}", data=np.sort(info.splits[name]).astype(np.int64))
+        if info.known is not None and not info.known.all():
+            h5.create_dataset("known", data=info.known.astype(bool), compression="gzip")
         h5.attrs.update(
             {"source": source, "config": json.dumps(config), "version": __version__, "created": now_iso()}
         )
@@ -50,6 +79,7 @@ def read_dataset(path: Path) -> DatasetInfo:
             labels=h5["labels"][()],
             class_names=[s.decode() if isinstance(s, bytes) else s for s in h5["class_names"][()]],
             splits={name: h5[f"splits/{name}"][()] for name in SPLITS},
+            known=h5["known"][()].astype(bool) if "known" in h5 else None,
         )
 
 

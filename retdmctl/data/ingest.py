@@ -8,6 +8,13 @@ keys already in the ``.partial`` store and carries on from there. Every stored v
 deterministic function of its source file and the encode settings, so a resumed run ends
 with exactly the store an uninterrupted run writes.
 
+The splits are not part of the store: a finished ``images.lmdb`` records its encode
+signature (source, paths, encode settings; for the demo set its generation parameters,
+seed included), a stamp of its source files (sizes and mtimes) and the images that
+failed to decode. When all of these and its key set match the current records, ingest
+reuses it untouched (same bytes, same mtime) and rewrites only ``dataset.h5``: a new
+``--seed`` or ``--val-fraction`` re-splits without re-encoding a single image.
+
 What a reader could not use is reported, never silently lost:
 
 * ``SourceData.skipped``: bad input (malformed annotation files, unknown category ids,
@@ -15,10 +22,15 @@ What a reader could not use is reported, never silently lost:
   Images that fail to decode join this list during ingest.
 * ``SourceData.dropped``: images left out by a documented policy, not by an error
   (no label at all, a NUS-WIDE image missing on disk); ``--strict`` ignores these.
+
+An empty train, val or test split is an error (see ``retdmctl.data.splits``), raised
+before any image is encoded when the listed images are too few, and otherwise before
+``dataset.h5`` or the store is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -29,18 +41,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import lmdb
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from rich.markup import escape
 
 from retdmctl.config import IngestConfig
-from retdmctl.data.dataset import DatasetInfo, random_splits, write_dataset
-from retdmctl.data.store import ImageWriter
+from retdmctl.atomic import defer_replace
+from retdmctl.data.dataset import DatasetInfo, write_dataset
+from retdmctl.data.decode import open_rgb, to_rgb
+from retdmctl.data.splits import describe, make_splits, split_mode
+from retdmctl.data.store import ImageWriter, read_keys, store_key
 from retdmctl.errors import InputError
 from retdmctl.progress import make_progress
 from retdmctl.workspace import Workspace, remove
 
 _BATCH = 64  # images per LMDB transaction
+STORE_META = "retdm-ingest.json"  # inside the store folder: signature, source stamp, failures
 
 
 class Renderable(Protocol):
@@ -51,10 +68,11 @@ class Renderable(Protocol):
 
 @dataclass
 class Record:
-    key: str  # stable image id, the LMDB key
-    labels: np.ndarray  # (L,) uint8
+    key: str  # stable image id (its digest is the LMDB key, see retdmctl.data.store)
+    labels: np.ndarray  # (L,) uint8; 0 where unknown
     source: Path | Renderable
     split: str | None = None  # an official split ("train" / "test"), if the format has one
+    known: np.ndarray | None = None  # (L,) bool, False = unknown for this image; None = all known
 
 
 @dataclass
@@ -76,14 +94,20 @@ class EncodeSettings:
 
 
 def encode_image(source: Path | Renderable, settings: EncodeSettings) -> bytes:
-    """Decode (any PIL format, grayscale/CMYK/PNG included), convert to RGB, shrink the
-    shorter side to ``short_side`` and re-encode as JPEG. Raises on unreadable input."""
+    """Decode (any PIL format; see ``retdmctl.data.decode`` for EXIF orientation, 16-bit,
+    transparency, palette, CMYK), shrink the shorter side to ``short_side`` and re-encode
+    as JPEG. With ``keep_original`` the source bytes are returned once they are proven to
+    decode: the loader applies the same conversion at read time. Raises on unreadable
+    input."""
     if isinstance(source, Path):
         raw = source.read_bytes()
         if not raw:
             raise ValueError("empty file")
+        if settings.keep_original:
+            open_rgb(raw)  # prove it decodes and converts fully
+            return raw
         img = Image.open(io.BytesIO(raw))
-        if not settings.keep_original and settings.short_side > 0 and img.format == "JPEG":
+        if settings.short_side > 0 and img.format == "JPEG":
             # Let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) when that still
             # leaves at least short_side pixels: much faster than a full decode.
             w, h = img.size
@@ -91,13 +115,9 @@ def encode_image(source: Path | Renderable, settings: EncodeSettings) -> bytes:
             if scale < 1:
                 img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
         img.load()
+        img = to_rgb(img)
     else:
-        raw = b""
-        img = source.render()
-    if settings.keep_original and raw:
-        img.convert("RGB")  # prove it decodes fully; the loader converts at read time
-        return raw
-    img = img.convert("RGB")
+        img = to_rgb(source.render())
     w, h = img.size
     if settings.short_side > 0 and min(w, h) > settings.short_side:
         scale = settings.short_side / min(w, h)
@@ -138,6 +158,8 @@ def _worker_init(parent: int) -> None:
 
 
 def _signature(source: SourceData, cfg: IngestConfig) -> dict:
+    """What the stored bytes depend on; the splits (seed, fractions) are not part of it,
+    except for the demo set, whose images the seed draws."""
     return {
         "source": source.name,
         "path": cfg.path,
@@ -147,6 +169,45 @@ def _signature(source: SourceData, cfg: IngestConfig) -> dict:
         "jpeg_quality": cfg.jpeg_quality,
         "demo": [cfg.demo_images, cfg.demo_classes, cfg.seed] if source.name == "demo" else None,
     }
+
+
+def source_stamp(records: list[Record]) -> str:
+    """A digest of the records' ids and their source files' sizes and mtimes: a store
+    built from other files (an image replaced under the same name) is not reused."""
+    digest = hashlib.sha256()
+    for rec in sorted(records, key=lambda r: r.key):
+        if isinstance(rec.source, Path):
+            try:
+                st = os.stat(rec.source)
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stamp = "-"
+        else:
+            stamp = "rendered"  # fixed by the signature
+        digest.update(f"{rec.key}\0{stamp}\n".encode())
+    return digest.hexdigest()
+
+
+def _reusable(store: Path, signature: dict, stamp: str, records: list[Record]) -> dict[str, str] | None:
+    """The decode failures recorded by a finished store that holds exactly the images
+    these records need, encoded with these settings; None when it cannot be reused."""
+    try:
+        meta = json.loads((store / STORE_META).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("signature") != signature or meta.get("sources") != stamp:
+        return None
+    failed = meta.get("failed")
+    ids = {r.key for r in records}
+    if not isinstance(failed, dict) or not failed.keys() <= ids:
+        return None
+    try:
+        keys = read_keys(store)
+    except lmdb.Error:
+        return None
+    if keys != {store_key(i) for i in ids - failed.keys()}:
+        return None
+    return failed
 
 
 def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) -> dict:
@@ -163,13 +224,69 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
         item, reason = skipped[0]
         raise InputError(f"{item}: {reason} (--strict)")
 
+    mode = split_mode([r.split for r in records])
+    split_args = {"seed": cfg.seed, "test_fraction": cfg.test_fraction, "val_fraction": cfg.val_fraction}
+    settings = EncodeSettings(cfg.short_side, cfg.keep_original, cfg.jpeg_quality)
+    try:  # too few images for the fractions even if every one decodes: fail before encoding
+        make_splits([r.split for r in records], mode, **split_args)
+    except InputError:
+        if not any(_encode_task((r.key, r.source, settings))[1] is not None for r in records):
+            raise _nothing_readable(source, cfg) from None
+        raise
+
     partial = ws.lmdb.with_name(ws.lmdb.name + ".partial")
-    sig_file = partial / "retdm-ingest.json"
     signature = _signature(source, cfg)
+    stamp = source_stamp(records)
+    failed = _reusable(ws.lmdb, signature, stamp, records) if ws.lmdb.is_dir() else None
+    reused = failed is not None
+    if reused:
+        remove(partial)  # whatever an interrupted earlier run left is of no use now
+        console.print(
+            "images.lmdb already holds these images with these settings: reused, only the splits are rewritten"
+        )
+        if cfg.strict:
+            for rec in records:
+                if rec.key in failed:
+                    raise InputError(f"{_name(rec)}: {failed[rec.key]} (--strict)")
+        stored = {store_key(r.key) for r in records if r.key not in failed}
+    else:
+        failed, stored = _encode_all(records, partial, signature, settings, cfg, console)
+
+    # In record order, so that the report does not depend on which worker finished first.
+    skipped += [(_name(r), failed[r.key]) for r in records if r.key in failed]
+    good = [r for r in records if store_key(r.key) in stored]
+    if not good:
+        raise _nothing_readable(source, cfg)
+    splits = make_splits([r.split for r in good], mode, **split_args)
+    info = _build_info(good, source.class_names, splits)
+    config = {**signature, "split": {"mode": mode, **split_args}}
+    write_dataset(ws.dataset, info, source=source.name, config=config)
+    if not reused:
+        failures = {r.key: failed[r.key] for r in records if r.key in failed}
+        (partial / STORE_META).write_text(json.dumps({"signature": signature, "sources": stamp, "failed": failures}))
+        # With dataset.h5, when the stage commits; a failure keeps .partial to resume from.
+        defer_replace(partial, ws.lmdb)
+    note = describe(mode, seed=cfg.seed, test_fraction=cfg.test_fraction)
+    summary = summarize(info, skipped, source.dropped, note=note)
+    summary["store_reused"] = reused
+    print_summary(console, summary)
+    return summary
+
+
+def _nothing_readable(source: SourceData, cfg: IngestConfig) -> InputError:
+    return InputError(f"{cfg.path or source.name}: no readable image with labels found")
+
+
+def _encode_all(
+    records: list[Record], partial: Path, signature: dict, settings: EncodeSettings, cfg: IngestConfig, console
+) -> tuple[dict[str, str], set[bytes]]:
+    """Encode what the ``.partial`` store lacks; returns the failures (id -> reason) and
+    the stored keys."""
+    meta_file = partial / STORE_META
     if partial.exists():
         try:
-            same = json.loads(sig_file.read_text()) == signature
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            same = json.loads(meta_file.read_text()).get("signature") == signature
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             same = False
         if not same:
             remove(partial)
@@ -184,16 +301,15 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     try:
         writer = ImageWriter(partial)
         try:
-            sig_file.write_text(json.dumps(signature))
+            meta_file.write_text(json.dumps({"signature": signature}))
             stored = writer.keys()
-            stale = stored - by_key.keys()
+            stale = stored - {store_key(k) for k in by_key}
             if stale:  # left by an earlier run whose reader listed other images
-                _delete(writer, stale)
+                writer.delete(stale)
                 stored -= stale
             if stored:
                 console.print(f"resuming: {len(stored)} of {len(records)} images already stored")
-            settings = EncodeSettings(cfg.short_side, cfg.keep_original, cfg.jpeg_quality)
-            todo = [(r.key, r.source, settings) for r in records if r.key not in stored]
+            todo = [(r.key, r.source, settings) for r in records if store_key(r.key) not in stored]
             with make_progress() as progress:
                 task = progress.add_task("ingest", total=len(records), completed=len(records) - len(todo), info="")
                 if pool is not None and len(todo) > 1:
@@ -211,54 +327,34 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
                         batch.append((key, data))
                         if len(batch) >= _BATCH:
                             writer.put_many(batch)
-                            stored.update(k for k, _ in batch)
+                            stored.update(store_key(k) for k, _ in batch)
                             batch = []
                     progress.advance(task)
                 if batch:
                     writer.put_many(batch)
-                    stored.update(k for k, _ in batch)
+                    stored.update(store_key(k) for k, _ in batch)
         finally:
             writer.close()
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-
-    # In record order, so that the report does not depend on which worker finished first.
-    skipped += [(_name(r), failed[r.key]) for r in records if r.key in failed]
-    good = [r for r in records if r.key in stored]
-    if not good:
-        raise InputError(f"{cfg.path or source.name}: no readable image with labels found")
-    info = _build_info(good, source.class_names, cfg)
-    write_dataset(ws.dataset, info, source=source.name, config=signature)
-    remove(ws.lmdb)
-    os.replace(partial, ws.lmdb)
-    summary = summarize(info, skipped, source.dropped)
-    print_summary(console, summary)
-    return summary
-
-
-def _delete(writer: ImageWriter, keys: set[str]) -> None:
-    with writer.env.begin(write=True) as txn:
-        for key in keys:
-            txn.delete(key.encode())
+    return failed, stored
 
 
 def _name(rec: Record) -> str:
     return str(rec.source) if isinstance(rec.source, Path) else rec.key
 
 
-def _build_info(good: list[Record], class_names: list[str], cfg: IngestConfig) -> DatasetInfo:
+def _build_info(good: list[Record], class_names: list[str], splits: dict[str, np.ndarray]) -> DatasetInfo:
     labels = np.stack([r.labels for r in good]).astype(np.uint8)
-    official = [r.split for r in good]
-    if all(s is not None for s in official):
-        test = np.array([i for i, s in enumerate(official) if s == "test"], dtype=np.int64)
-        splits = random_splits(len(good), seed=cfg.seed, test_fraction=0, val_fraction=cfg.val_fraction, test=test)
-    else:
-        splits = random_splits(
-            len(good), seed=cfg.seed, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction
-        )
-    return DatasetInfo(ids=[r.key for r in good], labels=labels, class_names=class_names, splits=splits)
+    known = None
+    if any(r.known is not None for r in good):
+        full = np.ones(len(class_names), dtype=bool)
+        known = np.stack([full if r.known is None else r.known for r in good]).astype(bool)
+        if known.all():
+            known = None
+    return DatasetInfo(ids=[r.key for r in good], labels=labels, class_names=class_names, splits=splits, known=known)
 
 
 def _reason(why: str) -> str:
@@ -267,10 +363,25 @@ def _reason(why: str) -> str:
     return why.split(" (")[0]
 
 
+def no_positives(info: DatasetInfo) -> dict[str, list[str]]:
+    """The classes without a single positive image in train and in test: a model cannot
+    learn the first kind, and no metric can measure the second."""
+    out = {}
+    for name in ("train", "test"):
+        counts = info.labels[info.splits[name]].sum(axis=0, dtype=np.int64)
+        out[name] = [info.class_names[i] for i in np.flatnonzero(counts == 0)]
+    return out
+
+
 def summarize(
-    info: DatasetInfo, skipped: list[tuple[str, str]], dropped: list[tuple[str, str]] | None = None
+    info: DatasetInfo,
+    skipped: list[tuple[str, str]],
+    dropped: list[tuple[str, str]] | None = None,
+    *,
+    note: str | None = None,
 ) -> dict:
     dropped = dropped or []
+    unknown = ~info.known if info.known is not None else np.zeros(info.labels.shape, dtype=bool)
     counts = info.labels.sum(axis=0, dtype=np.int64)
     per_image = info.labels.sum(axis=1, dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
@@ -292,6 +403,10 @@ def summarize(
         "dropped": len(dropped),
         "dropped_first": [item for item, _ in dropped[:5]],
         "dropped_reasons": dict(Counter(_reason(why) for _, why in dropped)),
+        "no_positives": no_positives(info),
+        "unknown_labels": int(unknown.sum()),
+        "images_with_unknown": int(unknown.any(axis=1).sum()),
+        "split_note": note,
     }
 
 
@@ -311,6 +426,14 @@ def print_summary(console, s: dict) -> None:
     if s.get("absent"):
         line += f"; absent: {', '.join(s['absent'])}"
     console.print(escape(line))
+    if s.get("split_note"):
+        console.print(escape(s["split_note"]))
+    if s.get("unknown_labels"):
+        console.print(escape(f"{s['unknown_labels']} labels unknown (?name) in {s['images_with_unknown']} images"))
+    missing = s.get("no_positives") or {}
+    parts = [f"in {name}: {', '.join(missing[name])}" for name in ("train", "test") if missing.get(name)]
+    if parts:
+        console.print("[yellow]" + escape("classes without a positive " + "; ".join(parts)) + "[/]")
     if s.get("dropped"):
         console.print(
             escape(f"dropped {s['dropped']} images ({counts(s['dropped_reasons'])}), first: ")

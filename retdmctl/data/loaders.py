@@ -7,7 +7,6 @@ two-stream convnets"). Test: the same resize, one centre crop.
 
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from retdmctl.data.decode import open_rgb
 from retdmctl.data.store import ImageReader
 
 
@@ -41,7 +41,10 @@ def eval_transform(size: int, mean, std) -> v2.Compose:
 
 
 def decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    """Stored bytes -> RGB image, with ingest's own conversion (``retdmctl.data.decode``):
+    with ``--keep-original`` the store holds the source bytes, EXIF, 16-bit and alpha
+    included."""
+    return open_rgb(data)
 
 
 class LmdbImages(Dataset):

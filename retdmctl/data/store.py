@@ -1,13 +1,36 @@
-"""The LMDB image store: encoded image bytes keyed by a stable image id (utf-8)."""
+"""The LMDB image store: encoded image bytes keyed by the SHA-256 digest of the image id.
+
+LMDB rejects keys over 511 bytes, and an image id is a relative path that may be longer
+(deeply nested folders); the fixed-size digest never is. The ids themselves live in
+``dataset.h5``. :func:`store_key` is the only place that maps an id to its key.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import lmdb
 
 _INITIAL_MAP = 1 << 30  # 1 GiB; doubled whenever a write finds it full
+_LMDB_MAX_KEY = 511
+
+
+def store_key(image_id: str) -> bytes:
+    """The LMDB key of an image id: the 32-byte SHA-256 digest of its utf-8 bytes."""
+    return hashlib.sha256(image_id.encode()).digest()
+
+
+def read_keys(path: Path) -> set[bytes]:
+    """The keys of a finished store, read without writing anything to it (no lock file,
+    no map change): its files stay byte-identical."""
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+    try:
+        with env.begin() as txn:
+            return {bytes(k) for k in txn.cursor().iternext(keys=True, values=False)}
+    finally:
+        env.close()
 
 
 class ImageWriter:
@@ -20,20 +43,28 @@ class ImageWriter:
         if self.env.info()["map_size"] < _INITIAL_MAP:
             self.env.set_mapsize(_INITIAL_MAP)
 
-    def keys(self) -> set[str]:
+    def keys(self) -> set[bytes]:
+        """The stored keys (digests, see :func:`store_key`)."""
         with self.env.begin() as txn:
-            return {bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)}
+            return {bytes(k) for k in txn.cursor().iternext(keys=True, values=False)}
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        items = list(items)
+        """Store ``(image id, bytes)`` pairs in one transaction."""
+        items = [(store_key(image_id), value) for image_id, value in items]
         while True:
             try:
                 with self.env.begin(write=True) as txn:
                     for key, value in items:
-                        txn.put(key.encode(), value)
+                        txn.put(key, value)
                 return
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def delete(self, keys: Iterable[bytes]) -> None:
+        """Remove entries by key (digest)."""
+        with self.env.begin(write=True) as txn:
+            for key in keys:
+                txn.delete(key)
 
     def close(self) -> None:
         self.env.sync(True)
@@ -54,11 +85,17 @@ class ImageReader:
             )
         return self._env
 
-    def get(self, key: str) -> bytes:
+    def get(self, image_id: str) -> bytes:
+        """The stored bytes of an image id. Stores written before ids were hashed keyed
+        the id itself: that key is tried when the digest is absent."""
         with self._open().begin() as txn:
-            value = txn.get(key.encode())
+            value = txn.get(store_key(image_id))
+            if value is None:
+                legacy = image_id.encode()
+                if 0 < len(legacy) <= _LMDB_MAX_KEY:
+                    value = txn.get(legacy)
         if value is None:
-            raise KeyError(key)
+            raise KeyError(image_id)
         return bytes(value)
 
     def __getstate__(self) -> dict:

@@ -12,8 +12,9 @@ papers, e.g. ML-GCN, turns the official "difficult" 0 entries into positives); w
 ``difficult="ignore"`` they are left out, which reproduces the positive set of the
 official classification ground truth (``<class>_trainval.txt``).
 
-The XML is parsed with ``xml.etree.ElementTree`` (it resolves no external entities); a
-malformed or missing file skips that image, an object of an unknown class skips that
+The XML is parsed with ``defusedxml``: a file declaring entities (the "billion laughs"
+expansion bomb), or referring to external ones, is rejected unexpanded and skips that
+image like a malformed or missing file does; an object of an unknown class skips that
 object; image ids never reach outside the year's folder.
 """
 
@@ -24,6 +25,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
+from defusedxml.ElementTree import parse as safe_parse
 
 from retdmctl.data.ingest import Record, SourceData
 from retdmctl.data.readers.common import require_dir, require_file, safe_join
@@ -105,7 +108,13 @@ def read_voc(
 def _labels(xml: Path, index: dict[str, int], difficult: str) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
     """The image's label vector (None when the file is unusable) and what was wrong."""
     try:
-        root = ET.parse(xml).getroot()
+        root = safe_parse(xml).getroot()
+    except EntitiesForbidden as exc:
+        return None, [(str(xml), f"unsafe XML (declares entity {exc.name!r})")]
+    except ExternalReferenceForbidden as exc:
+        return None, [(str(xml), f"unsafe XML (refers to external {exc.system_id or exc.public_id!r})")]
+    except DTDForbidden:
+        return None, [(str(xml), "unsafe XML (DTD)")]
     except FileNotFoundError:
         return None, [(str(xml), "missing annotation")]
     except ET.ParseError as exc:
