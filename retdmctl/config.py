@@ -89,6 +89,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 3
     seed: int = 0
+    # Which epoch's weights the stage keeps: "best" on validation (mAP; the metric
+    # stage: its loss) or the "last". stop_after > 0 stops after that many epochs
+    # without a better validation score.
+    select: str = "best"
+    stop_after: int = 0
 
 
 @dataclass
@@ -275,6 +280,8 @@ _RULES: dict[str, Any] = {
 for _stage in ("classifier", "metric", "joint"):
     _RULES.update(
         {
+            f"{_stage}.select": _one_of("best", "last"),
+            f"{_stage}.stop_after": _at_least(0),
             f"{_stage}.epochs": _at_least(1),
             f"{_stage}.lr": _positive,
             f"{_stage}.momentum": _unit_right_open,

@@ -60,9 +60,12 @@ def fit(
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     groups = [{"params": g["params"], "lr": schedule.lr * g.get("lr_mult", 1.0)} for g in groups]
     optimizer = torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=schedule.patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.1, patience=schedule.patience, min_lr=[g["lr"] * 1e-3 for g in groups]
+    )
     history: list[dict[str, float]] = []
     start_epoch = 1
+    best: dict[str, Any] = {"epoch": 0, "score": -float("inf"), "model": None}
 
     resume_path = stage_dir / "resume.pt"
     state = _read_resume_point(resume_path, name, console)
@@ -72,8 +75,9 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             history = list(state["history"])
-            for name, tensor in buffers.items():
-                tensor.copy_(state["buffers"][name])
+            best = state["best"]
+            for key, tensor in buffers.items():
+                tensor.copy_(state["buffers"][key])
             start_epoch = int(state["epoch"]) + 1
             restore_rng(state)
             console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
@@ -114,6 +118,11 @@ def fit(
             record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}, **val}
             record["lr"] = optimizer.param_groups[0]["lr"]
             history.append(record)
+            # Model selection on validation: val mAP where the stage measures it, else
+            # the val loss. The best epoch's weights are what the stage keeps.
+            score = record["val_mAP"] if "val_mAP" in record else -record["val_loss"]
+            if score > best["score"]:
+                best = {"epoch": epoch, "score": score, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             progress.update(epochs_task, advance=1, info=_describe(record))
             console.print(f"{name} epoch {epoch}/{schedule.epochs}: {_describe(record)}")
             save_checkpoint(
@@ -125,10 +134,19 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "history": history,
                     "epoch": epoch,
-                    "buffers": {name: t.detach().cpu() for name, t in buffers.items()},
+                    "best": best,
+                    "buffers": {key: t.detach().cpu() for key, t in buffers.items()},
                 },
                 defer=False,
             )
+            if schedule.stop_after and epoch - best["epoch"] >= schedule.stop_after:
+                console.print(f"{name}: no better validation score for {schedule.stop_after} epochs, stopping")
+                break
+    if schedule.select == "best" and best["model"] is not None:
+        model.load_state_dict(best["model"])
+        console.print(f"{name}: keeping epoch {best['epoch']} (best on validation)")
+    for record in history:
+        record["kept"] = record["epoch"] == (best["epoch"] if schedule.select == "best" else history[-1]["epoch"])
     return history
 
 

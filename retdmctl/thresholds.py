@@ -1,0 +1,81 @@
+"""Decision thresholds chosen on the validation split, never on test.
+
+Two rules, both saved with the model (``checkpoint["thresholds"]``) and used by eval and
+predict:
+
+* ``global``: one threshold for every class, the one that maximises C-F1 (the F1 of the
+  mean per-class precision and recall, DESIGN.md section 4) on validation;
+* ``per_class``: each class its own threshold, the one that maximises that class's F1;
+  a class without a positive in validation keeps the global one.
+
+Thresholds are searched on a fixed grid (0.01 .. 0.99) so that a choice never hangs on
+one validation image's exact score; ties go to the threshold closest to 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
+RULES = ("per_class", "global", "fixed")
+
+
+def _counts(y: np.ndarray, s: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(G, L) true positives, false positives and false negatives per grid threshold."""
+    y = y.astype(bool)
+    tp = np.empty((len(grid), y.shape[1]))
+    fp = np.empty_like(tp)
+    for g, t in enumerate(grid):  # G small steps of (N, L) work: no (N, L, G) blow-up
+        pred = s >= t
+        tp[g] = (pred & y).sum(axis=0)
+        fp[g] = (pred & ~y).sum(axis=0)
+    fn = y.sum(axis=0)[None, :] - tp
+    return tp, fp, fn
+
+
+def _argbest(values: np.ndarray, grid: np.ndarray) -> int:
+    """Index of the largest value; among ties, the threshold closest to 0.5."""
+    best = values.max()
+    ties = np.flatnonzero(np.isclose(values, best, rtol=0, atol=1e-12))
+    return int(ties[np.argmin(np.abs(grid[ties] - 0.5))])
+
+
+def best_global_threshold(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID) -> float:
+    """The one threshold that maximises C-F1 over the classes with a positive."""
+    tp, fp, fn = _counts(y, s, grid)
+    present = y.astype(bool).any(axis=0)
+    if not present.any():
+        return 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(tp + fp > 0, tp / (tp + fp), 0.0)[:, present].mean(axis=1)
+        r = np.where(tp + fn > 0, tp / (tp + fn), 0.0)[:, present].mean(axis=1)
+        f1 = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+    return float(grid[_argbest(f1, grid)])
+
+
+def best_class_thresholds(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
+    """Each class's F1-optimal threshold; the global one for a class without a positive."""
+    tp, fp, fn = _counts(y, s, grid)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    fallback = best_global_threshold(y, s, grid)
+    present = y.astype(bool).any(axis=0)
+    return np.array([grid[_argbest(f1[:, c], grid)] if present[c] else fallback for c in range(y.shape[1])])
+
+
+def choose(y: np.ndarray, s: np.ndarray) -> dict:
+    """Both rules' thresholds for a model's validation scores, to save with it."""
+    return {"global": best_global_threshold(y, s), "per_class": [float(t) for t in best_class_thresholds(y, s)]}
+
+
+def resolve(choice: dict | None, rule: str, fixed: float, num_classes: int) -> np.ndarray:
+    """The (L,) thresholds to apply under ``rule`` (per_class | global | fixed)."""
+    if rule == "fixed":
+        return np.full(num_classes, fixed)
+    if choice is None:
+        from retdmctl.errors import CheckpointError
+
+        raise CheckpointError("the checkpoint has no thresholds chosen on validation: retrain it, or use a fixed --threshold")
+    if rule == "global":
+        return np.full(num_classes, choice["global"])
+    return np.asarray(choice["per_class"], dtype=np.float64)
