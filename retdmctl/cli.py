@@ -195,6 +195,7 @@ def eval_(
             "checkpoint": checkpoint.value if checkpoint else None,
             "split": split.value if split else None,
             "threshold": threshold,
+            "thresholds": "fixed" if threshold is not None else None,
             "report": report.value if report else None,
         }
     }

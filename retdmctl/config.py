@@ -76,6 +76,11 @@ class LossConfig:
     beta: float = 1.0  # weight of the reconstruction loss
     lam: float = 1.0  # weight of way 2 (labels to images); 0 = the one-way ablation
     margin: float = 0.0  # hinge margin m
+    base: str = "bce"  # the classification loss under every stage: bce | asl (Ridnik et al. 2021)
+    # which f the metric and reconstruction losses (and the joint stage's feature bank)
+    # see: "clean" = the embedding before dropout, as the bank was initialised (eval mode);
+    # "dropout" = the dropped-out embedding the classifier head sees
+    metric_on: str = "clean"
 
 
 @dataclass
@@ -120,7 +125,10 @@ class JointConfig(TrainConfig):
 class EvalConfig:
     checkpoint: str = "joint"  # which stage's model to evaluate: classifier | joint
     split: str = "test"
-    threshold: float = 0.5
+    # decision thresholds, chosen on the validation split when the model was trained:
+    # per_class | global (one for all classes) | fixed (eval.threshold for every class)
+    thresholds: str = "per_class"
+    threshold: float = 0.5  # used when thresholds = "fixed"
     report: str = "html"  # html | none
 
 
@@ -140,7 +148,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def sections(self, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-        return {n: dataclasses.asdict(getattr(self, n)) for n in names}
+        """The named sections' values; a name ``section.key`` takes that one option."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in names:
+            section, _, key = name.partition(".")
+            values = dataclasses.asdict(getattr(self, section))
+            out.setdefault(section, {}).update({key: values[key]} if key else values)
+        return out
 
 
 def config_hash(sections: dict[str, dict[str, Any]]) -> str:
@@ -270,6 +284,9 @@ _RULES: dict[str, Any] = {
     "loss.margin": _at_least(0),
     "metric.batch_size": _at_least(1),
     "joint.way2": _one_of("bank", "forward"),
+    "loss.base": _one_of("bce", "asl"),
+    "loss.metric_on": _one_of("clean", "dropout"),
+    "eval.thresholds": _one_of("per_class", "global", "fixed"),
     "eval.checkpoint": _one_of("classifier", "joint"),
     "eval.split": _one_of("train", "val", "test"),
     "eval.threshold": _open_unit,

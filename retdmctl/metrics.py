@@ -193,11 +193,12 @@ def _ranking_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
 
 
 def compute_metrics(
-    y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5
+    y_true: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray = 0.5
 ) -> dict[str, float]:
     """Compute every metric in :data:`METRIC_NAMES`, keyed in that order.
 
-    A label is predicted positive when ``scores >= threshold``. See the module docstring
+    A label is predicted positive when ``scores >= threshold`` (one threshold, or one per
+    class as an ``(L,)`` array). See the module docstring
     for the exact conventions. Raises :class:`~retdmctl.errors.InputError` for
     mismatched shapes, non-binary labels or non-finite scores.
     """

@@ -10,12 +10,13 @@ and images are unchanged) and trains phi's projection and W_c on them.
 from __future__ import annotations
 
 from retdmctl.config import Config
-from retdmctl.losses.retdm import classification_loss
+from retdmctl.losses.base import base_loss
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     backbone_problem,
     begin_training,
     build_model,
+    choose_thresholds,
     embed_all,
     finish_training,
     image_source,
@@ -51,8 +52,10 @@ def run(ctx: Context) -> dict:
     source = image_source(ws, cfg, info, spec, device, ctx.console)
     train_rows, val_rows = info.split("train"), info.split("val")
 
+    classification = base_loss(cfg.loss.base)
+
     def step(x, y, rows, rng):
-        loss = classification_loss(model(x).float(), y)
+        loss = classification(model(x).float(), y)
         return loss, {"total": float(loss.detach())}
 
     history = fit(
@@ -82,6 +85,7 @@ def run(ctx: Context) -> dict:
         "backbone": spec.name,
         "feature_dim": spec.out_dim,
         "frozen_backbone": cfg.model.frozen_backbone,
+        **choose_thresholds(model, source, val_rows, device),
     }
     return finish_training(stage_dir, state, history)
 
@@ -89,7 +93,7 @@ def run(ctx: Context) -> dict:
 STAGE = Stage(
     name="classifier",
     command="retdmctl train --stage classifier",
-    sections=("model", "classifier"),
+    sections=("model", "classifier", "loss.base"),
     inputs=_inputs,
     outputs=_outputs,
     run=run,

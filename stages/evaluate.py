@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 from rich.table import Table
 
-from retdmctl import __version__
+from retdmctl import __version__, thresholds
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
 from retdmctl.metrics import (
@@ -80,7 +80,8 @@ def run(ctx: Context) -> dict:
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device)
-    metrics = compute_metrics(labels, scores, threshold=e.threshold)
+    cut = thresholds.resolve(ckpt.get("threshold_choice"), e.thresholds, e.threshold, info.num_classes)
+    metrics = compute_metrics(labels, scores, threshold=cut)
     ap = per_class_average_precision(labels, scores)
 
     out = ws.stage_dir("eval")
@@ -99,7 +100,7 @@ def run(ctx: Context) -> dict:
         "checkpoint": ws.rel(ckpt_path),
         "split": e.split,
         "images": int(len(rows)),
-        "threshold": e.threshold,
+        "thresholds": {"rule": e.thresholds, "values": dict(zip(info.class_names, map(float, cut)))},
         "config": cfg.sections(STAGE.sections),
         "backbone_from": backbone_from,
         "version": __version__,
@@ -128,7 +129,7 @@ def run(ctx: Context) -> dict:
                 "checkpoint": ws.rel(ckpt_path),
                 "backbone": f"{spec.name}" + (" (frozen)" if cfg.model.frozen_backbone else ""),
                 "images": str(len(rows)),
-                "threshold": str(e.threshold),
+                "thresholds": e.thresholds if e.thresholds != "fixed" else f"fixed {e.threshold}",
                 "version": __version__,
                 "created": now_iso(),
             },

@@ -15,13 +15,15 @@ import torch
 
 from retdmctl.config import Config
 from retdmctl.knn import read_graph
-from retdmctl.losses.retdm import classification_loss, total_loss
+from retdmctl.losses.base import base_loss
+from retdmctl.losses.retdm import total_loss
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     MetricSampler,
     backbone_problem,
     begin_training,
     build_model,
+    choose_thresholds,
     finish_training,
     image_source,
     load_parts,
@@ -68,16 +70,20 @@ def run(ctx: Context) -> dict:
     train_rows, val_rows = info.split("train"), info.split("val")
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
 
+    clean = cfg.loss.metric_on == "clean"
+    classification = base_loss(cfg.loss.base)
+
     class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)
         def __getitem__(self, picks):
-            return model.embed(cached[picks])
+            return model.embed_pair(cached[picks])[0 if clean else 1]
 
     def step(x, y, rows, rng):
-        f = model.embed_images(x)
-        logits = model.classify(f)
+        f_clean, f_dropped = model.embed_pair(x)
+        f = f_clean if clean else f_dropped  # what the metric loss, W_r and the bank see
+        logits = model.classify(f_dropped)
         f_neg_source = FreshFeatures() if cached is not None else bank
         metric, rec = metric_and_rec(model, f.float(), y, rows, sampler, f_neg_source, rng, cfg.loss)
-        parts = total_loss(classification_loss(logits.float(), y), metric, rec, cfg.loss.alpha, cfg.loss.beta)
+        parts = total_loss(classification(logits.float(), y), metric, rec, cfg.loss.alpha, cfg.loss.beta)
         bank[torch.from_numpy(rows).to(device)] = f.detach().float()  # refresh the bank
         return parts.total, parts.items()
 
@@ -106,6 +112,7 @@ def run(ctx: Context) -> dict:
         "feature_dim": spec.out_dim,
         "frozen_backbone": cfg.model.frozen_backbone,
         "backbone_from": backbone_from,
+        **choose_thresholds(model, source, val_rows, device),
     }
     summary = finish_training(stage_dir, state, history)
     return {**summary, "backbone_from": backbone_from}

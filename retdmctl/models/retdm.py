@@ -66,6 +66,16 @@ class RETDM(nn.Module):
             x = self.backbone(x)
         return self.embed(x)
 
+    def embed_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f before dropout, f after dropout): the metric loss and the feature bank use
+        the first (what the bank was initialised with, in eval mode), the classifier head
+        the second. In eval mode both are the same."""
+        if self.backbone is not None:
+            x = self.backbone(x)
+        linear, relu, dropout = self.embed
+        clean = relu(linear(x))
+        return clean, dropout(clean)
+
     def classify(self, f: torch.Tensor) -> torch.Tensor:
         return self.cls_head(f)  # logits; p = sigmoid(logits)
 

@@ -230,6 +230,17 @@ def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
     return out
 
 
+def choose_thresholds(model: RETDM, source, val_rows: np.ndarray, device: torch.device) -> dict:
+    """The decision thresholds of this model, chosen on the validation split (saved in
+    its checkpoint: ``threshold_choice`` holds both rules, ``thresholds`` the per-class
+    ones that predict uses by default)."""
+    from retdmctl import thresholds
+
+    scores, labels = predict_scores(model, source, val_rows, device)
+    choice = thresholds.choose(labels, scores)
+    return {"threshold_choice": choice, "thresholds": choice["per_class"]}
+
+
 def val_bce_and_map(model: RETDM, source, rows: np.ndarray, device: torch.device) -> dict[str, float]:
     scores, labels = predict_scores(model, source, rows, device)
     eps = 1e-7
