@@ -268,7 +268,11 @@ def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, 
         load_strict(backbone, backbone_state, f"checkpoint {path} (backbone)")
     elif frozen:
         weights = Path(model_cfg["weights_file"]) if model_cfg.get("weights_file") else None
-        backbone, _ = build_backbone(spec.name, pretrained=bool(model_cfg.get("pretrained", True)), weights_file=weights)
+        if weights is None and (not model_cfg.get("pretrained", True) or spec.name == "tiny_cnn"):
+            # the cached features came from a randomly initialised backbone that was never saved
+            raise RetdmError(f"checkpoint {path} was trained on features of a frozen, randomly initialised "
+                             f"{spec.name} that cannot be rebuilt: retrain with pretrained weights or fine-tune")
+        backbone, _ = build_backbone(spec.name, pretrained=True, weights_file=weights)
     else:
         raise RetdmError(f"checkpoint {path} has no backbone weights but was not trained with a frozen backbone")
     net.backbone = backbone

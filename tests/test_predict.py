@@ -202,3 +202,14 @@ def test_help_has_an_example():
     for cmd in ("predict", "export"):
         result = runner.invoke(app, [cmd, "--help"])
         assert result.exit_code == 0 and "Example: retdmctl" in result.output
+
+
+def test_frozen_random_backbone_cannot_be_rebuilt(tmp_path):
+    from retdmctl.models.retdm import RETDM
+
+    heads = RETDM(3, 64, 16, 0.0)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": heads.state_dict(), "class_names": ["a", "b", "c"], "backbone": "tiny_cnn", "feature_dim": 64,
+                "frozen_backbone": True, "config": {"model": {"embed_dim": 16, "dropout": 0.0, "image_size": 32}}}, path)
+    with pytest.raises(RetdmError, match="randomly initialised tiny_cnn that cannot be rebuilt"):
+        load_predictor(path)

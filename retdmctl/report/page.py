@@ -132,7 +132,7 @@ def line_chart(
     markers: bool = True,
 ) -> str:
     """An SVG line chart: ``series`` = [(name, colour, [(x, y), ...])]; None/NaN y leave gaps."""
-    left, right, top, bottom = 52, (175 if legend else 14), 24, 40
+    left, right, top, bottom = 62, (175 if legend else 14), 24, 40
     pts = [(x, y) for _, _, p in series for x, y in p if _num(x) and _num(y)]
     head = (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">'
             f"<title>{_esc(title)}</title>"
