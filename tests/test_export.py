@@ -111,8 +111,13 @@ def tiny(tmp_path_factory):
     return tiny_workspace(tmp_path_factory.mktemp("work"))
 
 
+def needs_onnx():
+    pytest.importorskip("onnx", reason="onnx is absent: pip install 'retdmctl[export]'")
+    return pytest.importorskip("onnxruntime", reason="onnxruntime is absent: pip install 'retdmctl[export]'")
+
+
 def _onnx_check(model_path: Path, predictor, paths: list[Path]) -> float:
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is absent: pip install 'retdmctl[export]'")
+    ort = needs_onnx()
     import onnx
 
     meta = json.loads({p.key: p.value for p in onnx.load(str(model_path)).metadata_props}["retdmctl"])
@@ -134,6 +139,7 @@ def _onnx_check(model_path: Path, predictor, paths: list[Path]) -> float:
 
 
 def test_onnx_parity_fine_tuned_tiny_cnn(tiny, tmp_path):
+    needs_onnx()
     out = tmp_path / "model.onnx"
     result = export(tiny.root, "--format", "onnx", "--output", str(out))
     assert "opset 17" in result.output
@@ -142,7 +148,7 @@ def test_onnx_parity_fine_tuned_tiny_cnn(tiny, tmp_path):
 
 
 def test_onnx_parity_frozen_efficientnet_on_real_photos(tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is absent: pip install 'retdmctl[export]'")
+    needs_onnx()
     photos = scene_images()
     ckpt = frozen_lite0_checkpoint(tmp_path / "joint.pt", ["desert", "mountains", "sea", "sunset", "trees"])
     out = tmp_path / "lite0.onnx"
@@ -168,7 +174,7 @@ def test_torchscript_and_sidecar(tiny, tmp_path):
 
 
 def test_default_output_path(tiny):
-    pytest.importorskip("onnx", reason="onnx is absent")
+    pytest.importorskip("onnx", reason="onnx is absent: pip install 'retdmctl[export]'")
     export(tiny.root, "--format", "onnx")
     assert (tiny.root / "export" / "classifier.onnx").is_file()
 
