@@ -305,3 +305,11 @@ def quickstart(
 
 def entry() -> None:
     app()
+
+
+# --- predict / export (retdmctl.cli_predict) ------------------------------------
+from retdmctl.cli_predict import export as _export  # noqa: E402
+from retdmctl.cli_predict import predict as _predict  # noqa: E402
+
+app.command("predict")(_predict)
+app.command("export")(_export)

@@ -32,6 +32,9 @@ def _os_error_message(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
+_UsageError = typer.BadParameter.__mro__[1]  # click's UsageError, as vendored by typer
+
+
 class ErrorCatchingGroup(TyperGroup):
     """Turns every RetdmError (and an OS error such as a full disk or a read-only
     folder) into ``error: <message>`` on stderr and exit code 1."""
@@ -46,7 +49,7 @@ class ErrorCatchingGroup(TyperGroup):
         except RetdmError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        except typer.BadParameter as exc:  # e.g. a path that does not exist: one line, exit 1
+        except _UsageError as exc:  # a path that does not exist, an unknown option: one line, exit 1
             typer.echo(f"error: {exc.format_message()}", err=True)
             raise typer.Exit(1) from None
         except OSError as exc:

@@ -22,7 +22,7 @@ from retdmctl.metrics import (
     per_class_average_precision,
 )
 from retdmctl.pipeline import Context, Stage
-from retdmctl.report.html import render_report
+from retdmctl.report.build import build_report
 from retdmctl.training.common import (
     backbone_problem,
     build_model,
@@ -39,9 +39,6 @@ from retdmctl.training.runtime import (
     set_threads,
 )
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
-
-TRAINED = ("classifier", "metric", "joint")
-
 
 def _blocked(cfg: Config) -> str | None:
     if (problem := backbone_problem(cfg)) is not None:
@@ -109,37 +106,16 @@ def run(ctx: Context) -> dict:
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=2))
 
     if e.report == "html":
-        history = {}
-        for stage in TRAINED:
-            path = ws.stage_dir(stage) / "checkpoint.pt"
-            if path.exists():
-                # the learning rate has its own scale: it would flatten the loss curves
-                history[stage] = [
-                    {k: v for k, v in rec.items() if k != "lr"} for rec in load_checkpoint(path).get("history", [])
-                ]
-        page = render_report(
-            title=f"retdmctl evaluation: {e.checkpoint} checkpoint on the {e.split} split",
-            metrics=metrics,
-            class_names=info.class_names,
-            per_class_ap=[float(v) for v in ap],
-            class_support=[int(v) for v in labels.sum(axis=0)],
-            history=history,
-            meta={
-                "workdir": str(ws.root),
-                "checkpoint": ws.rel(ckpt_path),
-                "backbone": f"{spec.name}" + (" (frozen)" if cfg.model.frozen_backbone else ""),
-                "images": str(len(rows)),
-                "thresholds": e.thresholds if e.thresholds != "fixed" else f"fixed {e.threshold}",
-                "version": __version__,
-                "created": now_iso(),
-            },
-        )
+        page = build_report(ws, cfg, info, result, scores=scores, labels=labels, rows=rows, model=model, device=device)
         write_text_atomic(out / "report.html", page)
     return {"mAP": metrics["mAP"], "C-F1": metrics["C-F1"], "O-F1": metrics["O-F1"]}
 
 
 def _inputs(ws, cfg: Config) -> list:
-    return [ws.dataset, ws.stage_dir(cfg.eval.checkpoint) / "checkpoint.pt"] + model_inputs(ws, cfg)
+    paths = [ws.dataset, ws.stage_dir(cfg.eval.checkpoint) / "checkpoint.pt"] + model_inputs(ws, cfg)
+    if cfg.eval.checkpoint == "joint" and cfg.eval.report == "html":  # the report shows the classifier beside it
+        paths.append(ws.stage_dir("classifier") / "checkpoint.pt")
+    return paths
 
 
 def _outputs(ws, cfg: Config) -> list:

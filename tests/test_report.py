@@ -119,3 +119,146 @@ def test_svg_coordinates_are_finite() -> None:
     page = _render(history={"s": [{"epoch": 5, "loss": 2.0}, {"epoch": 5, "loss": 2.0}]})
     numbers = re.findall(r'\s(?:x|y|x1|x2|y1|y2|cx|cy)="([^"]+)"', page)
     assert numbers and all(math.isfinite(float(v)) for v in numbers)
+
+
+# --- the full report page (retdmctl.report.page / retdmctl.report.build) ---------------
+
+import base64  # noqa: E402
+import io as _io  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from retdmctl.report.build import PAPER, gather, per_class_table, pca_2d, pr_curves, worst_first  # noqa: E402
+from retdmctl.report.page import render_page  # noqa: E402
+
+NAMES = ["sea", EVIL, '"&\'', "sun<set>", "empty"]
+
+
+def _jpeg_uri(seed: int) -> str:
+    arr = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    buf = _io.BytesIO()
+    Image.fromarray(arr).resize((96, 72)).save(buf, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sample_data(source: str = "scene") -> dict:
+    """A report data dict with hostile strings everywhere a name can appear."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 5)) < 0.35).astype(np.uint8)
+    labels[:, 4] = 0  # a class without positives
+    scores = np.clip(labels * 0.6 + rng.random((60, 5)) * 0.5, 0, 1)
+    thr = np.full(5, 0.5)
+    pts, _ = pca_2d(rng.normal(size=(60, 16)))
+    metrics = {name: 0.5 + i / 100 for i, name in enumerate(METRIC_NAMES)}
+    return {
+        "title": f"report <{EVIL}>",
+        "subtitle": "",
+        "dataset": {"name": source, "source": "/data/<x>", "fingerprint": "sha256:abc", "images": 100, "classes": 5,
+                    "splits": {"train": 70, "val": 10, "test": 20}},
+        "model": {"backbone": "efficientnet_lite0 (frozen)", "image size": 128, "threshold": 0.5},
+        "config": {"model": {"backbone": "efficientnet_lite0", "image_size": 128, "lr_note": EVIL},
+                   "joint": {"epochs": 10, "lr": 0.001, "way2": "bank"}, "ingest": {"classes": ""}},
+        "metrics": {"classifier (ours)": metrics, "joint (ours)": {k: v + 0.01 for k, v in metrics.items()}},
+        "paper": PAPER.get(source),
+        "paper_note": "paper note",
+        "threshold_note": "at 0.5",
+        "class_names": NAMES,
+        "per_class": per_class_table(labels, scores, thr),
+        "per_class_note": "",
+        "pr_curves": pr_curves(labels, scores),
+        "cooccurrence": (labels.T.astype(int) @ labels.astype(int)).tolist(),
+        "cooccurrence_note": "Training split",
+        "history": {"classifier": [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_mAP": 0.5 + e / 50, "lr": 0.1}
+                                   for e in range(1, 6)],
+                    "metric": [{"epoch": 1, "metric<loss>": 0.3}], "joint": []},
+        "thumbnails": [{"id": f"img{i}<{EVIL}>", "uri": _jpeg_uri(i), "true": [NAMES[c] for c in np.flatnonzero(labels[i])],
+                        "pred": [(NAMES[c], float(scores[i, c])) for c in np.flatnonzero(scores[i] >= 0.5)]}
+                       for i in worst_first(labels, scores, thr)[:12]],
+        "projection": {"points": pts.tolist(), "labels": [np.flatnonzero(r).tolist() for r in labels], "note": "PCA"},
+        "footer": {"retdmctl": "0.1.0", "workdir": "/w/<x>"},
+    }
+
+
+def test_page_escapes_every_label_and_id():
+    page = render_page(sample_data())
+    for raw in (EVIL, '"&\'', "sun<set>", "metric<loss>", "/data/<x>"):
+        assert raw not in page, raw
+        assert html.escape(raw, quote=True) in page, raw
+    # the only script is ours
+    assert page.count("<script>") == 1 and "alert(1)</script>" not in page
+
+
+def test_page_is_self_contained():
+    page = render_page(sample_data())
+    assert "http://" not in page and "https://" not in page and "//cdn" not in page
+    assert 'src="data:image/jpeg;base64,' in page
+    assert "<link" not in page and "@import" not in page
+
+
+def test_page_sections():
+    page = render_page(sample_data())
+    for heading in ("Metrics", "Per-class results", "Precision-recall curves", "Training curves",
+                    "Test images, worst mistakes first", "Image embeddings (2-D projection)", "Label co-occurrence",
+                    "Configuration"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    # paper figures beside ours on scene; classifier vs joint side by side
+    assert "RETDM (paper)" in page and "0.8850" in page and "0.8840" in page
+    assert "classifier (ours)" in page and "joint (ours)" in page
+    # column names say which AP is which
+    assert "AP (class)" in page and "avg. precision (label ranking)" in page
+    # no-positive note, n/a AP
+    assert "have no positive image in this split: empty" in page
+    # loss and mAP on separate axes; lr left out
+    assert "classifier: loss" in page and "classifier: mAP" in page and ">lr</text>" not in page
+    # every hyperparameter
+    assert "way2" in page and "bank" in page
+
+
+def test_no_paper_column_for_other_datasets():
+    page = render_page(sample_data("demo"))
+    assert "RETDM (paper)" not in page
+
+
+def test_per_class_table_counts():
+    y = np.array([[1, 0], [1, 0], [0, 0]])
+    s = np.array([[0.9, 0.6], [0.2, 0.1], [0.7, 0.0]])
+    pc = per_class_table(y, s, np.array([0.5, 0.5]))
+    assert pc[0]["precision"] == 0.5 and pc[0]["recall"] == 0.5 and pc[0]["support"] == 2
+    assert pc[1]["recall"] is None and pc[1]["ap"] is None and pc[1]["precision"] == 0.0
+
+
+def test_worst_mistakes_first():
+    y = np.array([[1, 0], [1, 0], [0, 1]])
+    s = np.array([[0.9, 0.1], [0.1, 0.9], [0.4, 0.6]])
+    assert worst_first(y, s, np.array([0.5, 0.5])).tolist() == [1, 2, 0]
+
+
+def test_gather_on_a_trained_workspace(tmp_path):
+    """The data the eval stage hands over, end to end on a tiny trained workspace."""
+    from test_predict import make_workspace
+
+    from retdmctl.data.dataset import read_dataset
+    from retdmctl.inference import load_strict
+    from retdmctl.metrics import compute_metrics
+    from retdmctl.training.common import build_model, image_source, predict_scores
+    from retdmctl.training.runtime import load_checkpoint
+
+    ws, cfg = make_workspace(tmp_path / "w")
+    cfg.eval.checkpoint = "classifier"
+    info = read_dataset(ws.dataset)
+    model, spec = build_model(cfg, info.num_classes, pretrained=False)
+    load_strict(model, load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], "ckpt")
+    rows = info.split("test")
+    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec), rows, torch.device("cpu"))
+    result = {"metrics": compute_metrics(labels, scores), "split": "test", "threshold": 0.5,
+              "checkpoint": "classifier/checkpoint.pt"}
+    d = gather(ws, cfg, info, result, scores=scores, labels=labels, rows=rows, model=model, device=torch.device("cpu"))
+    assert d["dataset"]["splits"]["test"] == len(rows) and d["dataset"]["fingerprint"]
+    assert len(d["thumbnails"]) == min(36, len(rows)) and d["thumbnails"][0]["uri"].startswith("data:image/jpeg")
+    assert len(d["projection"]["points"]) == len(rows)
+    assert "classifier" in d["history"] and d["subtitle"] == "no joint checkpoint"
+    assert d["config"]["classifier"]["epochs"] == 2
+    page = render_page(d)
+    assert "http://" not in page and "https://" not in page

@@ -1,0 +1,206 @@
+"""``retdmctl predict`` and ``retdmctl export`` (registered in :mod:`retdmctl.cli`)."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from retdmctl.cli_support import STATE, console
+from retdmctl.errors import RetdmError
+
+EXIT_SOME_SKIPPED = 2
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+CheckpointOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--checkpoint",
+        help="classifier, joint, or a checkpoint.pt file. Default: joint if trained, else classifier.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when available), cpu or cuda.")]
+
+
+def _predictor(checkpoint: str | None, device: str):
+    from retdmctl.inference import load_predictor
+
+    if checkpoint is not None and checkpoint not in ("classifier", "joint"):
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise RetdmError(f"--checkpoint must be classifier, joint or a checkpoint file; {checkpoint!r} is none of them")
+        return load_predictor(path, device=device)
+    root = STATE.workdir.resolve()
+    if not root.is_dir():
+        raise RetdmError(f"workdir {root} does not exist: pass -w WORKDIR (or train a model first)")
+    return load_predictor(root, checkpoint, device=device)
+
+
+def predict(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders (searched recursively), glob patterns, or @list.txt.", show_default=False),
+    ],
+    fmt: Annotated[
+        Optional[OutputFormat],
+        typer.Option("--format", help="table, jsonl or csv. Default: table, or from --output's suffix (.csv: csv, else jsonl).",
+                     show_default=False),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the results to this file instead of stdout.", dir_okay=False),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option("--threshold", help="One score threshold for every class (overrides the checkpoint's per-class thresholds).",
+                     show_default=False),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="At most this many labels per image, best first (0: no limit).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Predict the labels of new images with a trained model.
+
+    A label is predicted when its score reaches the class's threshold (chosen on the
+    validation split when the checkpoint has them, else 0.5). Files that cannot be read
+    or decoded are reported on stderr, one line each, and skipped.
+
+    Exit codes: 0 every image was scored; 2 some inputs were skipped (the others were
+    scored and written); 1 nothing could be scored, or bad options.
+
+    Example: retdmctl predict photos/ --format jsonl
+    """
+    from retdmctl.predict import (
+        Prediction,
+        csv_header,
+        csv_row,
+        expand_inputs,
+        jsonl_line,
+        predict_files,
+        stderr_line,
+        table,
+        write_csv,
+    )
+    from retdmctl.workspace import write_text_atomic
+
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise RetdmError(f"--threshold must be between 0 and 1, got {threshold}")
+    if top_k < 0:
+        raise RetdmError(f"--top-k must be 0 or more, got {top_k}")
+    if fmt is None:
+        fmt = OutputFormat.table if output is None else (OutputFormat.csv if output.suffix.lower() == ".csv" else OutputFormat.jsonl)
+    if fmt is OutputFormat.table and output is not None:
+        raise RetdmError("--format table prints to the terminal; use --format jsonl or csv with --output")
+
+    files, skipped = expand_inputs(paths)
+    for s in skipped:
+        stderr_line(f"skipped {s.path}: {s.reason}")
+    if not files:
+        raise RetdmError("no image files to score")
+    predictor = _predictor(checkpoint, device)
+    thresholds = None if threshold is None else np.full(len(predictor.class_names), threshold)
+
+    names = predictor.class_names
+    stream_to_stdout = output is None and fmt is not OutputFormat.table
+    lines: list[str] = []
+    rows: list[list[str]] = [csv_header(names)]
+    preds: list[Prediction] = []
+    if stream_to_stdout and fmt is OutputFormat.csv:
+        sys.stdout.write(write_csv(rows))
+    n_skipped = len(skipped)
+    for item in predict_files(predictor, files, batch_size=batch_size, thresholds=thresholds, top_k=top_k):
+        if not isinstance(item, Prediction):
+            stderr_line(f"skipped {item.path}: {item.reason}")
+            n_skipped += 1
+            continue
+        preds.append(item)
+        if fmt is OutputFormat.jsonl:
+            line = jsonl_line(item, names)
+            if stream_to_stdout:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            else:
+                lines.append(line)
+        elif fmt is OutputFormat.csv:
+            if stream_to_stdout:
+                sys.stdout.write(write_csv([csv_row(item)]))
+            else:
+                rows.append(csv_row(item))
+
+    if not preds:
+        raise RetdmError(f"none of the {len(files)} files could be scored")
+    if fmt is OutputFormat.table:
+        src = f"{predictor.stage} model ({predictor.backbone})"
+        thr = f"threshold {threshold}" if threshold is not None else (
+            "per-class thresholds from validation" if predictor.threshold_source == "checkpoint" else "threshold 0.5")
+        console.print(table(preds, f"{len(preds)} images, {src}, {thr}"))
+    elif output is not None:
+        write_text_atomic(output, "\n".join(lines) + "\n" if fmt is OutputFormat.jsonl else write_csv(rows))
+        stderr_line(f"wrote {len(preds)} predictions to {output}")
+    if n_skipped:
+        stderr_line(f"{len(preds)} scored, {n_skipped} skipped")
+        raise typer.Exit(EXIT_SOME_SKIPPED)
+
+
+def export(
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="onnx or torchscript.")] = ExportFormat.onnx,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="The file to write. Default: WORKDIR/export/STAGE.onnx (or STAGE.torchscript.pt).",
+                     dir_okay=False, show_default=False),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+) -> None:
+    """Export the image network (backbone, embedding, classification head) for serving.
+
+    Input ``images`` (N, 3, H, W) float32 NCHW RGB, normalised as the metadata says;
+    outputs ``logits`` and ``probabilities`` (N, L); the batch dimension is dynamic.
+    ONNX uses opset 17 and keeps the labels, thresholds and the exact preprocessing as
+    JSON in metadata_props["retdmctl"]; TorchScript writes them to OUTPUT.json.
+
+    Example: retdmctl export --format onnx --output model.onnx
+    """
+    from retdmctl.export import (
+        EXTRA_HINT,
+        OPSET,
+        export_onnx,
+        export_torchscript,
+        onnx_parity,
+        torchscript_parity,
+    )
+
+    if fmt is ExportFormat.onnx:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise RetdmError(EXTRA_HINT) from None
+    predictor = _predictor(checkpoint, "cpu")
+    if output is None:
+        name = f"{predictor.stage}.onnx" if fmt is ExportFormat.onnx else f"{predictor.stage}.torchscript.pt"
+        output = STATE.workdir.resolve() / "export" / name
+    if fmt is ExportFormat.onnx:
+        export_onnx(predictor, output)
+        diff = onnx_parity(predictor, output)
+        check = "" if diff is None else f"; onnxruntime vs PyTorch max |dp| = {diff:.2e}"
+        console.print(f"wrote {output} (ONNX opset {OPSET}, {len(predictor.class_names)} labels{check})")
+    else:
+        export_torchscript(predictor, output)
+        diff = torchscript_parity(predictor, output)
+        console.print(f"wrote {output} and {output.name}.json (TorchScript; reloaded vs PyTorch max |dp| = {diff:.2e})")
