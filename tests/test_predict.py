@@ -104,7 +104,8 @@ def test_predictor_matches_the_eval_scores(trained):
     pred = load_predictor(ws.root, device="cpu")
     assert pred.stage == "classifier"  # no joint checkpoint: the classifier
     assert pred.class_names == info.class_names
-    assert np.allclose(pred.thresholds, 0.5) and pred.threshold_source == "default"
+    chosen = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["thresholds"]  # on validation
+    assert list(pred.thresholds) == chosen and pred.threshold_source == "checkpoint"
     reader = ImageReader(ws.lmdb)
     got = pred.predict([decode(reader.get(info.ids[r])) for r in rows])
     reader.close()
@@ -131,9 +132,10 @@ def test_jsonl_scores_and_labels(trained, images):
     recs = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["path"] for r in recs] == [str(p) for p in paths]
     names = read_dataset(ws.dataset).class_names
+    cut = dict(zip(names, load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["thresholds"]))
     for r in recs:
         assert list(r["scores"]) == names
-        assert r["labels"] == [n for n in sorted(r["scores"], key=lambda n: -r["scores"][n]) if r["scores"][n] >= 0.5]
+        assert r["labels"] == [n for n in sorted(r["scores"], key=lambda n: -r["scores"][n]) if r["scores"][n] >= cut[n]]
 
 
 def test_threshold_and_top_k(trained, images):

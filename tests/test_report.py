@@ -252,13 +252,14 @@ def test_gather_on_a_trained_workspace(tmp_path):
     load_strict(model, load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], "ckpt")
     rows = info.split("test")
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec), rows, torch.device("cpu"))
-    result = {"metrics": compute_metrics(labels, scores), "split": "test", "threshold": 0.5,
+    result = {"metrics": compute_metrics(labels, scores), "split": "test",
+              "thresholds": {"rule": "fixed", "values": dict.fromkeys(info.class_names, 0.5)},
               "checkpoint": "classifier/checkpoint.pt"}
     d = gather(ws, cfg, info, result, scores=scores, labels=labels, rows=rows, model=model, device=torch.device("cpu"))
     assert d["dataset"]["splits"]["test"] == len(rows) and d["dataset"]["fingerprint"]
     assert len(d["thumbnails"]) == min(36, len(rows)) and d["thumbnails"][0]["uri"].startswith("data:image/jpeg")
     assert len(d["projection"]["points"]) == len(rows)
-    assert "classifier" in d["history"] and d["subtitle"] == "no joint checkpoint"
+    assert "classifier" in d["history"] and d["subtitle"] == ""  # only the joint model gets the classifier beside it
     assert d["config"]["classifier"]["epochs"] == 2
     page = render_page(d)
     assert "http://" not in page and "https://" not in page
