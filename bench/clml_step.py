@@ -1,7 +1,7 @@
 """Cost of the CLML term (retdmctl.losses.clml) relative to a training step.
 
-Times one CLML forward+backward at batch 64, 80 classes, D = 512 (median of 30 runs after
-warm-up), for the default Gram/eigvalsh method and for the batched-SVD cross-check, and
+Times one CLML forward+backward at batch 64, 80 classes, D = 512 (median and min of 30 runs
+after warm-up), for the default Gram/eigvalsh method and for the batched-SVD cross-check, and
 compares it with (a) a training step of the frozen-backbone head (RETDM embed
 Linear 1280->512 + heads, batch 64, BCE, Adam) and (b) a full training step of
 EfficientNet-Lite0 + the same head at 224 px, batch 64 (a few steps only: seconds each
@@ -17,6 +17,7 @@ in half the images (COCO's "person"), so the largest label block is about 32 row
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -34,7 +35,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device: str, runs: int, warmup: int = 3) -> float:
+def _median_ms(fn, device: str, runs: int, warmup: int = 3) -> tuple[float, float]:
+    """(median, min) in ms; on a shared machine the min is the less disturbed figure."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -44,7 +46,7 @@ def _median_ms(fn, device: str, runs: int, warmup: int = 3) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def _labels(device: str) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _labels(device: str) -> torch.Tensor:
     return y.to(device)
 
 
-def clml_ms(device: str, method: str, runs: int) -> float:
+def clml_ms(device: str, method: str, runs: int) -> tuple[float, float]:
     f = torch.randn(N, D, device=device, requires_grad=True)
     logits = torch.randn(N, C, device=device)
     y = _labels(device)
@@ -79,19 +81,23 @@ def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def head_ms(device: str, runs: int) -> float:
+def head_ms(device: str, runs: int) -> tuple[float, float]:
     model = RETDM(C, FEAT, D).to(device).train()
     x = torch.randn(N, FEAT, device=device)
     return _median_ms(_train_step_fn(model, x, _labels(device)), device, runs)
 
 
-def full_ms(device: str, runs: int) -> float:
+def full_ms(device: str, runs: int) -> tuple[float, float]:
     from retdmctl.models.backbones import build_backbone
 
     backbone, spec = build_backbone("efficientnet_lite0", pretrained=False)
     model = RETDM(C, spec.out_dim, D, backbone=backbone).to(device).train()
     x = torch.randn(N, 3, 224, 224, device=device)
     return _median_ms(_train_step_fn(model, x, _labels(device)), device, runs, warmup=1)
+
+
+def _pct(a: tuple[float, float], b: tuple[float, float]) -> str:
+    return f"{100 * a[0] / b[0]:.1f} %, {100 * a[1] / b[1]:.1f} %"
 
 
 def main() -> None:
@@ -105,21 +111,23 @@ def main() -> None:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"CLML term forward+backward: batch {N}, {C} classes, D={D}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"{'device':<6} {'what':<44} {'ms':>10} {'CLML(gram) as % of it':>22}")
+          f"{torch.get_num_threads()} CPU threads; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores (other processes inflate every figure)", flush=True)
+    print(f"{'device':<6} {'what':<44} {'median ms':>10} {'min ms':>9} {'CLML(gram) % (median, min)':>27}",
+          flush=True)
     for device in devices:
         gram = clml_ms(device, "gram", args.runs)
         svd = clml_ms(device, "svd", args.svd_runs)
         head = head_ms(device, args.runs)
         rows = [("CLML term, gram/eigvalsh (default)", gram, None),
                 ("CLML term, batched svdvals (cross-check)", svd, None),
-                ("(a) head train step (1280->512 + heads)", head, 100 * gram / head)]
+                ("(a) head train step (1280->512 + heads)", head, _pct(gram, head))]
         if not args.no_full:
             full = full_ms(device, args.full_steps if device == "cpu" else args.runs)
-            rows.append(("(b) EfficientNet-Lite0 224px full train step", full, 100 * gram / full))
-        for what, ms, frac in rows:
-            frac_s = "" if frac is None else f"{frac:.1f} %"
-            print(f"{device:<6} {what:<44} {ms:>10.1f} {frac_s:>22}")
+            rows.append(("(b) EfficientNet-Lite0 224px full train step", full, _pct(gram, full)))
+        for what, (med, lo), frac in rows:
+            frac_s = "" if frac is None else frac
+            print(f"{device:<6} {what:<44} {med:>10.1f} {lo:>9.1f} {frac_s:>27}", flush=True)
 
 
 if __name__ == "__main__":

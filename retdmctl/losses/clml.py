@@ -49,9 +49,11 @@ rows and columns are zero, which adds only zero eigenvalues) and ONE
 decomposed in float64: float32 eigenvalues of these rank-deficient matrices are too
 inaccurate (square roots of rounding noise add up) and LAPACK's float32 eigh can fail to
 converge on them. When N > D the D x D Gram ``F_c^T F_c`` is smaller, so that form is
-used instead. On the 2-core CPU (N=64, C=80, D=512, forward+backward) this was about
-10x faster than one batched ``torch.linalg.svdvals`` on (C, N, D) masked copies
-(``method="svd"``, kept as a cross-check); figures in ``bench/clml_step.py``.
+used instead. On the shared 2-core CPU (N=64, C=80, D=512, forward+backward, 2 threads)
+this took 20-32 ms at best (median 110-160 ms under load) against 1.3 s at best (median
+1.3-1.8 s) for one batched ``torch.linalg.svdvals`` on (C+1, N, D) masked copies
+(``method="svd"``, kept as a cross-check); re-measure with ``bench/clml_step.py``. The
+eigen-decomposition needs one host sync (the largest label count sets the padding).
 """
 
 from __future__ import annotations
