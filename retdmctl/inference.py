@@ -215,28 +215,16 @@ def resolve_checkpoint(path: Path | str, stage: str | None = None) -> tuple[Path
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``module.load_state_dict(state, strict=True)``; a one-line RetdmError naming the
-    missing, unexpected or mis-shaped keys otherwise."""
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    mismatched = sorted(k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mismatched:
-        def some(keys: list[str]) -> str:
-            return ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+    """Strict load with a one-line error naming the keys (the project's one loader)."""
+    from retdmctl.training.common import load_state
 
-        problems = [f"{what_} {some(keys)}" for what_, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-        raise RetdmError(f"{what} does not fit its model: {'; '.join(problems)}")
-    module.load_state_dict(state, strict=True)
+    load_state(module, state, what)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, not a torch file: the user's to fix
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RetdmError(f"cannot read checkpoint {path}: {reason}") from None
+    from retdmctl.training.runtime import load_checkpoint
+
+    ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "class_names", "backbone", "feature_dim") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise RetdmError(f"{path} is not a retdmctl checkpoint (no {', '.join(missing)})")

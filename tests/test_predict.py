@@ -192,11 +192,11 @@ def test_strict_loading_names_the_bad_keys(trained, tmp_path):
     del ckpt["model"]["backbone.net.0.weight"]
     path = tmp_path / "bad.pt"
     torch.save(ckpt, path)
-    with pytest.raises(RetdmError, match=r"unexpected keys cls_head\.extra"):
+    with pytest.raises(RetdmError, match=r"\(heads\) does not fit the model; unexpected keys: cls_head\.extra \(1\)$"):
         load_predictor(path)
     ckpt["model"].pop("cls_head.extra")
     torch.save(ckpt, path)
-    with pytest.raises(RetdmError, match=r"\(backbone\) does not fit its model: missing keys net\.0\.weight"):
+    with pytest.raises(RetdmError, match=r"\(backbone\) does not fit the model; missing keys: net\.0\.weight"):
         load_predictor(path)
 
 
