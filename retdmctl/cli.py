@@ -75,13 +75,16 @@ def main(
 @app.command()
 def knn(
     k: Annotated[Optional[int], typer.Option("--k", help="Neighbouring label sets per label set (paper: 10).")] = None,
+    index: Annotated[
+        Optional[str], typer.Option("--index", help="exact, ivf, hnsw or auto (exact below 50,000 label sets).")
+    ] = None,
     force: Force = False,
 ) -> None:
     """Build the label-set kNN graph of the training split (knn.h5).
 
     Example: retdmctl knn --k 10
     """
-    ws, cfg = configure({"knn": {"k": k}})
+    ws, cfg = configure({"knn": {"k": k, "index": index}})
     run_stages(ws, cfg, ["knn"], force)
 
 

@@ -45,6 +45,7 @@ class IngestConfig:
 @dataclass
 class KnnConfig:
     k: int = 10  # neighbours per distinct training label set
+    index: str = "auto"  # exact | ivf | hnsw | auto (exact below 50,000 distinct label sets, ivf beyond)
 
 
 @dataclass
