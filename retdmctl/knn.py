@@ -42,9 +42,11 @@ from retdmctl import __version__
 from retdmctl.workspace import atomic_path, now_iso
 
 INDEX_KINDS = ("exact", "ivf", "hnsw", "auto")
-# Below this many distinct label sets, ``auto`` searches exactly. Measured on 2 cores
-# (bench/knn.py): exact costs ~2.5 s at 25k sets of 80 labels and ~8 s at 50k, growing
-# quadratically, while ivf stays near-linear with recall@10 >= 0.99.
+# Below this many distinct label sets, ``auto`` searches exactly (deterministic ties, and
+# exact stays in seconds: 12.6 s at 61,066 sets of 80 labels on 2 cores, DESIGN.md 6).
+# Exact grows quadratically and with the size of the tie groups (bench/knn.py: 5.4 CPU-s
+# already at 10,000 Zipf-distributed sets), while ivf is near-linear with recall@10 ~0.98
+# (3 CPU-s at 10^5, 74 CPU-s at 10^6, 80 labels).
 AUTO_EXACT_MAX = 50_000
 SEED = 1234  # FAISS/k-means seeding: the approximate graphs are reproducible
 

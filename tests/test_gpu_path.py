@@ -145,3 +145,27 @@ def test_device_pixel_source_over_lmdb(tmp_path):
     assert all(torch.equal(a, b) and np.array_equal(ra, rb) for (a, ra), (b, rb) in zip(t1, t2))
     assert sorted(np.concatenate([r for _, r in t1]).tolist()) == list(range(10))
     assert src.num_batches(rows) == 3
+
+
+def test_threaded_pixel_source_is_deterministic_and_matches_the_pil_transform(tmp_path):
+    from retdmctl.data.prefetch import ThreadedPixelSource, augment_choice
+
+    ids = [f"img{i}" for i in range(9)]
+    blobs = [_jpeg(_smooth_image(90, 140, i)) for i in range(9)]
+    writer = ImageWriter(tmp_path / "images.lmdb")
+    writer.put_many(zip(ids, blobs))
+    writer.close()
+    info = SimpleNamespace(ids=ids, labels=np.eye(9, 3, dtype=np.uint8))
+    src = ThreadedPixelSource(tmp_path / "images.lmdb", info, SimpleNamespace(mean=MEAN, std=STD), 64, 4)
+    rows = np.arange(9)
+    a = list(src.train_batches(rows, seed=11))
+    b = list(src.train_batches(rows, seed=11))
+    assert all(torch.equal(x1, x2) and np.array_equal(r1, r2) for (x1, _, r1), (x2, _, r2) in zip(a, b))
+    for x, _, r in a:
+        for xi, row in zip(x, r):
+            crop, flip = augment_choice(11, int(row))
+            assert torch.allclose(xi, _candidates(blobs[row], 64)[2 * crop + int(flip)])
+    ev = torch.cat([x for x, _, _ in src.eval_batches(rows)])
+    ref = torch.stack([eval_transform(64, MEAN, STD)(decode(d)) for d in blobs])
+    assert torch.equal(ev, ref)
+    next(iter(src.train_batches(rows, seed=1)))  # an abandoned epoch does not hang

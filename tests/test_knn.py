@@ -163,3 +163,21 @@ def test_approximate_search_of_outside_queries():
         # the k-th distance never beats exact; almost always equals it
         assert (dist[:, -1] >= exact_d[:, -1] - 1e-6).all()
         assert np.mean(np.isclose(dist[:, -1], exact_d[:, -1])) > 0.95
+
+
+def test_ivf_graph_does_not_depend_on_the_thread_count():
+    import faiss
+    import torch
+
+    sets = _sparse_label_sets(1500, 30, seed=6)
+    train = np.arange(len(sets))
+    threads = (faiss.omp_get_max_threads(), torch.get_num_threads())
+    try:
+        faiss.omp_set_num_threads(1)
+        torch.set_num_threads(1)
+        one = build_graph(sets, train, k=8, index="ivf")
+    finally:
+        faiss.omp_set_num_threads(threads[0])
+        torch.set_num_threads(threads[1])
+    many = build_graph(sets, train, k=8, index="ivf")
+    assert np.array_equal(one.neighbors, many.neighbors)
