@@ -3,7 +3,8 @@ index kind (retdmctl.knn) on synthetic distinct label sets.
 
 Generator (``label_sets``): label j has frequency weight 1/(j+1)^s (Zipf, s = 1.0 by
 default); each row draws m ~ Uniform{2..6} positives without replacement with
-probabilities proportional to those weights (Gumbel top-m trick); rows are drawn in
+probabilities proportional to those weights (Gumbel top-m trick up to 256 labels,
+sequential draws skipping repeats beyond: the same distribution); rows are drawn in
 batches and deduplicated, keeping the first n distinct rows in draw order. This mimics
 multi-label datasets (a few labels per image, a long tail of rare labels) whose distinct
 label sets grow with the image count.
@@ -40,16 +41,32 @@ def label_sets(n: int, num_labels: int, *, zipf_s: float = 1.0, min_pos: int = 2
     logw = -zipf_s * np.log(np.arange(1, num_labels + 1, dtype=np.float64))
     distinct = np.zeros((0, (num_labels + 7) // 8), dtype=np.uint8)  # packed, in first-draw order
     batch = max(4096, min(250_000, 2 * n))
+    cum = np.cumsum(np.exp(logw))
+    cum /= cum[-1]
     for _ in range(1000):
         m = rng.integers(min_pos, max_pos + 1, size=batch)
-        keys = (logw[None, :] + rng.gumbel(size=(batch, num_labels))).astype(np.float32)
-        top = np.argpartition(-keys, max_pos - 1, axis=1)[:, :max_pos]  # the max_pos largest keys
-        order = np.argsort(-np.take_along_axis(keys, top, 1), axis=1)
-        top = np.take_along_axis(top, order, 1)
-        x = np.zeros((batch, num_labels), dtype=np.uint8)
-        rows = np.repeat(np.arange(batch), m)
-        cols = top[np.arange(max_pos)[None, :] < m[:, None]]
-        x[rows, cols] = 1
+        if num_labels <= 256:
+            # Gumbel top-m: m labels without replacement, probabilities proportional to the weights
+            keys = (logw[None, :] + rng.gumbel(size=(batch, num_labels))).astype(np.float32)
+            top = np.argpartition(-keys, max_pos - 1, axis=1)[:, :max_pos]  # the max_pos largest keys
+            order = np.argsort(-np.take_along_axis(keys, top, 1), axis=1)
+            top = np.take_along_axis(top, order, 1)
+            x = np.zeros((batch, num_labels), dtype=np.uint8)
+            rows = np.repeat(np.arange(batch), m)
+            cols = top[np.arange(max_pos)[None, :] < m[:, None]]
+            x[rows, cols] = 1
+        else:
+            # The same distribution without an (n, L) key matrix: draw labels one at a time
+            # from the weights, skipping repeats, until m distinct; rows that run out of
+            # draws are dropped (rejection keeps the distribution exact).
+            x = np.zeros((batch, num_labels), dtype=np.uint8)
+            count = np.zeros(batch, dtype=np.int64)
+            draws = np.searchsorted(cum, rng.random((batch, 4 * max_pos)))
+            for j in range(draws.shape[1]):
+                need = np.flatnonzero((count < m) & (x[np.arange(batch), draws[:, j]] == 0))
+                x[need, draws[need, j]] = 1
+                count[need] += 1
+            x = x[count == m]
         both = np.concatenate([distinct, np.packbits(x, axis=1)])
         _, first = np.unique(both, axis=0, return_index=True)
         distinct = both[np.sort(first)]

@@ -12,7 +12,8 @@ retdmctl.data.prefetch.ThreadedPixelSource (a background decode thread).
 
 It builds its own LMDB store in a temp dir from /work/shared/data/scene/images when
 present (the first --images files), else from generated JPEGs (384x256, like scene).
-Timings: median over --repeats runs of --steps batches each, after a warm-up batch.
+Timings: median over --repeats runs of --steps batches each, after a warm-up batch; the
+variants are run interleaved so that they share the background load of a shared machine.
 
     python bench/train_throughput.py                      # Lite0, 224 px, batch 32, CPU
     python bench/train_throughput.py --backbone tiny_cnn --image-size 64 --steps 2
@@ -79,6 +80,18 @@ def build_store(root: Path, n: int, seed: int) -> SimpleNamespace:
     lab = np.array(labels, dtype=np.uint8)
     lab[lab.sum(1) == 0, 0] = 1
     return SimpleNamespace(ids=ids, labels=lab, lmdb=root / "images.lmdb", source=source, num_classes=lab.shape[1])
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the runs interleaved (A B C A B C ...) so that
+    every variant sees the same background load on a shared machine."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def timed(fn, repeats: int) -> float:
@@ -162,14 +175,19 @@ def main() -> None:
                 torch.cuda.synchronize()
 
         print("training step")
-        ref = row("model only (synthetic tensors)", timed(synth, args.repeats), n_img)
+        fns = {"model only (synthetic tensors)": synth}
         for name, src in sources():
             def epoch(src=src):
                 for x, y, _ in src.train_batches(rows, 0):
                     step(x, y)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-            row(f"end-to-end, {name}", timed(epoch, args.repeats), n_img, ref)
+            fns[f"end-to-end, {name}"] = epoch
+        med = interleaved(fns, args.repeats)
+        ref = None
+        for name, t in med.items():
+            rate = row(name, t, n_img, ref)
+            ref = ref or rate
 
     if "extract" not in args.skip:
         model.eval()
@@ -184,14 +202,19 @@ def main() -> None:
 
         synth_inf()
         print("feature extraction (inference)")
-        ref = row("model only (synthetic tensors)", timed(synth_inf, args.repeats), n_img)
+        fns = {"model only (synthetic tensors)": synth_inf}
         for name, src in sources():
             @torch.no_grad()
             def extract(src=src):
                 for x, _, _ in src.eval_batches(rows):
                     with autocast(device):
                         feats(to_device(x, device)).float().cpu()
-            row(f"extraction, {name}", timed(extract, args.repeats), n_img, ref)
+            fns[f"extraction, {name}"] = extract
+        med = interleaved(fns, args.repeats)
+        ref = None
+        for name, t in med.items():
+            rate = row(name, t, n_img, ref)
+            ref = ref or rate
 
     if "metric" not in args.skip:
         print("metric-stage epoch (label net + heads; phi frozen)")
