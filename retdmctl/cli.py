@@ -63,6 +63,13 @@ class Split(str, Enum):
     test = "test"
 
 
+class KnnIndex(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    ivf = "ivf"
+    hnsw = "hnsw"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -100,6 +107,9 @@ def main(
 @app.command()
 def knn(
     k: Annotated[Optional[int], option("--k", metavar="N", default="knn.k", help="Neighbouring label sets per label set (paper: 10).")] = None,
+    index: Annotated[
+        Optional[KnnIndex], option("--index", default="knn.index", help="Search: exact, approximate (ivf, hnsw), or auto (exact below 50,000 label sets).")
+    ] = None,
     sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
@@ -109,7 +119,7 @@ def knn(
     Example: retdmctl knn --k 10
     """
     set_workdir(workdir)
-    cfg = resolve({"knn": {"k": k}}, sets)
+    cfg = resolve({"knn": {"k": k, "index": index.value if index else None}}, sets)
     run_stages(cfg, ["knn"], force)
 
 

@@ -45,6 +45,7 @@ class IngestConfig:
 @dataclass
 class KnnConfig:
     k: int = 10  # neighbours per distinct training label set
+    index: str = "auto"  # exact | ivf | hnsw | auto (exact below 50,000 distinct label sets, ivf beyond)
 
 
 @dataclass
@@ -273,6 +274,7 @@ _RULES: dict[str, Any] = {
     "ingest.demo_classes": lambda v: None if 2 <= v <= 12 else "must be in [2, 12]",
     "ingest.voc_difficult": _one_of("positive", "ignore"),
     "knn.k": _at_least(1),
+    "knn.index": _one_of("auto", "exact", "ivf", "hnsw"),
     "model.image_size": _at_least(1),
     "model.embed_dim": _at_least(1),
     "model.dropout": _unit_right_open,

@@ -5,19 +5,23 @@ from __future__ import annotations
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import InputError
-from retdmctl.knn import build_graph, write_graph
+from retdmctl.knn import INDEX_KINDS, build_graph, write_graph
 from retdmctl.pipeline import Context, Stage
 
 
 def _blocked(cfg: Config) -> str | None:
-    return None if cfg.knn.k >= 1 else f"knn.k must be at least 1, got {cfg.knn.k}"
+    if cfg.knn.k < 1:
+        return f"knn.k must be at least 1, got {cfg.knn.k}"
+    if cfg.knn.index not in INDEX_KINDS:
+        return f"knn.index must be one of {', '.join(INDEX_KINDS)}, got {cfg.knn.index!r}"
+    return None
 
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
     info = read_dataset(ws.dataset)
     try:
-        graph = build_graph(info.labels, info.split("train"), cfg.knn.k)
+        graph = build_graph(info.labels, info.split("train"), cfg.knn.k, cfg.knn.index)
     except ValueError as exc:
         raise InputError(f"{ws.rel(ws.dataset)}: {exc}") from None
     write_graph(ws.knn, graph, cfg.sections(STAGE.sections))
@@ -25,9 +29,15 @@ def run(ctx: Context) -> dict:
     ctx.console.print(
         f"{len(graph.label_sets)} distinct training label sets, k = {graph.k}"
         + (f" (capped from {cfg.knn.k})" if graph.k < cfg.knn.k else "")
+        + f"; {_describe(graph.index)}"
         + f"; images per set: median {int(sorted(sizes)[len(sizes) // 2])}, max {int(sizes.max())}"
     )
-    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k)}
+    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k), "index": graph.index}
+
+
+def _describe(index: dict) -> str:
+    params = ", ".join(f"{k} {v}" for k, v in index.items() if k not in ("kind", "requested", "seed"))
+    return f"{index['kind']} search" + (f" ({params})" if params else "")
 
 
 STAGE = Stage(

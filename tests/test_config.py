@@ -24,7 +24,7 @@ def test_toml_overrides_defaults_and_round_trips(tmp_path):
 def test_unknown_section_and_key_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"^x.toml: unknown section \[nope\]; known: "):
         apply(Config(), {"nope": {}}, "x.toml")
-    with pytest.raises(ConfigError, match=r"^x.toml: unknown option knn.kk; known: k$"):
+    with pytest.raises(ConfigError, match=r"^x.toml: unknown option knn.kk; known: index, k$"):
         apply(Config(), {"knn": {"kk": 1}}, "x.toml")
 
 

@@ -269,7 +269,7 @@ class MetricSampler:
         for row, s in zip(train_rows, graph.image_set[train_rows]):
             row_neighbors[int(row)] = graph.neighbors[s]
         if len(extra_rows):
-            nbrs, _ = knn_search(graph.label_sets, info.labels[extra_rows], graph.k)
+            nbrs, _ = knn_search(graph.label_sets, info.labels[extra_rows], graph.k, graph.index.get("kind", "exact"))
             for row, nb in zip(extra_rows, nbrs):
                 row_neighbors[int(row)] = nb
         return cls(graph, torch.from_numpy(graph.label_sets.astype(np.float32)), row_neighbors)
