@@ -210,6 +210,7 @@ def test_page_sections():
     assert "AP (class)" in page and "avg. precision (label ranking)" in page
     # no-positive note, n/a AP
     assert "have no positive image in this split: empty" in page
+    assert "left out of mAP, C-P, C-R and C-F1 alike" in page
     # loss and mAP on separate axes; lr left out
     assert "classifier: loss" in page and "classifier: mAP" in page and ">lr</text>" not in page
     # every hyperparameter

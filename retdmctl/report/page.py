@@ -307,8 +307,8 @@ def _per_class_section(d: Mapping[str, Any]) -> str:
     note = ""
     if missing:
         note = (f'<div class="note">{len(missing)} class(es) have no positive image in this split: '
-                f'{_esc(", ".join(missing))}. Their AP (class) is n/a and they are left out of mAP; their recall '
-                f'counts as 0 in C-R.</div>')
+                f'{_esc(", ".join(missing))}. Their AP and recall are undefined: they are left out of mAP, C-P, '
+                f'C-R and C-F1 alike (their false positives still count in O-P and the hamming loss).</div>')
     return (f'<section><h2>Per-class results</h2><p class="sub">{_esc(d.get("per_class_note", ""))}</p>{note}'
             '<table><thead><tr><th>class</th><th class="num">positives (split)</th><th class="num">threshold</th>'
             '<th class="num">precision</th><th class="num">recall</th><th class="num">F1 (class)</th>'
