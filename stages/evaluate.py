@@ -64,7 +64,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    set_threads()
+    set_threads(cnn=not cfg.model.frozen_backbone)
     device = pick_device(cfg.runtime.device)
     info = read_dataset(ws.dataset)
     e = cfg.eval

@@ -54,7 +54,9 @@ def backbone_problem(cfg: Config) -> str | None:
 def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInfo, Path]:
     """Threads, seed, device, the dataset and the stage's folder; ``--force`` discards a
     resume point so that the stage starts over. Train and val must not be empty."""
-    set_threads()
+    # The metric stage never runs the CNN; the others do unless the backbone is frozen
+    # (feature extraction, when needed, sets its own threads).
+    set_threads(cnn=stage != "metric" and not ctx.cfg.model.frozen_backbone)
     seed_everything(seed)
     device = pick_device(ctx.cfg.runtime.device)
     info = read_dataset(ctx.ws.dataset)
@@ -106,9 +108,14 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
         return path
     weights = Path(m.weights_file) if m.weights_file else None
     backbone, spec = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
+    previous = torch.get_num_threads()
+    set_threads(cnn=True)
     pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, cfg.runtime.workers)
     # Not part of the stage's transaction: the cache is keyed by its content's inputs.
-    extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
+    try:
+        extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
+    finally:
+        torch.set_num_threads(previous)
     return path
 
 

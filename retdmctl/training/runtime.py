@@ -92,7 +92,10 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def set_threads() -> None:
-    """Use every core for intra-op work unless the user said otherwise."""
+def set_threads(cnn: bool = True) -> None:
+    """Intra-op threads, unless the user set OMP_NUM_THREADS: every core when a CNN runs;
+    one for training heads on cached features, whose many tiny ops only wait for each
+    other at OpenMP barriers on more threads (measured: a metric-stage epoch ran 4x
+    slower on 2 threads than on 1 on a busy 2-core machine; bench/train_throughput.py)."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads((os.cpu_count() or 1) if cnn else 1)
