@@ -418,11 +418,15 @@ def test_a_corrupt_resume_point_is_set_aside_and_the_stage_starts_over(work):
 
 
 def test_a_corrupt_checkpoint_is_rebuilt_by_the_stage_that_made_it(work):
+    good = (work / "joint" / "checkpoint.pt").read_bytes()
     (work / "joint" / "checkpoint.pt").write_bytes(b"\x00garbage")
     assert stage_states(work)["joint"] == "stale"
     result = invoke(work, "eval")
     assert result.exit_code == 0, result.output
-    assert [line.split(":")[0] for line in result.output.splitlines() if ": running" in line] == ["joint", "eval"]
+    # training is deterministic: the rebuilt checkpoint is the same file, so eval stays valid
+    assert [line.split(":")[0] for line in result.output.splitlines() if ": running" in line] == ["joint"]
+    assert (work / "joint" / "checkpoint.pt").read_bytes() == good
+    assert set(stage_states(work).values()) == {"done"}
 
 
 def test_an_unreadable_checkpoint_is_a_one_line_error(tmp_path):
