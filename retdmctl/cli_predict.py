@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from enum import Enum
 from pathlib import Path
@@ -10,8 +12,9 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from retdmctl.cli_support import STATE, console
+from retdmctl.cli_support import STATE, Workdir, console, set_workdir
 from retdmctl.errors import RetdmError
+from retdmctl.lock import workspace_lock
 
 EXIT_SOME_SKIPPED = 2
 
@@ -30,12 +33,12 @@ class ExportFormat(str, Enum):
 CheckpointOpt = Annotated[
     Optional[str],
     typer.Option(
-        "--checkpoint",
+        "--checkpoint", metavar="STAGE|FILE",
         help="classifier, joint, or a checkpoint.pt file. Default: joint if trained, else classifier.",
         show_default=False,
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when available), cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (GPU when available), cpu or cuda.")]
 
 
 def _predictor(checkpoint: str | None, device: str):
@@ -49,13 +52,27 @@ def _predictor(checkpoint: str | None, device: str):
     root = STATE.workdir.resolve()
     if not root.is_dir():
         raise RetdmError(f"workdir {root} does not exist: pass -w WORKDIR (or train a model first)")
-    return load_predictor(root, checkpoint, device=device)
+    predictor = load_predictor(root, checkpoint, device=device)
+    _warn_if_stale(root, predictor.stage)
+    return predictor
+
+
+def _warn_if_stale(root: Path, stage: str) -> None:
+    """A model older than the workspace's config or data still predicts, but says so."""
+    from retdmctl.pipeline import status
+    from retdmctl.workspace import Workspace
+    from stages import BY_NAME
+
+    ws = Workspace(root)
+    st = status(ws, ws.load_config(STATE.config), BY_NAME[stage])
+    if st.state != "done":
+        typer.echo(f"warning: the {stage} model is out of date ({st.reason}); `retdmctl run` retrains it", err=True)
 
 
 def predict(
     paths: Annotated[
         list[str],
-        typer.Argument(help="Image files, folders (searched recursively), glob patterns, or @list.txt.", show_default=False),
+        typer.Argument(metavar="PATH...", help="Image files, folders (searched recursively), glob patterns, or @list.txt.", show_default=False),
     ],
     fmt: Annotated[
         Optional[OutputFormat],
@@ -69,12 +86,13 @@ def predict(
     checkpoint: CheckpointOpt = None,
     threshold: Annotated[
         Optional[float],
-        typer.Option("--threshold", help="One score threshold for every class (overrides the checkpoint's per-class thresholds).",
+        typer.Option("--threshold", metavar="T", help="One score threshold for every class (overrides the checkpoint's per-class thresholds).",
                      show_default=False),
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="At most this many labels per image, best first (0: no limit).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="At most this many labels per image, best first (0: no limit).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    workdir: Workdir = None,
 ) -> None:
     """Predict the labels of new images with a trained model.
 
@@ -87,6 +105,7 @@ def predict(
 
     Example: retdmctl predict photos/ --format jsonl
     """
+    set_workdir(workdir)
     from retdmctl.predict import (
         Prediction,
         csv_header,
@@ -167,6 +186,7 @@ def export(
                      dir_okay=False, show_default=False),
     ] = None,
     checkpoint: CheckpointOpt = None,
+    workdir: Workdir = None,
 ) -> None:
     """Export the image network (backbone, embedding, classification head) for serving.
 
@@ -177,14 +197,8 @@ def export(
 
     Example: retdmctl export --format onnx --output model.onnx
     """
-    from retdmctl.export import (
-        EXTRA_HINT,
-        OPSET,
-        export_onnx,
-        export_torchscript,
-        onnx_parity,
-        torchscript_parity,
-    )
+    set_workdir(workdir)
+    from retdmctl.export import EXTRA_HINT
 
     if fmt is ExportFormat.onnx:
         try:
@@ -195,6 +209,15 @@ def export(
     if output is None:
         name = f"{predictor.stage}.onnx" if fmt is ExportFormat.onnx else f"{predictor.stage}.torchscript.pt"
         output = STATE.workdir.resolve() / "export" / name
+    root = STATE.workdir.resolve()
+    # Writing into a workspace takes its lock, like every other writer.
+    with workspace_lock(root) if output.resolve().is_relative_to(root) else contextlib.nullcontext():
+        _export(fmt, predictor, output)
+
+
+def _export(fmt, predictor, output: Path) -> None:
+    from retdmctl.export import OPSET, export_onnx, export_torchscript, onnx_parity, torchscript_parity
+
     if fmt is ExportFormat.onnx:
         export_onnx(predictor, output)
         diff = onnx_parity(predictor, output)
