@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -39,7 +38,7 @@ class ErrorCatchingGroup(TyperGroup):
     """Turns every RetdmError (and an OS error such as a full disk or a read-only
     folder) into ``error: <message>`` on stderr and exit code 1."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx) -> list[str]:
         names = list(self.commands)
         return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER), n))
 
