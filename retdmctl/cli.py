@@ -268,6 +268,10 @@ def status(workdir: Workdir = None) -> None:
         color = {"done": "green", "stale": "yellow", "missing": "red"}[state]
         table.add_row(stage.name, f"[{color}]{state}[/]", reason, stage.command)
     console.print(table)
+    if cfg.labels.protocol != "full":  # the training stages learn from incomplete labels
+        lab = cfg.labels
+        fraction = f" {lab.fraction:g}" if lab.protocol in ("keep", "hide") else ""
+        console.print(f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), unknown read as {lab.unknown}")
 
 
 QUICKSTART_WORKDIR = Path("retdm-quickstart")

@@ -7,6 +7,7 @@ from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import InputError
 from retdmctl.knn import build_graph, write_graph
 from retdmctl.pipeline import Context, Stage
+from retdmctl.training.labels import announce, training_view
 
 
 def _blocked(cfg: Config) -> str | None:
@@ -15,7 +16,9 @@ def _blocked(cfg: Config) -> str | None:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    info = read_dataset(ws.dataset)
+    # the graph's label sets are the observed training label sets (unknown read as 0)
+    info, _, labels_summary = training_view(read_dataset(ws.dataset), cfg)
+    announce(ctx.console, labels_summary)
     try:
         graph = build_graph(info.labels, info.split("train"), cfg.knn.k)
     except ValueError as exc:
@@ -27,13 +30,13 @@ def run(ctx: Context) -> dict:
         + (f" (capped from {cfg.knn.k})" if graph.k < cfg.knn.k else "")
         + f"; images per set: median {int(sorted(sizes)[len(sizes) // 2])}, max {int(sizes.max())}"
     )
-    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k)}
+    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k), **labels_summary}
 
 
 STAGE = Stage(
     name="knn",
     command="retdmctl knn",
-    sections=("knn",),
+    sections=("knn", "labels"),
     inputs=lambda ws, cfg: [ws.dataset],
     outputs=lambda ws, cfg: [ws.knn],
     run=run,
