@@ -113,6 +113,13 @@ def knn(
     run_stages(cfg, ["knn"], force)
 
 
+class LabelProtocol(str, Enum):
+    full = "full"
+    keep = "keep"
+    single = "single"
+    hide = "hide"
+
+
 _BACKBONE_NAMES = ", ".join(BACKBONES)
 
 
@@ -137,6 +144,13 @@ def train(
     beta: Annotated[Optional[float], option(metavar="W", default="loss.beta", help="Weight of the reconstruction loss (>= 0).")] = None,
     lam: Annotated[Optional[float], option("--lambda", metavar="W", default="loss.lam", help="Weight of way 2 (>= 0; 0 = one-way).")] = None,
     margin: Annotated[Optional[float], option(metavar="M", default="loss.margin", help="Hinge margin m (>= 0).")] = None,
+    labels: Annotated[
+        Optional[LabelProtocol],
+        option("--labels", default="labels.protocol",
+               help="Which training labels the models see: full, keep (--labels-fraction of each image's positives), single (one positive per image), hide (--labels-fraction of all entries hidden). Val and test keep every label."),
+    ] = None,
+    labels_fraction: Annotated[Optional[float], option(metavar="P", default="labels.fraction", help="keep: fraction of positives kept; hide: fraction of entries hidden (in (0, 1]).")] = None,
+    clml: Annotated[Optional[float], option(metavar="W", default="loss.clml", help="Weight of the CLML label-structure term (classifier and joint stages; 0 = off).")] = None,
     device: Annotated[Optional[Device], option(default="runtime.device", help="Where to train.")] = None,
     sets: Sets = None,
     force: Force = False,
@@ -158,7 +172,8 @@ def train(
             "image_size": image_size,
             "batch_size": batch_size,
         },
-        "loss": {"alpha": alpha, "beta": beta, "lam": lam, "margin": margin},
+        "loss": {"alpha": alpha, "beta": beta, "lam": lam, "margin": margin, "clml": clml},
+        "labels": {"protocol": labels.value if labels else None, "fraction": labels_fraction},
         name: {"epochs": epochs, "lr": lr},
         "runtime": {"device": device.value if device else None},
     }

@@ -263,3 +263,27 @@ def test_defaults_are_valid_and_off():
     validate(cfg)
     assert (cfg.labels.protocol, cfg.labels.fraction, cfg.labels.seed, cfg.labels.unknown) == ("full", 1.0, 0, "negative")
     assert (cfg.loss.clml, cfg.loss.clml_tau, cfg.loss.clml_start_epoch, cfg.loss.clml_delta) == (0.0, 0.75, 1, 1.0)
+
+
+# --- command line -----------------------------------------------------------------------
+def test_train_flags_set_the_protocol_and_status_shows_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from retdmctl.cli import app
+    from tests.test_faults import TINY
+
+    runner = CliRunner()
+    (tmp_path / "retdm.toml").write_text(TINY)
+    invoke = lambda *args: runner.invoke(app, ["--workdir", str(tmp_path), *args])  # noqa: E731
+    assert invoke("ingest", "demo").exit_code == 0
+    result = invoke("train", "--stage", "classifier", "--epochs", "1", "--labels", "keep", "--labels-fraction", "0.5",
+                    "--clml", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "labels: keep 0.5 (seed 0):" in result.output and "training positives hidden" in result.output
+    ws = Workspace(tmp_path)
+    assert ws.read_manifest("classifier")["summary"]["labels"]["protocol"] == "keep"
+    assert "train_clml" in load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["history"][0]
+    status = invoke("status")
+    assert "training labels: protocol keep 0.5 (seed 0), unknown read as negative" in status.output
+    result = invoke("train", "--stage", "classifier", "--labels-fraction", "1.5")
+    assert result.exit_code != 0 and "labels.fraction must be in (0, 1], got 1.5" in result.output
