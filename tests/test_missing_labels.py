@@ -287,3 +287,14 @@ def test_train_flags_set_the_protocol_and_status_shows_it(tmp_path):
     assert "training labels: protocol keep 0.5 (seed 0), unknown read as negative" in status.output
     result = invoke("train", "--stage", "classifier", "--labels-fraction", "1.5")
     assert result.exit_code != 0 and "labels.fraction must be in (0, 1], got 1.5" in result.output
+
+
+def test_the_protocol_is_printed_once_per_run(tmp_path):
+    ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
+    cfg.labels.protocol = "single"
+    cfg.classifier.epochs = cfg.metric.epochs = cfg.joint.epochs = 1
+    out = io.StringIO()
+    ctx = Context(ws, cfg, Console(file=out, width=200))
+    for stage in PIPELINE:
+        run_stage(ctx, stage, PIPELINE)
+    assert out.getvalue().count("labels: single (seed 0): ") == 1

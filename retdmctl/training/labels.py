@@ -75,10 +75,16 @@ def describe(summary: dict) -> str:
     )
 
 
+_ANNOUNCED: set[tuple[int, str]] = set()
+
+
 def announce(console, summary: dict) -> None:
-    """One line, only when some training label is unknown."""
-    if summary["labels"]["unknown_entries"]:
-        console.print(describe(summary))
+    """One line, only when some training label is unknown, and once per console: a
+    ``retdmctl run`` says it once, not in each of the four stages that read it."""
+    line = describe(summary)
+    if summary["labels"]["unknown_entries"] and (id(console), line) not in _ANNOUNCED:
+        _ANNOUNCED.add((id(console), line))
+        console.print(line)
 
 
 class EpochCounter:
