@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--clml", type=float, default=1.0, help="loss.clml of the CLML variants (authors' lambda)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="applied to every variant")
     parser.add_argument("--workdir", help="reuse this folder for the workspaces (default: a temporary one)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench-missing-labels"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench-missing-labels"), help="path without suffix; .md and .json are added")
     args = parser.parse_args()
 
     specs = variants(args.clml)
@@ -223,8 +223,8 @@ def main() -> None:
             f"schedule (0.2 %/epoch); mean ± std over seeds; {(time.perf_counter() - started) / 60:.1f} min so far.",
             "",
         ] + tables(results, args, timing)
-        out.with_suffix(".md").write_text("\n".join(md))
-        out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results, "clml_timing": timing}, indent=1))
+        Path(f"{out}.md").write_text("\n".join(md))
+        Path(f"{out}.json").write_text(json.dumps({"args": vars(args), "results": results, "clml_timing": timing}, indent=1))
         return md
 
     for dataset in args.datasets:

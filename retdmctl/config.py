@@ -84,7 +84,9 @@ class LossConfig:
     # "dropout" = the dropped-out embedding the classifier head sees
     metric_on: str = "clean"
     # CLML (DESIGN.md section 3): weight of the low-rank label-structure term on the
-    # classifier's embedding, added in the classifier and joint stages; 0 = off
+    # classifier's embedding, added in the classifier and joint stages; 0 = off. The
+    # authors' 1.0 is far too strong for this head; 0.01-0.1 on scene
+    # (docs/bench-missing-labels.md)
     clml: float = 0.0
     clml_tau: float = 0.75  # an unobserved entry with p > tau counts as positive for the term
     clml_start_epoch: int = 1  # that correction applies from this epoch (1-based) on
