@@ -123,6 +123,13 @@ def knn(
     run_stages(cfg, ["knn"], force)
 
 
+class LabelProtocol(str, Enum):
+    full = "full"
+    keep = "keep"
+    single = "single"
+    hide = "hide"
+
+
 _BACKBONE_NAMES = ", ".join(BACKBONES)
 
 
@@ -147,6 +154,13 @@ def train(
     beta: Annotated[Optional[float], option(metavar="W", default="loss.beta", help="Weight of the reconstruction loss (>= 0).")] = None,
     lam: Annotated[Optional[float], option("--lambda", metavar="W", default="loss.lam", help="Weight of way 2 (>= 0; 0 = one-way).")] = None,
     margin: Annotated[Optional[float], option(metavar="M", default="loss.margin", help="Hinge margin m (>= 0).")] = None,
+    labels: Annotated[
+        Optional[LabelProtocol],
+        option("--labels", default="labels.protocol",
+               help="Which training labels the models see: full, keep (--labels-fraction of each image's positives), single (one positive per image), hide (--labels-fraction of all entries hidden). Val and test keep every label."),
+    ] = None,
+    labels_fraction: Annotated[Optional[float], option(metavar="P", default="labels.fraction", help="keep: fraction of positives kept; hide: fraction of entries hidden (in (0, 1]).")] = None,
+    clml: Annotated[Optional[float], option(metavar="W", default="loss.clml", help="Weight of the CLML label-structure term (classifier and joint stages; 0 = off).")] = None,
     device: Annotated[Optional[Device], option(default="runtime.device", help="Where to train.")] = None,
     sets: Sets = None,
     force: Force = False,
@@ -168,7 +182,8 @@ def train(
             "image_size": image_size,
             "batch_size": batch_size,
         },
-        "loss": {"alpha": alpha, "beta": beta, "lam": lam, "margin": margin},
+        "loss": {"alpha": alpha, "beta": beta, "lam": lam, "margin": margin, "clml": clml},
+        "labels": {"protocol": labels.value if labels else None, "fraction": labels_fraction},
         name: {"epochs": epochs, "lr": lr},
         "runtime": {"device": device.value if device else None},
     }
@@ -278,6 +293,10 @@ def status(workdir: Workdir = None) -> None:
         color = {"done": "green", "stale": "yellow", "missing": "red"}[state]
         table.add_row(stage.name, f"[{color}]{state}[/]", reason, stage.command)
     console.print(table)
+    if cfg.labels.protocol != "full":  # the training stages learn from incomplete labels
+        lab = cfg.labels
+        fraction = f" {lab.fraction:g}" if lab.protocol in ("keep", "hide") else ""
+        console.print(f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), unknown read as {lab.unknown}")
 
 
 QUICKSTART_WORKDIR = Path("retdm-quickstart")

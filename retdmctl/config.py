@@ -78,10 +78,20 @@ class LossConfig:
     lam: float = 1.0  # weight of way 2 (labels to images); 0 = the one-way ablation
     margin: float = 0.0  # hinge margin m
     base: str = "bce"  # the classification loss under every stage: bce | asl (Ridnik et al. 2021)
+    # | llr (large-loss rejection, Kim et al. 2022: unknowns read as negatives, the
+    # largest-loss ones rejected, 0.2 % more of a batch's entries each epoch)
     # which f the metric and reconstruction losses (and the joint stage's feature bank)
     # see: "clean" = the embedding before dropout, as the bank was initialised (eval mode);
     # "dropout" = the dropped-out embedding the classifier head sees
     metric_on: str = "clean"
+    # CLML (DESIGN.md section 3): weight of the low-rank label-structure term on the
+    # classifier's embedding, added in the classifier and joint stages; 0 = off. The
+    # authors' 1.0 is far too strong for this head; 0.01-0.1 on scene
+    # (docs/bench-missing-labels.md)
+    clml: float = 0.0
+    clml_tau: float = 0.75  # an unobserved entry with p > tau counts as positive for the term
+    clml_start_epoch: int = 1  # that correction applies from this epoch (1-based) on
+    clml_delta: float = 1.0  # floor of each label's nuclear norm
 
 
 @dataclass
@@ -134,6 +144,19 @@ class EvalConfig:
 
 
 @dataclass
+class LabelsConfig:
+    """Which training labels the models see (missing-label protocols; val and test always
+    keep their full labels)."""
+
+    protocol: str = "full"  # full | keep (a fraction of each image's positives) | single | hide
+    fraction: float = 1.0  # keep: fraction of positives kept; hide: fraction of entries hidden
+    seed: int = 0  # which labels are hidden
+    # how bce/asl read an unknown training label: "negative" (assume negative) or
+    # "ignore" (masked out of the loss); llr always reads them as rejectable negatives
+    unknown: str = "negative"
+
+
+@dataclass
 class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -143,6 +166,7 @@ class Config:
     metric: MetricConfig = field(default_factory=MetricConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -286,7 +310,14 @@ _RULES: dict[str, Any] = {
     "loss.margin": _at_least(0),
     "metric.batch_size": _at_least(1),
     "joint.way2": _one_of("bank", "forward"),
-    "loss.base": _one_of("bce", "asl"),
+    "loss.base": _one_of("bce", "asl", "llr"),
+    "loss.clml": _at_least(0),
+    "loss.clml_tau": _open_unit,
+    "loss.clml_start_epoch": _at_least(1),
+    "loss.clml_delta": _at_least(0),
+    "labels.protocol": _one_of("full", "keep", "single", "hide"),
+    "labels.fraction": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    "labels.unknown": _one_of("negative", "ignore"),
     "loss.metric_on": _one_of("clean", "dropout"),
     "eval.thresholds": _one_of("per_class", "global", "fixed"),
     "eval.checkpoint": _one_of("classifier", "joint"),

@@ -10,7 +10,6 @@ and images are unchanged) and trains phi's projection and W_c on them.
 from __future__ import annotations
 
 from retdmctl.config import Config
-from retdmctl.losses.base import base_loss
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
     backbone_problem,
@@ -23,6 +22,7 @@ from retdmctl.training.common import (
     model_inputs,
     val_bce_and_map,
 )
+from retdmctl.training.labels import Classification, EpochCounter, announce, training_view
 from retdmctl.training.loop import fit
 from retdmctl.training.runtime import prepare_model
 from retdmctl.training.sources import write_features
@@ -41,6 +41,8 @@ def _inputs(ws: Workspace, cfg: Config) -> list:
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
     device, info, stage_dir = begin_training(ctx, "classifier", cfg.classifier.seed)
+    info, observed, labels_summary = training_view(info, cfg)  # val/test rows keep full labels
+    announce(ctx.console, labels_summary)
 
     if not cfg.model.frozen_backbone and device.type == "cpu":
         ctx.console.print(
@@ -52,11 +54,20 @@ def run(ctx: Context) -> dict:
     source = image_source(ws, cfg, info, spec, device, ctx.console)
     train_rows, val_rows = info.split("train"), info.split("val")
 
-    classification = base_loss(cfg.loss.base)
+    counter = EpochCounter()
+    classification = Classification(cfg, observed, counter, device)
 
     def step(x, y, rows, rng):
-        loss = classification(model(x).float(), y)
-        return loss, {"total": float(loss.detach())}
+        if classification.uses_clml:  # CLML reads the clean embedding f
+            f, f_dropped = model.embed_pair(x)
+            logits = model.classify(f_dropped).float()
+        else:
+            f, logits = None, model(x).float()
+        loss, clml = classification(logits, y, rows, f)
+        if clml is None:
+            return loss, {"total": float(loss.detach())}
+        loss = loss + clml
+        return loss, {"total": float(loss.detach()), "clml": float(clml.detach())}
 
     history = fit(
         name="classifier",
@@ -71,6 +82,7 @@ def run(ctx: Context) -> dict:
         device=device,
         resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
         console=ctx.console,
+        on_epoch=counter,
     )
 
     features = embed_all(model, source, len(info.ids), device)
@@ -87,13 +99,14 @@ def run(ctx: Context) -> dict:
         "frozen_backbone": cfg.model.frozen_backbone,
         **choose_thresholds(model, source, val_rows, device),
     }
-    return finish_training(stage_dir, state, history)
+    return {**finish_training(stage_dir, state, history), **labels_summary}
 
 
 STAGE = Stage(
     name="classifier",
     command="retdmctl train --stage classifier",
-    sections=("model", "classifier", "loss.base"),
+    sections=("model", "classifier", "loss.base", "loss.clml", "loss.clml_tau", "loss.clml_start_epoch",
+              "loss.clml_delta", "labels"),
     inputs=_inputs,
     outputs=_outputs,
     run=run,

@@ -15,7 +15,6 @@ import torch
 
 from retdmctl.config import Config
 from retdmctl.knn import read_graph
-from retdmctl.losses.base import base_loss
 from retdmctl.losses.retdm import total_loss
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
@@ -32,6 +31,7 @@ from retdmctl.training.common import (
     restore_image_model,
     val_bce_and_map,
 )
+from retdmctl.training.labels import Classification, EpochCounter, announce, training_view
 from retdmctl.training.loop import fit
 from retdmctl.training.runtime import (
     load_checkpoint,
@@ -53,6 +53,8 @@ def _blocked(cfg: Config) -> str | None:
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
     device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
+    info, observed, labels_summary = training_view(info, cfg)  # val/test rows keep full labels
+    announce(ctx.console, labels_summary)
     graph = read_graph(ws.knn)
 
     # Start from stage 1 (phi, W_c) and stage 2 (psi, W_r), every key loaded strictly.
@@ -71,7 +73,8 @@ def run(ctx: Context) -> dict:
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
 
     clean = cfg.loss.metric_on == "clean"
-    classification = base_loss(cfg.loss.base)
+    counter = EpochCounter()
+    classification = Classification(cfg, observed, counter, device)
 
     class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)
         def __getitem__(self, picks):
@@ -83,9 +86,13 @@ def run(ctx: Context) -> dict:
         logits = model.classify(f_dropped)
         f_neg_source = FreshFeatures() if cached is not None else bank
         metric, rec = metric_and_rec(model, f.float(), y, rows, sampler, f_neg_source, rng, cfg.loss)
-        parts = total_loss(classification(logits.float(), y), metric, rec, cfg.loss.alpha, cfg.loss.beta)
+        cls, clml = classification(logits.float(), y, rows, f_clean)
+        parts = total_loss(cls, metric, rec, cfg.loss.alpha, cfg.loss.beta)
         bank[torch.from_numpy(rows).to(device)] = f.detach().float()  # refresh the bank
-        return parts.total, parts.items()
+        if clml is None:
+            return parts.total, parts.items()
+        total = parts.total + clml  # L + CLML's term (loss.clml > 0)
+        return total, {**parts.items(), "total": float(total.detach()), "clml": float(clml.detach())}
 
     history = fit(
         name="joint",
@@ -101,6 +108,7 @@ def run(ctx: Context) -> dict:
         resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
         console=ctx.console,
         buffers={"bank": bank},
+        on_epoch=counter,
     )
     weights = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
     state = {
@@ -115,7 +123,7 @@ def run(ctx: Context) -> dict:
         **choose_thresholds(model, source, val_rows, device),
     }
     summary = finish_training(stage_dir, state, history)
-    return {**summary, "backbone_from": backbone_from}
+    return {**summary, "backbone_from": backbone_from, **labels_summary}
 
 
 def _inputs(ws, cfg) -> list:
@@ -127,7 +135,7 @@ def _inputs(ws, cfg) -> list:
 STAGE = Stage(
     name="joint",
     command="retdmctl train --stage joint",
-    sections=("model", "loss", "joint"),
+    sections=("model", "loss", "joint", "labels"),
     inputs=_inputs,
     outputs=lambda ws, cfg: [ws.stage_dir("joint") / "checkpoint.pt"],
     run=run,

@@ -7,6 +7,7 @@ from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import InputError
 from retdmctl.knn import INDEX_KINDS, build_graph, write_graph
 from retdmctl.pipeline import Context, Stage
+from retdmctl.training.labels import announce, training_view
 
 
 def _blocked(cfg: Config) -> str | None:
@@ -19,7 +20,9 @@ def _blocked(cfg: Config) -> str | None:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    info = read_dataset(ws.dataset)
+    # the graph's label sets are the observed training label sets (unknown read as 0)
+    info, _, labels_summary = training_view(read_dataset(ws.dataset), cfg)
+    announce(ctx.console, labels_summary)
     try:
         graph = build_graph(info.labels, info.split("train"), cfg.knn.k, cfg.knn.index)
     except ValueError as exc:
@@ -32,7 +35,7 @@ def run(ctx: Context) -> dict:
         + f"; {_describe(graph.index)}"
         + f"; images per set: median {int(sorted(sizes)[len(sizes) // 2])}, max {int(sizes.max())}"
     )
-    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k), "index": graph.index}
+    return {"label_sets": int(len(graph.label_sets)), "k": int(graph.k), "index": graph.index, **labels_summary}
 
 
 def _describe(index: dict) -> str:
@@ -43,7 +46,7 @@ def _describe(index: dict) -> str:
 STAGE = Stage(
     name="knn",
     command="retdmctl knn",
-    sections=("knn",),
+    sections=("knn", "labels"),
     inputs=lambda ws, cfg: [ws.dataset],
     outputs=lambda ws, cfg: [ws.knn],
     run=run,

@@ -20,6 +20,7 @@ from retdmctl.training.common import (
     load_state,
     metric_and_rec,
 )
+from retdmctl.training.labels import announce, training_view
 from retdmctl.training.loop import fit
 from retdmctl.training.runtime import derive_seed, load_checkpoint
 from retdmctl.training.sources import CachedSource, read_features
@@ -28,6 +29,10 @@ from retdmctl.training.sources import CachedSource, read_features
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
     device, info, stage_dir = begin_training(ctx, "metric", cfg.metric.seed)
+    # psi learns the observed training label sets (the kNN graph's); loss.clml does not
+    # apply: this stage does not train the classifier
+    info, _, labels_summary = training_view(info, cfg)
+    announce(ctx.console, labels_summary)
     graph = read_graph(ws.knn)
 
     # The classifier's checkpoint gives phi's head and W_c (kept as they are) and shapes.
@@ -85,7 +90,7 @@ def run(ctx: Context) -> dict:
         "config": cfg.sections(STAGE.sections),
         "class_names": info.class_names,
     }
-    return finish_training(stage_dir, state, history)
+    return {**finish_training(stage_dir, state, history), **labels_summary}
 
 
 def _inputs(ws, cfg) -> list:
@@ -96,7 +101,7 @@ def _inputs(ws, cfg) -> list:
 STAGE = Stage(
     name="metric",
     command="retdmctl train --stage metric",
-    sections=("loss", "metric"),
+    sections=("loss", "metric", "labels"),
     inputs=_inputs,
     outputs=lambda ws, cfg: [ws.stage_dir("metric") / "checkpoint.pt"],
     run=run,

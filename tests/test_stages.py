@@ -52,7 +52,8 @@ def test_every_stage_runs_and_writes_its_artifacts(finished):
         assert (ws.root / rel).exists(), rel
     assert not list(ws.root.rglob("resume.pt"))
     manifest = ws.read_manifest("knn")
-    assert manifest["config"] == {"knn": {"k": 4, "index": "auto"}} and manifest["version"]
+    assert manifest["config"]["knn"] == {"k": 4, "index": "auto"} and manifest["config"]["labels"]["protocol"] == "full"
+    assert manifest["version"]
 
 
 def test_eval_writes_the_test_scores_and_their_metrics(finished):

@@ -49,11 +49,14 @@ def fit(
     resume_key: dict[str, Any],
     console,
     buffers: dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``params`` for ``schedule.epochs``; returns the per-epoch history.
 
     ``buffers`` are tensors the stage updates in place during training (the joint
     stage's feature bank): they are saved with every resume point and restored on resume.
+    ``on_epoch(epoch)`` is called before each epoch's first step (1-based, resumed runs
+    included): for losses on a schedule (LL-R, CLML's label correction).
     """
     buffers = buffers or {}
     # SGD with momentum and weight decay; lr divided by 10 when the val loss plateaus.
@@ -89,6 +92,8 @@ def fit(
         epochs_task = progress.add_task(f"{name} epochs", total=schedule.epochs, completed=start_epoch - 1, info="")
         for epoch in range(start_epoch, schedule.epochs + 1):
             model.train()
+            if on_epoch is not None:
+                on_epoch(epoch)
             rng = epoch_rng(schedule.seed, epoch)
             # Dropout and the crops/flips drawn in the main process (workers=0) take
             # their own per-epoch seeds: an epoch draws the same numbers whether it runs

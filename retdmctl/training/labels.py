@@ -1,0 +1,143 @@
+"""Training on incomplete labels: the ``[labels]`` protocol and the classification loss
+that reads it (DESIGN.md section 3).
+
+:func:`observed_labels` is the one place that decides which training labels a model sees:
+the protocol (``labels.protocol``, ``labels.fraction``, ``labels.seed``) applied to the
+training split, combined with the dataset's own unknowns (``?label`` in a csv file).
+Validation and test rows keep the dataset's labels: model selection, thresholds and
+evaluation are always scored on full labels.
+
+:func:`training_view` gives the stages a copy of the dataset whose ``labels`` are, on the
+training rows, the observed positives (unknown read as 0): the sources, the kNN graph and
+the metric losses all read ``info.labels``, so they all see the observed label sets.
+:class:`Classification` is the classifier's loss on a batch: the base loss with the
+unknown entries assumed negative or masked out (``labels.unknown``), or LL-R, plus the
+CLML term when ``loss.clml`` > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from retdmctl.config import Config
+from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.protocols import apply_protocol
+from retdmctl.losses.base import base_loss
+from retdmctl.losses.clml import clml_loss
+from retdmctl.losses.llr import llr_loss
+
+
+def observed_labels(info: DatasetInfo, cfg: Config) -> np.ndarray:
+    """int8 (N, L): 1 observed positive, 0 observed negative, -1 unknown. The protocol
+    hides labels of the training rows only; the dataset's own unknowns stay unknown
+    everywhere. Deterministic for ``labels.seed``."""
+    lab = cfg.labels
+    observed = info.observed()
+    hidden = apply_protocol(info.labels, info.split("train"), lab.protocol, lab.fraction, lab.seed)
+    observed[hidden == -1] = -1
+    return observed
+
+
+def training_view(info: DatasetInfo, cfg: Config) -> tuple[DatasetInfo, np.ndarray, dict]:
+    """(a copy of ``info`` whose training rows' labels are the observed positives, the
+    observed matrix, a summary for the stage's manifest)."""
+    observed = observed_labels(info, cfg)
+    train = info.split("train")
+    labels = info.labels.copy()
+    labels[train] = (observed[train] == 1).astype(labels.dtype)
+    view = dataclasses.replace(info, labels=labels)
+    positives = int((info.labels[train] > 0).sum())
+    kept = int((observed[train] == 1).sum())
+    lab = cfg.labels
+    summary = {
+        "labels": {
+            "protocol": lab.protocol,
+            **({"fraction": lab.fraction} if lab.protocol in ("keep", "hide") else {}),
+            "seed": lab.seed,
+            "unknown": lab.unknown,
+            "train_positives": positives,
+            "hidden_positives": positives - kept,
+            "unknown_entries": int((observed[train] == -1).sum()),
+        }
+    }
+    return view, observed, summary
+
+
+def describe(summary: dict) -> str:
+    s = summary["labels"]
+    p = f" {s['fraction']:g}" if "fraction" in s else ""
+    return (
+        f"labels: {s['protocol']}{p} (seed {s['seed']}): {s['hidden_positives']} of {s['train_positives']} "
+        f"training positives hidden, {s['unknown_entries']} unknown entries read as {s['unknown']}"
+    )
+
+
+_ANNOUNCED: set[tuple[int, str]] = set()
+
+
+def announce(console, summary: dict) -> None:
+    """One line, only when some training label is unknown, and once per console: a
+    ``retdmctl run`` says it once, not in each of the four stages that read it."""
+    line = describe(summary)
+    if summary["labels"]["unknown_entries"] and (id(console), line) not in _ANNOUNCED:
+        _ANNOUNCED.add((id(console), line))
+        console.print(line)
+
+
+class EpochCounter:
+    """Passed to ``fit(on_epoch=...)``: holds the 1-based epoch being trained."""
+
+    def __init__(self) -> None:
+        self.epoch = 1
+
+    def __call__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class Classification:
+    """The classification loss of a training batch: ``loss(logits, y, rows, f=None)``.
+
+    * ``loss.base`` bce/asl: unknown entries assumed negative (``labels.unknown =
+      negative``: the targets y already read them as 0) or masked out (``ignore``).
+    * ``loss.base = llr``: BCE with unknowns as negatives, the largest-loss unknown
+      entries rejected on LL-R's schedule (needs the epoch); observed negatives are never
+      rejected. ``labels.unknown`` does not apply.
+    * plus ``loss.clml`` * the CLML term on ``f`` (the clean embedding) when > 0.
+
+    Rows outside the training split (none are trained on) count as fully observed.
+    """
+
+    def __init__(self, cfg: Config, observed: np.ndarray, counter: EpochCounter, device) -> None:
+        self.cfg, self.counter = cfg, counter
+        self.name = cfg.loss.base
+        self.base = None if self.name == "llr" else base_loss(self.name)
+        self.unknown = torch.from_numpy(observed == -1).to(device)
+        self.ignore = cfg.labels.unknown == "ignore"
+
+    @property
+    def uses_clml(self) -> bool:
+        return self.cfg.loss.clml > 0
+
+    def base_loss(self, logits: torch.Tensor, y: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        unknown = self.unknown[torch.from_numpy(np.asarray(rows)).to(self.unknown.device)]
+        if self.base is None:
+            return llr_loss(logits, y, self.counter.epoch, mask_unobserved=unknown)
+        if self.ignore and bool(unknown.any()):
+            return self.base(logits, y, ~unknown)
+        return self.base(logits, y)
+
+    def clml_term(self, f: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.cfg.loss
+        return clml_loss(
+            f.float(), logits.float(), y.float(), epoch=self.counter.epoch, lam=loss.clml,
+            tau=loss.clml_tau, delta=loss.clml_delta, start_epoch=loss.clml_start_epoch,
+        )
+
+    def __call__(self, logits, y, rows, f=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the base loss, the weighted CLML term or None when off or ``f`` is None)."""
+        cls = self.base_loss(logits, y, rows)
+        term = self.clml_term(f, logits, y) if self.uses_clml and f is not None else None
+        return cls, term
