@@ -42,7 +42,7 @@ from retdmctl.knn import build_graph  # noqa: E402
 from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss  # noqa: F401,E402
 from retdmctl.models.backbones import build_backbone  # noqa: E402
 from retdmctl.models.retdm import RETDM  # noqa: E402
-from retdmctl.training.common import MetricSampler, metric_and_rec  # noqa: E402
+from retdmctl.training.common import load_state, MetricSampler, metric_and_rec  # noqa: E402
 from retdmctl.training.runtime import autocast, prepare_model, to_device  # noqa: E402
 from retdmctl.training.sources import CachedSource, PixelSource  # noqa: E402
 
@@ -229,7 +229,7 @@ def main() -> None:
         sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
         loss_cfg = SimpleNamespace(lam=1.0, margin=0.0)
         heads = RETDM(data.num_classes, spec.out_dim).to(device)
-        heads.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, strict=False)
+        load_state(heads, {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}, "bench heads")
         opt = torch.optim.SGD(heads.label_parameters(), lr=1e-3, momentum=0.9)
         f_bank_raw = cache.to(device)
         with torch.no_grad():
