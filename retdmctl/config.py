@@ -68,7 +68,11 @@ class RuntimeConfig:
     """Where and how fast to run; never part of a stage's fingerprint."""
 
     device: str = "auto"  # auto | cpu | cuda
-    workers: int = 2  # data-loader processes
+    # data-loader processes; -1 = auto: none on the CPU, where worker processes only
+    # compete with the model's threads for the cores (measured: end-to-end training at
+    # 45% of the model-only rate with 2 workers on 2 cores, 99.8% with none;
+    # bench/train_throughput.py), and one per spare core, at most 8, on a GPU
+    workers: int = -1
 
 
 @dataclass
@@ -325,7 +329,7 @@ _RULES: dict[str, Any] = {
     "eval.threshold": _open_unit,
     "eval.report": _one_of("html", "none"),
     "runtime.device": _one_of("auto", "cpu", "cuda"),
-    "runtime.workers": _at_least(0),
+    "runtime.workers": _at_least(-1),
 }
 for _stage in ("classifier", "metric", "joint"):
     _RULES.update(

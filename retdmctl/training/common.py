@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
     backbone, spec = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
     previous = torch.get_num_threads()
     set_threads(cnn=True)
-    pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, cfg.runtime.workers)
+    pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, loader_workers(cfg, device))
     # Not part of the stage's transaction: the cache is keyed by its content's inputs.
     try:
         extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
@@ -145,7 +146,15 @@ def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSp
     if cfg.model.frozen_backbone:
         path = ensure_backbone_cache(ws, cfg, info, device or torch.device("cpu"), console or _QUIET)
         return CachedSource(read_features(path), info, cfg.model.batch_size)
-    return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, cfg.runtime.workers)
+    workers = loader_workers(cfg, device or torch.device("cpu"))
+    return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)
+
+
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """``runtime.workers``, or for -1 (auto): none on the CPU, spare cores on a GPU."""
+    if cfg.runtime.workers >= 0:
+        return cfg.runtime.workers
+    return 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 class _Quiet:
