@@ -451,3 +451,25 @@ def test_lock_file_names_the_holder(tmp_path):
         assert info == {"pid": os.getpid(), "command": "retdmctl run"}
     assert not (tmp_path / ".retdm" / "lock.json").exists()
     time.sleep(0)
+
+
+def test_features_of_a_random_frozen_backbone_are_the_same_when_extracted_again(done, tmp_path):
+    """tiny_cnn without pretrained weights is random: a deleted cache must come back the
+    same, whatever the global RNG went through, or eval would score other features."""
+    import h5py
+
+    from retdmctl.training.common import backbone_cache_path
+    from retdmctl.workspace import Workspace
+
+    work = tmp_path / "w"
+    shutil.copytree(done, work)
+    ws = Workspace(work)
+    cache = backbone_cache_path(ws, ws.load_config())
+    with h5py.File(cache) as h5:
+        before = h5["features"][()]
+    shutil.rmtree(work / ".retdm" / "cache")
+    torch.manual_seed(12345)  # whatever state the global RNG is in
+    result = invoke(work, "eval", "--force")
+    assert result.exit_code == 0, result.output
+    with h5py.File(cache) as h5:
+        assert (h5["features"][()] == before).all()

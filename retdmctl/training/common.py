@@ -108,7 +108,11 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
         console.print(f"reusing cached {m.backbone} features ({ws.rel(path)})")
         return path
     weights = Path(m.weights_file) if m.weights_file else None
-    backbone, spec = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
+    # A backbone without pretrained weights is random: draw it from a fixed seed, so
+    # that features extracted again (a deleted cache, another command) are the same.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(0, "frozen-backbone"))
+        backbone, spec = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
     previous = torch.get_num_threads()
     set_threads(cnn=True)
     pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, loader_workers(cfg, device))

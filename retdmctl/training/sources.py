@@ -100,7 +100,7 @@ def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: 
         "weights_file": weights_fp,
         "image_size": model_cfg.image_size,
         "images": images_fp,
-        "version": 1,
+        "version": 2,  # 2: a randomly initialised backbone is drawn from a fixed seed
     }
 
 
