@@ -11,6 +11,9 @@ the images are encoded once and the frozen backbone's features are extracted onc
     no_rec      RETDM with beta = 0
     retdm_asl   RETDM on ASL
     retdm_val   RETDM with (alpha, beta) chosen per seed on validation mAP from a grid
+    tune1       stage 1 alone, the backbone's last block and head trained on cached
+                activations of ten views per image (model.tune_blocks = 1, model.views = 10)
+    retdm_tune1 RETDM on the same
 
 Every choice inside a variant is made on validation: the epoch kept (best validation
 mAP), the decision thresholds (per class, or one global one), and for retdm_val the loss
@@ -58,6 +61,10 @@ VARIANTS: dict[str, dict] = {
     "no_rec": {"stage": "joint", "set": ["loss.base=bce", "loss.beta=0"]},
     "retdm_asl": {"stage": "joint", "set": ["loss.base=asl"]},
     "retdm_val": {"stage": "joint", "set": ["loss.base=bce"], "grid": {"loss.alpha": [0.1, 1.0], "loss.beta": [0.1, 1.0]}},
+    # the middle way: the last block and head of the backbone trained on cached
+    # activations of ten views (five crops, each flipped) of every image
+    "tune1": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10"]},
+    "retdm_tune1": {"stage": "joint", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10"]},
 }
 RULES = ("per_class", "global", "fixed")
 

@@ -54,6 +54,14 @@ class ModelConfig:
     pretrained: bool = True
     weights_file: str = ""
     frozen_backbone: bool = False  # train every stage from cached backbone features
+    # With frozen_backbone: the middle way between frozen and fine-tuned. The last
+    # tune_blocks blocks of the backbone (and its head convolution) are trained, on
+    # activations of the rest cached once; 0 = nothing of the backbone trained.
+    tune_blocks: int = 0
+    # With frozen_backbone: how many views of each image are cached (1 = the centre crop;
+    # up to 10 = the paper's five crops, each also flipped); a training image takes one
+    # of its views at random each epoch, evaluation the centre crop.
+    views: int = 1
     image_size: int = 224
     embed_dim: int = 512
     dropout: float = 0.2
@@ -308,6 +316,8 @@ _RULES: dict[str, Any] = {
     "model.dropout": _unit_right_open,
     "model.batch_size": _at_least(1),
     "model.backbone_lr_mult": _at_least(0),
+    "model.tune_blocks": _at_least(0),
+    "model.views": lambda v: None if 1 <= v <= 10 else "must be in [1, 10]",
     "loss.alpha": _at_least(0),
     "loss.beta": _at_least(0),
     "loss.lam": _at_least(0),
@@ -355,4 +365,12 @@ def validate(cfg: Config) -> None:
         problem = rule(value)
         if problem:
             raise ConfigError(f"{name} {problem}, got {value!r}")
-    get_backbone_spec(cfg.model.backbone)  # BackboneError names the known ones
+    spec = get_backbone_spec(cfg.model.backbone)  # BackboneError names the known ones
+    m = cfg.model
+    if (m.tune_blocks or m.views > 1) and not m.frozen_backbone:
+        which = "model.tune_blocks" if m.tune_blocks else "model.views"
+        raise ConfigError(f"{which} applies to --frozen-backbone (cached inputs); fine-tuning "
+                          "trains the whole backbone on freshly augmented images")
+    if m.tune_blocks > spec.tunable_blocks:
+        raise ConfigError(f"model.tune_blocks must be <= {spec.tunable_blocks} for {m.backbone}, got {m.tune_blocks}"
+                          if spec.tunable_blocks else f"model.tune_blocks: {m.backbone} has no blocks to tune, got {m.tune_blocks}")

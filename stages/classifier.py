@@ -88,7 +88,7 @@ def run(ctx: Context) -> dict:
     features = embed_all(model, source, len(info.ids), device)
     config = cfg.sections(STAGE.sections)
     write_features(stage_dir / "features.h5", features, config)
-    weights = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
+    weights = model.state_dict() if model.backbone is not None else model.heads_state()  # a tuned model: all
     state = {
         "stage": "classifier",
         "model": weights,
@@ -97,6 +97,7 @@ def run(ctx: Context) -> dict:
         "backbone": spec.name,
         "feature_dim": spec.out_dim,
         "frozen_backbone": cfg.model.frozen_backbone,
+        "tune_blocks": cfg.model.tune_blocks,
         **choose_thresholds(model, source, val_rows, device),
     }
     return {**finish_training(stage_dir, state, history), **labels_summary}

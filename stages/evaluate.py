@@ -25,6 +25,7 @@ from retdmctl.pipeline import Context, Stage
 from retdmctl.report.build import build_report
 from retdmctl.training.common import (
     backbone_problem,
+    runs_cnn,
     build_model,
     image_source,
     model_inputs,
@@ -64,7 +65,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
-    set_threads(cnn=not cfg.model.frozen_backbone)
+    set_threads(cnn=runs_cnn(cfg))
     device = pick_device(cfg.runtime.device)
     info = read_dataset(ws.dataset)
     e = cfg.eval

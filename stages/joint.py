@@ -68,7 +68,7 @@ def run(ctx: Context) -> dict:
 
     source = image_source(ws, cfg, info, spec, device, ctx.console)
     bank = torch.from_numpy(read_features(ws.stage_dir("classifier") / "features.h5")).to(device)
-    cached = source.features.to(device) if cfg.joint.way2 == "forward" else None
+    cached = source.centre().to(device) if cfg.joint.way2 == "forward" else None
     train_rows, val_rows = info.split("train"), info.split("val")
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
 
@@ -98,7 +98,7 @@ def run(ctx: Context) -> dict:
         name="joint",
         stage_dir=stage_dir,
         model=model,
-        params=model.param_groups(list(model.parameters()), cfg.model.backbone_lr_mult),
+        params=model.param_groups(model.trainable_parameters(), cfg.model.backbone_lr_mult),
         schedule=cfg.joint,
         source=source,
         train_rows=train_rows,
@@ -110,7 +110,7 @@ def run(ctx: Context) -> dict:
         buffers={"bank": bank},
         on_epoch=counter,
     )
-    weights = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
+    weights = model.state_dict() if model.backbone is not None else model.heads_state()  # a tuned model: all
     state = {
         "stage": "joint",
         "model": weights,
@@ -119,6 +119,7 @@ def run(ctx: Context) -> dict:
         "backbone": spec.name,
         "feature_dim": spec.out_dim,
         "frozen_backbone": cfg.model.frozen_backbone,
+        "tune_blocks": cfg.model.tune_blocks,
         "backbone_from": backbone_from,
         **choose_thresholds(model, source, val_rows, device),
     }

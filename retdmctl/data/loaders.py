@@ -40,6 +40,31 @@ def eval_transform(size: int, mean, std) -> v2.Compose:
     return v2.Compose([v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size), *_tail(mean, std)])
 
 
+# The cached views of an image (model.views): first the centre crop (what evaluation
+# sees), then its flip, then the four corner crops, each followed by its flip. Indices
+# into v2.FiveCrop's output (top-left, top-right, bottom-left, bottom-right, centre).
+VIEW_ORDER: tuple[tuple[int, bool], ...] = (
+    (4, False), (4, True), (0, False), (0, True), (1, False), (1, True),
+    (2, False), (2, True), (3, False), (3, True),
+)
+
+
+class ViewsTransform:
+    """An image -> its first ``views`` views (views, 3, size, size), from one resize;
+    view 0 is exactly :func:`eval_transform`'s output."""
+
+    def __init__(self, size: int, mean, std, views: int) -> None:
+        self.resize = v2.Resize(round(size * 256 / 224))
+        self.five = v2.FiveCrop(size)
+        self.tail = v2.Compose(_tail(mean, std))
+        self.order = VIEW_ORDER[:views]
+
+    def __call__(self, img) -> torch.Tensor:
+        crops = self.five(self.resize(img))
+        out = [self.tail(crops[c]) for c, _ in self.order]
+        return torch.stack([x.flip(-1) if flip else x for x, (_, flip) in zip(out, self.order)])
+
+
 def decode(data: bytes) -> Image.Image:
     """Stored bytes -> RGB image, with ingest's own conversion (``retdmctl.data.decode``):
     with ``--keep-original`` the store holds the source bytes, EXIF, 16-bit and alpha

@@ -74,35 +74,8 @@ class ThreadedPixelSource:
 
     def _prefetched(self, order: np.ndarray, seed: int | None) -> Iterator[Batch]:
         if self.prefetch <= 0:
-            yield from self._produce(order, seed)
-            return
-        q: queue.Queue = queue.Queue(self.prefetch)
-        stop = threading.Event()
-
-        def work() -> None:
-            try:
-                for batch in self._produce(order, seed):
-                    if stop.is_set():
-                        return
-                    q.put(batch)
-            except BaseException as exc:
-                q.put(exc)
-            q.put(None)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(0.01)
+            return self._produce(order, seed)
+        return in_background(self._produce(order, seed), self.prefetch)
 
     def train_batches(self, rows: np.ndarray, seed: int) -> Iterator[Batch]:
         order = np.random.default_rng(seed).permutation(rows)
@@ -113,3 +86,38 @@ class ThreadedPixelSource:
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
+
+
+def in_background(items: Iterator, depth: int = 2) -> Iterator:
+    """Yield what ``items`` yields, produced ``depth`` ahead on a background thread (PIL
+    decoding and LMDB reads release the GIL, so they overlap the model's work). An
+    exception in the producer is raised in the consumer; closing the consumer early
+    stops the producer."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+        except BaseException as exc:
+            q.put((None, exc))
+        q.put(None)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (entry := q.get()) is not None:
+            item, exc = entry
+            if exc is not None:
+                raise exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)

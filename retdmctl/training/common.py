@@ -27,6 +27,7 @@ from retdmctl.training.runtime import (
     autocast,
     derive_seed,
     pick_device,
+    prepare_model,
     save_checkpoint,
     seed_everything,
     set_threads,
@@ -35,10 +36,12 @@ from retdmctl.training.runtime import (
 from retdmctl.training.sources import (
     CachedSource,
     PixelSource,
-    cache_key,
     extract_backbone_features,
+    extract_views,
     read_cache_key,
+    read_cached,
     read_features,
+    views_cache_key,
 )
 from retdmctl.workspace import Workspace
 
@@ -57,7 +60,7 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
     resume point so that the stage starts over. Train and val must not be empty."""
     # The metric stage never runs the CNN; the others do unless the backbone is frozen
     # (feature extraction, when needed, sets its own threads).
-    set_threads(cnn=stage != "metric" and not ctx.cfg.model.frozen_backbone)
+    set_threads(cnn=stage != "metric" and runs_cnn(ctx.cfg))
     seed_everything(seed)
     device = pick_device(ctx.cfg.runtime.device)
     info = read_dataset(ctx.ws.dataset)
@@ -67,6 +70,12 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
     if ctx.force:
         (stage_dir / "resume.pt").unlink(missing_ok=True)
     return device, info, stage_dir
+
+
+def runs_cnn(cfg: Config) -> bool:
+    """Whether training or scoring runs convolutions (all of the backbone, or the tuned
+    end of it), or only the small heads on cached pooled features."""
+    return not cfg.model.frozen_backbone or cfg.model.tune_blocks > 0
 
 
 def require_splits(info: DatasetInfo, names: tuple[str, ...], ws: Workspace) -> None:
@@ -90,7 +99,7 @@ def backbone_cache_path(ws: Workspace, cfg: Config) -> Path:
     """Where the frozen backbone's features for this config live: named by the hash of
     everything they depend on (backbone, weights, input size, the image store), so a
     cache is never replaced, only added, and never read for another config."""
-    key = cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
+    key = views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return ws.cache_dir / "backbone" / f"{cfg.model.backbone}-{digest}.h5"
 
@@ -103,25 +112,37 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
     """Extract the frozen backbone's features once; reuse them while their key matches."""
     m = cfg.model
     path = backbone_cache_path(ws, cfg)
-    key = cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
+    key = views_cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
     if read_cache_key(path) == key:
         console.print(f"reusing cached {m.backbone} features ({ws.rel(path)})")
         return path
-    weights = Path(m.weights_file) if m.weights_file else None
-    # A backbone without pretrained weights is random: draw it from a fixed seed, so
-    # that features extracted again (a deleted cache, another command) are the same.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(0, "frozen-backbone"))
-        backbone, spec = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
+    backbone, spec = frozen_backbone(cfg)
     previous = torch.get_num_threads()
     set_threads(cnn=True)
     pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, loader_workers(cfg, device))
     # Not part of the stage's transaction: the cache is keyed by its content's inputs.
     try:
-        extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
+        if m.views == 1 and not m.tune_blocks:
+            extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
+        else:
+            backbone = prepare_model(backbone, device).eval()
+            forward = (lambda x: backbone.forward_trunk(x, m.tune_blocks)) if m.tune_blocks else backbone
+            extract_views(path, forward, pixels, m.views, key, device, autocast(device))
     finally:
         torch.set_num_threads(previous)
     return path
+
+
+def frozen_backbone(cfg: Config) -> tuple[torch.nn.Module, BackboneSpec]:
+    """The backbone whose outputs frozen-backbone mode caches. Without pretrained weights
+    it is random, drawn from a fixed seed: features extracted again (a deleted cache,
+    another command) are the same, and the trunk a tuned model keeps is the one that
+    made its cached activations."""
+    m = cfg.model
+    weights = Path(m.weights_file) if m.weights_file else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(0, "frozen-backbone"))
+        return build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
 
 
 def model_inputs(ws: Workspace, cfg: Config) -> list[Path]:
@@ -135,12 +156,20 @@ def build_model(cfg: Config, num_classes: int, *, pretrained: bool, seed: int = 
     m = cfg.model
     spec = get_backbone_spec(m.backbone)
     backbone = None
+    if m.frozen_backbone and m.tune_blocks:
+        # The middle way: the whole backbone is kept (so the checkpoint is a complete
+        # image model), but only its last tune_blocks blocks and head are trained.
+        backbone, spec = frozen_backbone(cfg)
+        backbone.requires_grad_(False)
+        for module in backbone.tail_modules(m.tune_blocks):
+            module.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "init"))
         if not m.frozen_backbone:
             weights = Path(m.weights_file) if m.weights_file else None
             backbone, spec = build_backbone(m.backbone, pretrained=pretrained and m.pretrained, weights_file=weights)
-        model = RETDM(num_classes, spec.out_dim, m.embed_dim, m.dropout, backbone=backbone)
+        model = RETDM(num_classes, spec.out_dim, m.embed_dim, m.dropout, backbone=backbone,
+                      tune_blocks=m.tune_blocks if m.frozen_backbone else 0)
     return model, spec
 
 
@@ -149,7 +178,9 @@ def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSp
     (extracted first when this config has none yet)."""
     if cfg.model.frozen_backbone:
         path = ensure_backbone_cache(ws, cfg, info, device or torch.device("cpu"), console or _QUIET)
-        return CachedSource(read_features(path), info, cfg.model.batch_size)
+        if cfg.model.views == 1 and not cfg.model.tune_blocks:
+            return CachedSource(read_features(path), info, cfg.model.batch_size)
+        return CachedSource(read_cached(path), info, cfg.model.batch_size, cfg.model.views)
     workers = loader_workers(cfg, device or torch.device("cpu"))
     return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)
 

@@ -37,6 +37,7 @@ class PixelSource:
     def __init__(self, lmdb: Path, info: DatasetInfo, spec: BackboneSpec, image_size: int, batch_size: int, workers: int) -> None:
         self.reader = ImageReader(lmdb)
         self.info, self.batch_size, self.workers = info, batch_size, workers
+        self.image_size, self.mean, self.std = image_size, spec.mean, spec.std
         self.train_tf = train_transform(image_size, spec.mean, spec.std)
         self.eval_tf = eval_transform(image_size, spec.mean, spec.std)
 
@@ -71,22 +72,44 @@ class PixelSource:
 
 
 class CachedSource:
-    def __init__(self, features: np.ndarray, info: DatasetInfo, batch_size: int) -> None:
-        self.features = torch.from_numpy(features.astype(np.float32))
+    """Batches of cached backbone inputs: pooled features (N, F), or with several views
+    per image (N, V, ...) kept as stored (float16) and converted batch by batch. A
+    training batch takes one view per image, drawn from the epoch's seed; evaluation
+    always takes view 0, the centre crop."""
+
+    def __init__(self, features: np.ndarray, info: DatasetInfo, batch_size: int, views: int = 1) -> None:
+        if views == 1 and features.ndim == 2:
+            self.features = torch.from_numpy(features.astype(np.float32))
+        else:
+            self.features = torch.from_numpy(features)  # (N, V, ...)
+        self.views = views
         self.labels = torch.from_numpy(info.labels.astype(np.float32))
         self.batch_size = batch_size
 
-    def _batches(self, rows: np.ndarray) -> Iterator[Batch]:
+    def centre(self) -> torch.Tensor:
+        """Every image's view 0, as float32."""
+        return self.features if self.views == 1 and self.features.ndim == 2 else self.features[:, 0].float()
+
+    def _batches(self, rows: np.ndarray, views: np.ndarray | None) -> Iterator[Batch]:
+        multi = not (self.views == 1 and self.features.ndim == 2)
         for start in range(0, len(rows), self.batch_size):
             r = rows[start : start + self.batch_size]
             idx = torch.from_numpy(r)
-            yield self.features[idx], self.labels[idx], r
+            if multi:
+                v = torch.zeros_like(idx) if views is None else torch.from_numpy(views[start : start + self.batch_size])
+                x = self.features[idx, v].float()
+            else:
+                x = self.features[idx]
+            yield x, self.labels[idx], r
 
     def train_batches(self, rows: np.ndarray, seed: int) -> Iterator[Batch]:
-        return self._batches(np.random.default_rng(seed).permutation(rows))
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(rows)
+        views = rng.integers(self.views, size=len(order)) if self.views > 1 else None
+        return self._batches(order, views)
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        return self._batches(rows)
+        return self._batches(rows, None)
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
@@ -102,6 +125,15 @@ def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: 
         "images": images_fp,
         "version": 2,  # 2: a randomly initialised backbone is drawn from a fixed seed
     }
+
+
+def views_cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: str | None = None) -> dict:
+    """The key of a cache of several views, or of trunk activations (model.views,
+    model.tune_blocks); with one view of pooled features it is :func:`cache_key`."""
+    key = cache_key(model_cfg, spec, images_fp, weights_fp)
+    if model_cfg.views > 1 or model_cfg.tune_blocks:
+        key.update(views=model_cfg.views, tune_blocks=model_cfg.tune_blocks, version=3)
+    return key
 
 
 def read_cache_key(path: Path) -> dict | None:
@@ -133,9 +165,50 @@ def extract_backbone_features(
         h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
 
 
+@torch.no_grad()
+def extract_views(
+    path: Path, forward, pixels: PixelSource, views: int, key: dict, device: torch.device, autocast
+) -> None:
+    """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
+    image: (N, V, ...) float16. Decoding runs on a background thread, beside the model."""
+    from retdmctl.data.loaders import LmdbImages, ViewsTransform
+    from retdmctl.data.prefetch import in_background
+
+    info = pixels.info
+    rows = np.arange(len(info.ids))
+    tf = ViewsTransform(pixels.image_size, pixels.mean, pixels.std, views)
+    images = LmdbImages(pixels.reader, info.ids, info.labels, rows, tf)
+    per_batch = max(1, pixels.batch_size // views)
+
+    def batches():
+        for start in range(0, len(rows), per_batch):
+            r = rows[start : start + per_batch]
+            yield torch.stack([images[int(i)][0] for i in r]), r
+
+    out = None
+    with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
+        task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
+        for x, r in in_background(batches(), 2):
+            with autocast:
+                acts = forward(to_device(x.flatten(0, 1), device)).float()
+            acts = acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy()
+            if out is None:
+                out = h5.create_dataset("features", shape=(len(rows), *acts.shape[1:]), dtype=np.float16,
+                                        chunks=(1, *acts.shape[1:]))
+            out[r[0] : r[-1] + 1] = acts.astype(np.float16)
+            progress.advance(task, len(r))
+        h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
+
+
 def read_features(path: Path, name: str = "features") -> np.ndarray:
     with h5py.File(path, "r") as h5:
         return h5[name][()].astype(np.float32)
+
+
+def read_cached(path: Path) -> np.ndarray:
+    """A cache of several views or of activations, as stored (float16)."""
+    with h5py.File(path, "r") as h5:
+        return h5["features"][()]
 
 
 def write_features(path: Path, features: np.ndarray, config: dict) -> None:
