@@ -131,6 +131,10 @@ class LabelProtocol(str, Enum):
 
 
 _BACKBONE_NAMES = ", ".join(BACKBONES)
+TUNE_BLOCKS = option(metavar="N", default="model.tune_blocks",
+                     help="With --frozen-backbone: also train the backbone's last N blocks and head, on cached activations of the rest (0 = none).")
+VIEWS = option(metavar="V", default="model.views",
+               help="With --frozen-backbone: cache V views of each image (1 = centre crop, up to 10 = five crops and their flips); training draws one per epoch.")
 
 
 @app.command()
@@ -148,6 +152,8 @@ def train(
     ] = None,
     image_size: Annotated[Optional[int], option(metavar="PX", default="model.image_size", help="Input side in px.")] = None,
     batch_size: Annotated[Optional[int], option(metavar="N", default="model.batch_size", help="Images per batch.")] = None,
+    tune_blocks: Annotated[Optional[int], TUNE_BLOCKS] = None,
+    views: Annotated[Optional[int], VIEWS] = None,
     epochs: Annotated[Optional[int], option(metavar="N", help="Epochs of this stage.  [default: 20 (joint: 10), or <stage>.epochs in retdm.toml]")] = None,
     lr: Annotated[Optional[float], option(metavar="LR", help="Learning rate of this stage.  [default: classifier 0.1, metric 0.01, joint 0.001, or <stage>.lr in retdm.toml]")] = None,
     alpha: Annotated[Optional[float], option(metavar="W", default="loss.alpha", help="Weight of the metric loss (>= 0).")] = None,
@@ -181,6 +187,8 @@ def train(
             "weights_file": str(weights_file.resolve()) if weights_file else None,
             "image_size": image_size,
             "batch_size": batch_size,
+            "tune_blocks": tune_blocks,
+            "views": views,
         },
         "loss": {"alpha": alpha, "beta": beta, "lam": lam, "margin": margin, "clml": clml},
         "labels": {"protocol": labels.value if labels else None, "fraction": labels_fraction},
@@ -245,6 +253,8 @@ def run(
         option("--frozen-backbone/--finetune-backbone", default="model.frozen_backbone",
                help="Train from cached backbone features (CPU-friendly), or fine-tune the CNN."),
     ] = None,
+    tune_blocks: Annotated[Optional[int], TUNE_BLOCKS] = None,
+    views: Annotated[Optional[int], VIEWS] = None,
     until: Annotated[Optional[Until], typer.Option(help="Stop after this stage.  [default: eval]", show_default=False)] = None,
     sets: Sets = None,
     force: Force = False,
@@ -259,7 +269,7 @@ def run(
     set_workdir(workdir)
     names = [s.name for s in PIPELINE]
     started = time.perf_counter()
-    cfg = resolve({"model": {"frozen_backbone": frozen_backbone}}, sets)
+    cfg = resolve({"model": {"frozen_backbone": frozen_backbone, "tune_blocks": tune_blocks, "views": views}}, sets)
     run_stages(cfg, names[: names.index(until.value) + 1] if until else names, force)
     console.print(f"pipeline finished in {time.perf_counter() - started:.1f}s")
 
