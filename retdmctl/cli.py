@@ -333,7 +333,15 @@ def quickstart(
 
 
 def entry() -> None:
-    app()
+    from retdmctl import distributed
+
+    distributed.setup()  # under torchrun: join the other processes (else nothing)
+    if not distributed.is_main():
+        console.quiet = True  # rank 0 speaks for every rank
+    try:
+        app()
+    finally:
+        distributed.shutdown()
 
 
 # --- predict / export (retdmctl.cli_predict) ------------------------------------

@@ -9,6 +9,7 @@ and images are unchanged) and trains phi's projection and W_c on them.
 
 from __future__ import annotations
 
+from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
@@ -85,9 +86,9 @@ def run(ctx: Context) -> dict:
         on_epoch=counter,
     )
 
-    features = embed_all(model, source, len(info.ids), device)
+    features = embed_all(model, source, len(info.ids), device)  # every rank, sharded
     config = cfg.sections(STAGE.sections)
-    write_features(stage_dir / "features.h5", features, config)
+    distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config))
     weights = model.state_dict() if not cfg.model.frozen_backbone else model.heads_state()
     state = {
         "stage": "classifier",
@@ -111,4 +112,5 @@ STAGE = Stage(
     outputs=_outputs,
     run=run,
     blocked=backbone_problem,
+    parallel=True,
 )
