@@ -335,7 +335,11 @@ def quickstart(
 def entry() -> None:
     from retdmctl import distributed
 
-    distributed.setup()  # under torchrun: join the other processes (else nothing)
+    try:
+        distributed.setup()  # under torchrun: join the other processes (else nothing)
+    except RetdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
     if not distributed.is_main():
         console.quiet = True  # rank 0 speaks for every rank
     try:
