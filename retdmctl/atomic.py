@@ -6,6 +6,11 @@ renames wait until the whole stage has succeeded: a stage that fails or is kille
 leaves every previous artifact exactly as it was, never a mix of old and new outputs.
 
 Writes that must survive a kill (a training run's ``resume.pt``) pass ``defer=False``.
+
+Under torchrun only rank 0 writes: the other ranks are marked read-only
+(:func:`set_writer`) and any write they attempt is a bug that fails loudly.
+``RETDM_WRITE_LOG=FILE`` appends one line per committed file (rank, pid, path): an audit
+of who wrote what.
 """
 
 from __future__ import annotations
@@ -34,6 +39,30 @@ class Transaction:
             if final == path:
                 return tmp
         return None
+
+
+_WRITER = {"allowed": True}
+
+
+def set_writer(allowed: bool) -> None:
+    """Whether this process may write the workspace (False on torchrun ranks > 0)."""
+    _WRITER["allowed"] = allowed
+
+
+def may_write() -> bool:
+    return _WRITER["allowed"]
+
+
+def _check_writer(path: Path) -> None:
+    if not _WRITER["allowed"]:
+        raise RuntimeError(f"rank {os.environ.get('RANK', '?')} tried to write {path}: only rank 0 writes")
+
+
+def _log_write(path: Path) -> None:
+    log = os.environ.get("RETDM_WRITE_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"{os.environ.get('RANK', '0')} {os.getpid()} {path}\n")
 
 
 _CURRENT: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar("retdm_tx", default=None)
@@ -71,6 +100,7 @@ def after_commit(action: Callable[[], None]) -> None:
 def defer_replace(src: Path, dst: Path) -> None:
     """Rename ``src`` over ``dst`` when the transaction commits (now, outside one). On
     abort ``src`` is kept: it is resumable work (an ingest's ``.partial`` store)."""
+    _check_writer(dst)
     tx = _CURRENT.get()
     if tx is None:
         _replace(src, dst)
@@ -87,6 +117,7 @@ def atomic_path(path: Path, *, defer: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; once the block succeeds, fsync it and
     rename it over ``path`` (at the end of the current transaction unless ``defer`` is
     False). On any exception (Ctrl-C included) the temporary file is removed."""
+    _check_writer(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     remove(tmp)
@@ -109,10 +140,12 @@ def write_text_atomic(path: Path, text: str, *, defer: bool = True) -> None:
 
 
 def _replace(tmp: Path, path: Path) -> None:
+    _check_writer(path)
     if path.is_dir() and tmp.is_dir():
         remove(path)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    _log_write(path)
 
 
 def _fsync_tree(path: Path) -> None:

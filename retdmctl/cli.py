@@ -343,7 +343,19 @@ def quickstart(
 
 
 def entry() -> None:
-    app()
+    from retdmctl import distributed
+
+    try:
+        distributed.setup()  # under torchrun: join the other processes (else nothing)
+    except RetdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    if not distributed.is_main():
+        console.quiet = True  # rank 0 speaks for every rank
+    try:
+        app()
+    finally:
+        distributed.shutdown()
 
 
 # --- predict / export (retdmctl.cli_predict) ------------------------------------

@@ -14,6 +14,7 @@ import typer
 
 from retdmctl.cli_support import STATE, Workdir, console, set_workdir
 from retdmctl.errors import RetdmError
+from retdmctl import distributed
 from retdmctl.lock import workspace_lock
 
 EXIT_SOME_SKIPPED = 2
@@ -105,6 +106,7 @@ def predict(
 
     Example: retdmctl predict photos/ --format jsonl
     """
+    distributed.single_process("predict")
     set_workdir(workdir)
     from retdmctl.predict import (
         Prediction,
@@ -198,6 +200,7 @@ def export(
     Example: retdmctl export --format onnx --output model.onnx
     """
     set_workdir(workdir)
+    distributed.single_process("export")
     from retdmctl.export import EXTRA_HINT
 
     if fmt is ExportFormat.onnx:

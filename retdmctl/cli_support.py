@@ -1,8 +1,12 @@
 """What the CLI modules share: the error-catching group, option helpers, the config
-resolution, and running stages under the workspace lock."""
+resolution, and running stages under the workspace lock.
+
+Under torchrun rank 0 resolves the config, plans the stages, holds the lock and saves
+retdm.toml; the other ranks get its decisions (``retdmctl.distributed.on_main``)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 from pathlib import Path
@@ -12,6 +16,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from retdmctl import distributed
 from retdmctl.config import Config, parse_set, validate
 from retdmctl.errors import RetdmError
 from retdmctl.workspace import Workspace
@@ -45,18 +50,25 @@ class ErrorCatchingGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except distributed.PeerError:  # rank 0 failed and said why
+            raise typer.Exit(1) from None
         except RetdmError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {_rank_prefix()}{exc}", err=True)
             raise typer.Exit(1) from None
         except _UsageError as exc:  # a path that does not exist, an unknown option: one line, exit 1
             typer.echo(f"error: {exc.format_message()}", err=True)
             raise typer.Exit(1) from None
         except OSError as exc:
-            typer.echo(f"error: {_os_error_message(exc)}", err=True)
+            typer.echo(f"error: {_rank_prefix()}{_os_error_message(exc)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
+
+
+def _rank_prefix() -> str:
+    """Names the rank of an error raised by a torchrun rank other than 0."""
+    return "" if distributed.is_main() else f"rank {distributed.rank()}: "
 
 
 class State:
@@ -87,7 +99,12 @@ def read_workspace() -> Workspace:
 
 
 def resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> Config:
-    """The config: retdm.toml < --config < --set < flags (None = not given), validated."""
+    """The config: retdm.toml < --config < --set < flags (None = not given), validated
+    (by rank 0 under torchrun: every rank gets its config, or its error)."""
+    return distributed.on_main(lambda: _resolve(overrides, sets))
+
+
+def _resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None) -> Config:
     merged = parse_set(sets or [])
     for section, values in overrides.items():
         merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
@@ -106,23 +123,28 @@ def run_stages(cfg: Config, names: list[str], force: bool, *, persist: bool = Tr
     from stages import BY_NAME, PIPELINE
 
     ws = workspace()
-    for name in names:
-        reason = BY_NAME[name].blocked(cfg)
-        if reason and name != "ingest":  # ingest's only block is "no dataset yet"
-            raise RetdmError(reason)
-    todo: list[str] = []
-    for name in names:
-        before = [s.name for s in upstream(BY_NAME[name], ws, cfg, PIPELINE)] if with_upstream else []
-        todo += [n for n in before + [name] if n not in todo]
-    todo = [s.name for s in PIPELINE if s.name in todo]
-    with workspace_lock(ws.root):
+
+    def plan() -> list[str]:
+        for name in names:
+            reason = BY_NAME[name].blocked(cfg)
+            if reason and name != "ingest":  # ingest's only block is "no dataset yet"
+                raise RetdmError(reason)
+        todo: list[str] = []
+        for name in names:
+            before = [s.name for s in upstream(BY_NAME[name], ws, cfg, PIPELINE)] if with_upstream else []
+            todo += [n for n in before + [name] if n not in todo]
+        return [s.name for s in PIPELINE if s.name in todo]
+
+    todo = distributed.on_main(plan)
+    with contextlib.ExitStack() as held:  # rank 0 holds the lock for every rank
+        distributed.on_main(lambda: held.enter_context(workspace_lock(ws.root)))
         ctx = Context(ws, cfg, console, force=False)
         for name in todo:
             ctx.force = force and name in names
             run_stage(ctx, BY_NAME[name], PIPELINE)
         if persist:
-            ws.save_config(cfg)
-    if "eval" in names:
+            distributed.on_main(lambda: ws.save_config(cfg))
+    if "eval" in names and distributed.is_main():
         print_metrics(ws)
     return ws
 

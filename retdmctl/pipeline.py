@@ -4,6 +4,11 @@ A stage declares the config sections it reads, its inputs and its outputs. When 
 finishes it writes a manifest: the config it ran with, the fingerprints of its inputs
 and of its outputs. It is *up to date* while all three still match; a stage whose
 upstream re-ran sees new input fingerprints and so becomes stale by itself.
+
+Under torchrun rank 0 makes every decision (run or skip) and writes every manifest; a
+stage marked ``parallel`` (one that trains or scores) runs on every rank, the others on
+rank 0 only while the rest wait. The number of processes is recorded in the manifest
+(``world_size``) but is not part of the fingerprint: it never makes a stage stale.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
+from retdmctl import distributed
 from retdmctl.config import Config, config_hash
 from retdmctl.errors import StageNotReadyError
 from retdmctl.atomic import remove_stale_tmp, transaction
@@ -42,6 +48,8 @@ class Stage:
     sources: Callable[[Workspace, Config], list[Path]] = field(default=lambda ws, cfg: [])
     # a one-line reason the stage cannot run with this config, or None
     blocked: Callable[[Config], str | None] = field(default=lambda cfg: None)
+    # runs on every rank under torchrun (trains or scores); else on rank 0 only
+    parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,21 +144,17 @@ def run_stage(ctx: Context, stage: Stage, stages: list[Stage]) -> bool:
     leaves the previous artifacts and the previous manifest as they were.
     """
     ws, cfg = ctx.ws, ctx.cfg
-    check_ready(ws, cfg, stage, stages)
-    st = status(ws, cfg, stage)
-    if st.state == "done" and not ctx.force:
-        ctx.console.print(f"[green]{stage.name}[/]: up to date, skipped")
+    inputs = distributed.on_main(lambda: _prepare(ctx, stage, stages))
+    if inputs is None:
         return False
-    why = "forced" if ctx.force and st.state == "done" else st.reason
-    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({why})")
-    inputs = input_fingerprints(ws, cfg, stage)
-    for path in stage.outputs(ws, cfg):
-        remove_stale_tmp(path)
     started = time.perf_counter()
-    with transaction():
-        summary = stage.run(ctx)
+    if stage.parallel:
+        summary = _execute(ctx, stage)
+    else:
+        summary = distributed.on_main(lambda: _execute(ctx, stage))
     duration = time.perf_counter() - started
-    ws.write_manifest(
+    world = distributed.world_size()
+    distributed.on_main(lambda: ws.write_manifest(
         stage.name,
         {
             "config": cfg.sections(stage.sections),
@@ -159,8 +163,32 @@ def run_stage(ctx: Context, stage: Stage, stages: list[Stage]) -> bool:
             "outputs": {ws.rel(p): ws.fingerprint(p) for p in stage.outputs(ws, cfg)},
             "finished_at": now_iso(),
             "duration_s": round(duration, 3),
+            "world_size": world,
             "summary": summary,
         },
-    )
+    ))
     ctx.console.print(f"[green]{stage.name}[/]: done in {duration:.1f}s")
     return True
+
+
+def _prepare(ctx: Context, stage: Stage, stages: list[Stage]) -> dict[str, str | None] | None:
+    """The stage's input fingerprints when it must run, None when it is up to date."""
+    ws, cfg = ctx.ws, ctx.cfg
+    check_ready(ws, cfg, stage, stages)
+    st = status(ws, cfg, stage)
+    if st.state == "done" and not ctx.force:
+        ctx.console.print(f"[green]{stage.name}[/]: up to date, skipped")
+        return None
+    why = "forced" if ctx.force and st.state == "done" else st.reason
+    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({why})")
+    inputs = input_fingerprints(ws, cfg, stage)
+    for path in stage.outputs(ws, cfg):
+        remove_stale_tmp(path)
+    return inputs
+
+
+def _execute(ctx: Context, stage: Stage) -> dict[str, Any]:
+    """The stage's run, its outputs committed together when it succeeds (a rank > 0
+    writes nothing, so its transaction stays empty)."""
+    with transaction():
+        return stage.run(ctx)

@@ -27,7 +27,8 @@ def make_progress(*, transient: bool = True, console=None) -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=bool(os.environ.get("RETDM_NO_PROGRESS")),
+        # under torchrun only rank 0 shows bars
+        disable=bool(os.environ.get("RETDM_NO_PROGRESS")) or os.environ.get("RANK", "0") != "0",
         transient=transient,
         console=console,
     )

@@ -21,6 +21,7 @@ from typing import Any
 from retdmctl import __version__
 from retdmctl.atomic import (  # noqa: F401  (re-exported: the stages import them from here)
     atomic_path,
+    may_write,
     remove,
     remove_stale_tmp,
     tmp_name,
@@ -168,7 +169,7 @@ class _State:
     def save(self) -> None:
         """Best effort: the cache only saves time, and a reader (``status``) of a
         read-only workspace must still work."""
-        if self.dirty:
+        if self.dirty and may_write():  # never on torchrun ranks > 0
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.path, json.dumps(self.entries), defer=False)

@@ -9,6 +9,7 @@ and images are unchanged) and trains phi's projection and W_c on them.
 
 from __future__ import annotations
 
+from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.common import (
@@ -85,9 +86,9 @@ def run(ctx: Context) -> dict:
         on_epoch=counter,
     )
 
-    features = embed_all(model, source, len(info.ids), device)
+    features = embed_all(model, source, len(info.ids), device)  # every rank, sharded
     config = cfg.sections(STAGE.sections)
-    write_features(stage_dir / "features.h5", features, config)
+    distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config))
     weights = model.state_dict() if model.backbone is not None else model.heads_state()  # a tuned model: all
     state = {
         "stage": "classifier",
@@ -112,4 +113,5 @@ STAGE = Stage(
     outputs=_outputs,
     run=run,
     blocked=backbone_problem,
+    parallel=True,
 )

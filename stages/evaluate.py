@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 from rich.table import Table
 
-from retdmctl import __version__, thresholds
+from retdmctl import __version__, distributed, thresholds
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
 from retdmctl.metrics import (
@@ -78,6 +78,12 @@ def run(ctx: Context) -> dict:
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device)
+    # Under torchrun every rank scored its shard and holds all the scores; rank 0 writes.
+    return distributed.on_main(lambda: _write(ctx, info, ckpt, ckpt_path, backbone_from, model, device, rows, scores, labels))
+
+
+def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model, device, rows, scores, labels) -> dict:
+    ws, cfg, e = ctx.ws, ctx.cfg, ctx.cfg.eval
     cut = thresholds.resolve(ckpt.get("threshold_choice"), e.thresholds, e.threshold, info.num_classes)
     metrics = compute_metrics(labels, scores, threshold=cut)
     ap = per_class_average_precision(labels, scores)
@@ -132,4 +138,5 @@ STAGE = Stage(
     outputs=_outputs,
     run=run,
     blocked=_blocked,
+    parallel=True,
 )

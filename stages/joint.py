@@ -33,6 +33,7 @@ from retdmctl.training.common import (
 )
 from retdmctl.training.labels import Classification, EpochCounter, announce, training_view
 from retdmctl.training.loop import fit
+from retdmctl.training.parallel import refresh_bank
 from retdmctl.training.runtime import (
     load_checkpoint,
     prepare_model,
@@ -88,7 +89,7 @@ def run(ctx: Context) -> dict:
         metric, rec = metric_and_rec(model, f.float(), y, rows, sampler, f_neg_source, rng, cfg.loss)
         cls, clml = classification(logits.float(), y, rows, f_clean)
         parts = total_loss(cls, metric, rec, cfg.loss.alpha, cfg.loss.beta)
-        bank[torch.from_numpy(rows).to(device)] = f.detach().float()  # refresh the bank
+        refresh_bank(bank, rows, f)  # every rank's rows of this step, on every rank
         if clml is None:
             return parts.total, parts.items()
         total = parts.total + clml  # L + CLML's term (loss.clml > 0)
@@ -141,4 +142,5 @@ STAGE = Stage(
     outputs=lambda ws, cfg: [ws.stage_dir("joint") / "checkpoint.pt"],
     run=run,
     blocked=_blocked,
+    parallel=True,
 )

@@ -105,4 +105,5 @@ STAGE = Stage(
     inputs=_inputs,
     outputs=lambda ws, cfg: [ws.stage_dir("metric") / "checkpoint.pt"],
     run=run,
+    parallel=True,
 )

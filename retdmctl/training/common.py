@@ -1,5 +1,8 @@
 """Pieces the training and evaluation stages share: building the model, choosing the
-image source for the mode, scoring a split, and the metric-loss batch sampler."""
+image source for the mode, scoring a split, and the metric-loss batch sampler.
+
+Under torchrun, scoring and embedding are sharded over the ranks and gathered (every
+rank gets the whole result, in order); writing is rank 0's (``retdmctl.distributed``)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import numpy as np
 import torch
 
+from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo, read_dataset
 from retdmctl.atomic import after_commit
@@ -36,12 +40,14 @@ from retdmctl.training.runtime import (
 from retdmctl.training.sources import (
     CachedSource,
     PixelSource,
+    backbone_features,
     extract_backbone_features,
     extract_views,
     read_cache_key,
     read_cached,
     read_features,
     views_cache_key,
+    write_backbone_features,
 )
 from retdmctl.workspace import Workspace
 
@@ -66,9 +72,13 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
     info = read_dataset(ctx.ws.dataset)
     require_splits(info, ("train", "val"), ctx.ws)
     stage_dir = ctx.ws.stage_dir(stage)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.force:
-        (stage_dir / "resume.pt").unlink(missing_ok=True)
+
+    def prepare() -> None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.force:
+            (stage_dir / "resume.pt").unlink(missing_ok=True)
+
+    distributed.on_main(prepare)
     return device, info, stage_dir
 
 
@@ -87,10 +97,15 @@ def require_splits(info: DatasetInfo, names: tuple[str, ...], ws: Workspace) -> 
 
 
 def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
-    """Write the stage's checkpoint; drop its resume point once the checkpoint is in
-    place; return the stage summary."""
-    save_checkpoint(stage_dir / "checkpoint.pt", {**state, "history": history})
-    after_commit(lambda: (stage_dir / "resume.pt").unlink(missing_ok=True))
+    """Write the stage's checkpoint (rank 0; with the number of processes that trained
+    it); drop its resume point once the checkpoint is in place; return the summary."""
+    state = {**state, "history": history, "world_size": distributed.world_size()}
+
+    def write() -> None:
+        save_checkpoint(stage_dir / "checkpoint.pt", state)
+        after_commit(lambda: (stage_dir / "resume.pt").unlink(missing_ok=True))
+
+    distributed.on_main(write)
     last = history[-1] if history else {}
     return {"epochs": len(history), **{k: last.get(k) for k in ("val_loss", "val_mAP") if k in last}}
 
@@ -113,7 +128,7 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
     m = cfg.model
     path = backbone_cache_path(ws, cfg)
     key = views_cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
-    if read_cache_key(path) == key:
+    if distributed.on_main(lambda: read_cache_key(path) == key):
         console.print(f"reusing cached {m.backbone} features ({ws.rel(path)})")
         return path
     backbone, spec = frozen_backbone(cfg)
@@ -122,12 +137,18 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
     pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, loader_workers(cfg, device))
     # Not part of the stage's transaction: the cache is keyed by its content's inputs.
     try:
-        if m.views == 1 and not m.tune_blocks:
-            extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
-        else:
+        if m.views > 1 or m.tune_blocks:
             backbone = prepare_model(backbone, device).eval()
             forward = (lambda x: backbone.forward_trunk(x, m.tune_blocks)) if m.tune_blocks else backbone
-            extract_views(path, forward, pixels, m.views, key, device, autocast(device))
+            # under torchrun, rank 0 extracts the views while the others wait
+            distributed.on_main(lambda: extract_views(path, forward, pixels, m.views, key, device, autocast(device)))
+        elif distributed.active():  # each rank its shard; rank 0 writes them all
+            rows = distributed.shard(np.arange(len(info.ids)))
+            part = backbone_features(backbone, pixels, rows, device, autocast(device))
+            features = distributed.gather_rows(part, to_main=True)
+            distributed.on_main(lambda: write_backbone_features(path, features, key))
+        else:
+            extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
     finally:
         torch.set_num_threads(previous)
     return path
@@ -259,8 +280,19 @@ def load_parts(model: torch.nn.Module, state: dict[str, torch.Tensor], parts: tu
 
 @torch.no_grad()
 def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores and labels for ``rows``, in the order of ``rows``."""
+    """Sigmoid scores and labels for ``rows``, in the order of ``rows`` (under torchrun:
+    each rank scores its shard, every rank gets all of them)."""
+    if distributed.active():
+        scores, labels = _predict(model, source, distributed.shard(rows), device)
+        return distributed.gather_rows(scores), distributed.gather_rows(labels)
+    return _predict(model, source, rows, device)
+
+
+def _predict(model: RETDM, source, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
+    if len(rows) == 0:  # a rank's shard of a split smaller than the world
+        empty = np.zeros((0, model.cls_head.out_features), np.float32)
+        return empty, empty.copy()
     scores, labels = [], []
     for x, y, r in track(source.eval_batches(rows), source.num_batches(rows), "scoring"):
         with autocast(device):
@@ -272,13 +304,15 @@ def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device)
 
 @torch.no_grad()
 def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
-    """f = phi(x) for every image (eval mode, centre crop)."""
+    """f = phi(x) for every image (eval mode, centre crop); sharded under torchrun."""
     model.eval()
-    out = np.zeros((n, model.cls_head.in_features), dtype=np.float32)
-    for x, _, r in track(source.eval_batches(np.arange(n)), source.num_batches(np.arange(n)), "embedding"):
+    rows = distributed.shard(np.arange(n))
+    out = np.zeros((len(rows), model.cls_head.in_features), dtype=np.float32)
+    start = rows[0] if len(rows) else 0
+    for x, _, r in track(source.eval_batches(rows), source.num_batches(rows), "embedding"):
         with autocast(device):
-            out[r] = model.embed_images(to_device(x, device)).float().cpu().numpy()
-    return out
+            out[r - start] = model.embed_images(to_device(x, device)).float().cpu().numpy()
+    return distributed.gather_rows(out)
 
 
 def choose_thresholds(model: RETDM, source, val_rows: np.ndarray, device: torch.device) -> dict:

@@ -4,23 +4,32 @@ Read top to bottom: resume if a matching ``resume.pt`` exists, then for each epo
 on shuffled batches, validate, step the plateau scheduler, append to the history and save
 ``resume.pt`` (atomically). A stage calls :func:`fit` with its own ``step`` (the loss of
 one batch) and ``validate`` (metrics on the validation split).
+
+Under torchrun each rank trains on its shard of every global batch through
+DistributedDataParallel (``retdmctl.training.parallel``). Rank 0 decides whether to
+resume and its validation figures drive model selection, the LR schedule and early
+stopping on every rank; only rank 0 writes ``resume.pt``, which every rank loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from retdmctl import distributed
 from retdmctl.config import TrainConfig
 from retdmctl.errors import CheckpointError
 from retdmctl.progress import make_progress
+from retdmctl.training.parallel import DistributedStep, epoch_batches
 from retdmctl.training.runtime import (
     autocast,
     derive_seed,
@@ -71,24 +80,23 @@ def fit(
     best: dict[str, Any] = {"epoch": 0, "score": -float("inf"), "model": None}
 
     resume_path = stage_dir / "resume.pt"
-    state = _read_resume_point(resume_path, name, console)
+    state = _resume_point(resume_path, name, console, resume_key)
     if state is not None:
-        if state.get("resume_key") == resume_key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = list(state["history"])
-            best = state["best"]
-            for key, tensor in buffers.items():
-                tensor.copy_(state["buffers"][key])
-            start_epoch = int(state["epoch"]) + 1
-            restore_rng(state)
-            console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
-        else:
-            resume_path.unlink()  # made with another config or other inputs
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        best = state["best"]
+        for key, tensor in buffers.items():
+            tensor.copy_(state["buffers"][key])
+        start_epoch = int(state["epoch"]) + 1
+        restore_rng(state)
+        console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
 
+    # Several processes: the step runs under DDP, on this rank's shard of each batch.
+    runner = DistributedStep(model, step, [p for g in groups for p in g["params"]]) if distributed.active() else None
     # Bars are transient; the log keeps one line per epoch.
-    with make_progress(transient=True, console=console) as progress:
+    with make_progress(transient=True, console=console) as progress, _closing(runner):
         epochs_task = progress.add_task(f"{name} epochs", total=schedule.epochs, completed=start_epoch - 1, info="")
         for epoch in range(start_epoch, schedule.epochs + 1):
             model.train()
@@ -98,15 +106,27 @@ def fit(
             # Dropout and the crops/flips drawn in the main process (workers=0) take
             # their own per-epoch seeds: an epoch draws the same numbers whether it runs
             # in one go, after a resume, or after anything else consumed the global RNG.
-            random.seed(int(rng.integers(2**31)))
-            torch.manual_seed(derive_seed(schedule.seed, "epoch", epoch))
+            # (ranks > 0 draw their own dropout and crops: they see other images)
+            random.seed(int(rng.integers(2**31)) + distributed.rank())
+            torch.manual_seed(derive_seed(schedule.seed, "epoch", epoch, *([distributed.rank()] if runner else [])))
             sums: dict[str, float] = {}
             seen = 0
-            batch_task = progress.add_task(f"epoch {epoch}", total=source.num_batches(train_rows), info="")
-            for x, y, rows in source.train_batches(train_rows, int(rng.integers(2**31))):
+            shuffle_seed = int(rng.integers(2**31))
+            if runner is None:
+                batches = source.train_batches(train_rows, shuffle_seed)
+                weights = itertools.repeat(None)
+                total = source.num_batches(train_rows)
+            else:
+                mine = epoch_batches(train_rows, shuffle_seed, source.batch_size, distributed.world_size(), distributed.rank())
+                batches = source.batches_of([part for part, _ in mine], shuffle_seed)
+                weights, total = iter([w for _, w in mine]), len(mine)
+            batch_task = progress.add_task(f"epoch {epoch}", total=total, info="")
+            for (x, y, rows), weight in zip(batches, weights):
                 x, y = to_device(x, device), to_device(y, device)
                 with autocast(device):
-                    loss, items = step(x, y, rows, rng)
+                    loss, items = (runner or step)(x, y, rows, rng)
+                if weight is not None:  # this rank's share of the global batch
+                    loss = loss * weight
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -115,10 +135,14 @@ def fit(
                 seen += len(rows)
                 progress.update(batch_task, advance=1, info=f"loss {sums['total'] / seen:.4f}")
             progress.remove_task(batch_task)
+            if runner is not None:  # the epoch's means over every rank's rows
+                totals = distributed.sum_over_ranks({**sums, "_seen": float(seen)})
+                seen = int(totals.pop("_seen"))
+                sums = totals
 
             model.eval()
             with torch.no_grad():
-                val = validate()
+                val = distributed.broadcast(validate())  # rank 0's figures decide on every rank
             scheduler.step(val["val_loss"])
             record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}, **val}
             record["lr"] = optimizer.param_groups[0]["lr"]
@@ -130,20 +154,17 @@ def fit(
                 best = {"epoch": epoch, "score": score, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             progress.update(epochs_task, advance=1, info=_describe(record))
             console.print(f"{name} epoch {epoch}/{schedule.epochs}: {_describe(record)}")
-            save_checkpoint(
-                resume_path,
-                {
-                    "resume_key": resume_key,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "epoch": epoch,
-                    "best": best,
-                    "buffers": {key: t.detach().cpu() for key, t in buffers.items()},
-                },
-                defer=False,
-            )
+            resume = {
+                "resume_key": resume_key,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "epoch": epoch,
+                "best": best,
+                "buffers": {key: t.detach().cpu() for key, t in buffers.items()},
+            }
+            distributed.on_main(lambda: save_checkpoint(resume_path, resume, defer=False))
             if schedule.stop_after and epoch - best["epoch"] >= schedule.stop_after:
                 console.print(f"{name}: no better validation score for {schedule.stop_after} epochs, stopping")
                 break
@@ -153,6 +174,29 @@ def fit(
     for record in history:
         record["kept"] = record["epoch"] == (best["epoch"] if schedule.select == "best" else history[-1]["epoch"])
     return history
+
+
+@contextlib.contextmanager
+def _closing(runner: DistributedStep | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _resume_point(path: Path, name: str, console, resume_key: dict[str, Any]) -> dict | None:
+    """The resume point made with this ``resume_key``, or None. One that does not match
+    (another config or other inputs) is deleted. Under torchrun rank 0 decides, then
+    every rank loads the same file."""
+    if distributed.active():
+        found = distributed.on_main(lambda: _resume_point(path, name, console, resume_key) is not None)
+        return load_checkpoint(path) if found else None
+    state = _read_resume_point(path, name, console)
+    if state is not None and state.get("resume_key") != resume_key:
+        path.unlink()
+        return None
+    return state
 
 
 def _read_resume_point(path: Path, name: str, console) -> dict | None:

@@ -63,6 +63,23 @@ class PixelSource:
         for x, y, r in self._loader(rows, self.train_tf, seed):
             yield x, y, r.numpy()
 
+    def batches_of(self, batches: list[np.ndarray], seed: int) -> Iterator[Batch]:
+        """Training batches made of exactly these rows (one rank's shard of an epoch)."""
+        rows = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        ds = LmdbImages(self.reader, self.info.ids, self.info.labels, rows, self.train_tf)
+        ends = np.cumsum([len(b) for b in batches])
+        positions = [list(range(end - len(b), end)) for b, end in zip(batches, ends)]
+        loader = DataLoader(
+            ds,
+            batch_sampler=positions,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=self.workers,
+            worker_init_fn=worker_init,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for x, y, r in loader:
+            yield x, y, r.numpy()
+
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
         for x, y, r in self._loader(rows, self.eval_tf, None):
             yield x, y, r.numpy()
@@ -107,6 +124,17 @@ class CachedSource:
         order = rng.permutation(rows)
         views = rng.integers(self.views, size=len(order)) if self.views > 1 else None
         return self._batches(order, views)
+
+    def batches_of(self, batches: list[np.ndarray], seed: int) -> Iterator[Batch]:
+        """Training batches made of exactly these rows (one rank's shard of an epoch)."""
+        rng = np.random.default_rng(seed)
+        for r in batches:
+            idx = torch.from_numpy(r)
+            if self.views == 1 and self.features.ndim == 2:
+                yield self.features[idx], self.labels[idx], r
+            else:
+                v = torch.from_numpy(rng.integers(self.views, size=len(r)))
+                yield self.features[idx, v].float(), self.labels[idx], r
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
         return self._batches(rows, None)
@@ -197,6 +225,25 @@ def extract_views(
                                         chunks=(1, *acts.shape[1:]))
             out[r[0] : r[-1] + 1] = acts.astype(np.float16)
             progress.advance(task, len(r))
+        h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
+
+
+@torch.no_grad()
+def backbone_features(backbone: torch.nn.Module, pixels: PixelSource, rows: np.ndarray, device: torch.device, autocast) -> np.ndarray:
+    """The backbone's pooled features of ``rows`` (centre crop), float16, in memory: one
+    rank's shard of the cache that rank 0 writes with :func:`write_backbone_features`."""
+    backbone = prepare_model(backbone, device).eval()
+    parts = []
+    for x, _, _ in pixels.eval_batches(rows):
+        with autocast:
+            parts.append(backbone(to_device(x, device)).float().cpu().numpy().astype(np.float16))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+
+
+def write_backbone_features(path: Path, features: np.ndarray, key: dict) -> None:
+    """The cache file :func:`extract_backbone_features` writes, from features in memory."""
+    with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("features", data=features.astype(np.float16))
         h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
 
 
