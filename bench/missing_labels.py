@@ -327,6 +327,10 @@ def command(args) -> str:
     cmd = f"PYTHONPATH=. python bench/missing_labels.py --datasets {' '.join(args.datasets)} --seeds {' '.join(map(str, args.seeds))}"
     if args.protocols != list(PROTOCOLS):
         cmd += " --protocols " + " ".join(args.protocols)
+    if args.clml_protocols != ["keep0.75", "keep0.4", "single"]:
+        cmd += " --clml-protocols " + " ".join(args.clml_protocols)
+    if args.variants != list(REPORTED):
+        cmd += " --variants " + " ".join(args.variants)
     if args.clml_grid != [0.01, 0.03, 0.1, 0.3]:
         cmd += " --clml-grid " + " ".join(f"{v:g}" for v in args.clml_grid)
     return cmd + "".join(f" --set {x}" for x in args.set)
@@ -396,13 +400,15 @@ def merge(args) -> None:
         minutes += run["minutes"]
         all_notes.setdefault(ns.datasets[0], notes(ns)[ns.datasets[0]])
     wide_md = widen(args.widen, results, chosen) if args.widen else []
-    cmds += [f"`{command(argparse.Namespace(**json.loads(Path(p).read_text())['args']))} --variants bce bce_clml`"
-             for p in args.widen]
+    for p in args.widen:
+        run = json.loads(Path(p).read_text())
+        cmds.append(f"`{command(argparse.Namespace(**run['args']))}` ({run['minutes']:.1f} min)")
+        minutes += run["minutes"]
     first = argparse.Namespace(**runs[0]["args"])
     first.notes = all_notes
     first.clml_protocols = [p for p in PROTOCOLS if any(p in r["args"]["clml_protocols"] for r in runs)]
     ref = configure(Config(), first.set)
-    md = header(cmds, ref, first, f"{minutes:.1f} min of bench wall time in all (runs partly side by side)")
+    md = header(cmds, ref, first, f"{minutes:.1f} min summed over the runs (scene and demo runs went side by side on the 2 cores)")
     if args.reading:
         md += [Path(args.reading).read_text().rstrip(), ""]
     md += tables(results, first, timing, chosen) + wide_md
