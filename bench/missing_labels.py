@@ -6,18 +6,30 @@ every variant runs through the product's own stages:
 
     bce         stage 1 alone, BCE with unknown labels assumed negative
     llr         stage 1 alone, LL-R (Kim et al. 2022): large-loss unknowns rejected
-    bce_clml    stage 1 alone, BCE + CLML (loss.clml = --clml)
+    bce_clml    stage 1 alone, BCE + CLML, its weight loss.clml (and, with --tau-grid,
+                loss.clml_tau) chosen per seed and protocol on validation from a grid
     retdm       classifier -> metric -> joint (alpha = beta = lambda = 1), BCE
-    retdm_clml  RETDM with the CLML term in the classifier and joint stages
+    retdm_clml  RETDM with the CLML term in the classifier and joint stages, at the
+                weight chosen for bce_clml (its stage 1 is bce_clml's chosen classifier)
+
+The grid: every (loss.clml, loss.clml_tau) point trains stage 1; the one with the best
+kept validation mAP (validation labels are always full) is kept, its classifier
+restored, and only then is test read (once per final variant). The full protocol is the
+ceiling: it runs bce and retdm only (--clml-protocols), and LL-R there is BCE exactly
+(no unknown entry to reject), so llr's full cell is bce's.
 
 Protocols: ``full`` (every label), ``keep0.75`` / ``keep0.4`` (that fraction of each
 training image's positives kept, the rest unknown), ``single`` (one positive per
 training image). Validation and test keep their full labels: the epoch kept and the
 per-class thresholds are chosen on validation, test is read once per variant.
 
-Datasets: ``scene`` (MIML scene, 2,000 images, 5 classes, frozen EfficientNet-Lite0 at
-224 px) and ``demo`` (the built-in generator at its densest: 12 classes, 2-3 labels per
-image; the demo reader has no option for more labels per image).
+Datasets: ``scene`` (MIML scene, 2,000 images, 5 classes, 1.24 labels per image, frozen
+EfficientNet-Lite0 at 224 px) and ``demo`` (the built-in generator, dense:
+``--demo-classes`` 20 classes, ``--demo-labels`` 4-6 labels per image, 128 px). The
+demo's ingest seed draws its images too, and re-extracting the features of a new set
+per seed costs minutes on the CPU: by default every seed uses one set and split
+(``--demo-seed 0``) and the bench seed sets labels.seed and the training seeds instead
+(``--demo-seed -1``: a new set per seed).
 
 Also measured: the CLML term's time per step as a fraction of a frozen-mode classifier
 training step (batch 64, the dataset's class count, embedding 512, 1280 backbone
@@ -26,7 +38,14 @@ features), median over repeated steps.
     PYTHONPATH=. python bench/missing_labels.py --datasets scene --seeds 0 1 2
 
 Writes ``docs/bench-missing-labels.md`` and ``.json`` (``--out`` to change); the json is
-rewritten after every variant, so a run cut short keeps what it measured.
+rewritten after every variant, so a run cut short keeps what it measured (a seed's
+row counts in the tables once any of its protocols has a result).
+
+Runs made apart (scene and demo side by side, a protocol added later) are written as one
+report with ``--merge A.json B.json ... [--widen C.json ...] [--reading notes.md]``:
+``--widen`` takes runs of ``--variants bce bce_clml`` on further grid points and adds
+``bce_clml_wide``, whose weight is chosen on validation over all the points tried.
+The published report (docs/) was made so, with cut epochs and grid (see its header).
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -59,20 +79,58 @@ PROTOCOLS: dict[str, list[str]] = {
     "keep0.4": ["labels.protocol=keep", "labels.fraction=0.4"],
     "single": ["labels.protocol=single"],
 }
-# run in this order: bce reuses retdm's classifier, bce_clml retdm_clml's
-ORDER = ("retdm", "bce", "retdm_clml", "bce_clml", "llr")
+# run in this order: bce reuses retdm's classifier; bce_clml's grid leaves its chosen
+# classifier in place, and retdm_clml goes on from it
+ORDER = ("retdm", "bce", "llr", "bce_clml", "retdm_clml")
 REPORTED = ("bce", "llr", "bce_clml", "retdm", "retdm_clml")
+# with --merge ... --widen: bce_clml with its weight chosen on validation over the union of
+# the grids of the main run and of the widening runs (retdm_clml keeps the main choice)
+WIDE = "bce_clml_wide"
 
 
-def variants(clml: float) -> dict[str, dict]:
-    on = f"loss.clml={clml}"
+def variants() -> dict[str, dict]:
     return {
         "bce": {"stage": "classifier", "set": ["loss.base=bce", "loss.clml=0"]},
         "llr": {"stage": "classifier", "set": ["loss.base=llr", "loss.clml=0"]},
-        "bce_clml": {"stage": "classifier", "set": ["loss.base=bce", on]},
+        "bce_clml": {"stage": "classifier", "set": ["loss.base=bce"], "grid": True},
         "retdm": {"stage": "joint", "set": ["loss.base=bce", "loss.clml=0"]},
-        "retdm_clml": {"stage": "joint", "set": ["loss.base=bce", on]},
+        "retdm_clml": {"stage": "joint", "set": ["loss.base=bce"], "grid": True},
     }
+
+
+def grid_points(args) -> list[list[str]]:
+    return [[f"loss.clml={lam:g}", f"loss.clml_tau={tau:g}"] for lam in args.clml_grid for tau in args.tau_grid]
+
+
+def snapshot(ws: Workspace, stage: str, dest: Path) -> None:
+    """Copy a stage's folder and manifest aside (the grid's best so far)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(ws.stage_dir(stage), dest / "dir")
+    shutil.copy2(ws.manifest_path(stage), dest / "manifest.json")
+
+
+def restore(ws: Workspace, stage: str, src: Path) -> None:
+    """Put a snapshot back: the stage is then up to date for the config it ran with."""
+    shutil.rmtree(ws.stage_dir(stage))
+    shutil.copytree(src / "dir", ws.stage_dir(stage))
+    shutil.copy2(src / "manifest.json", ws.manifest_path(stage))
+
+
+def choose_on_val(ws: Workspace, base: Config, settings: list[str], args, keep: Path) -> tuple[list[str], list[dict]]:
+    """Train stage 1 at every grid point; leave the best (kept validation mAP) in the
+    workspace. Returns its settings and every point's validation mAP."""
+    tried, best = [], None
+    for point in grid_points(args):
+        cfg = configure(base, settings + point)
+        run_until(ws, cfg, "classifier")
+        score = kept_val_map(ws, "classifier")
+        tried.append({"set": point, "val_mAP": score})
+        if best is None or score > best[0]:
+            best = (score, point)
+            snapshot(ws, "classifier", keep)
+    if tried[-1]["set"] != best[1]:
+        restore(ws, "classifier", keep)
+    return best[1], tried
 
 
 def base_config(dataset: str, args) -> Config:
@@ -81,7 +139,8 @@ def base_config(dataset: str, args) -> Config:
         base.ingest.source, base.ingest.path = "scene", str(Path(args.data).resolve())
         base.model.image_size = 224
     else:
-        base.ingest.source, base.ingest.demo_images, base.ingest.demo_classes = "demo", args.demo_images, 12
+        base.ingest.source, base.ingest.demo_images = "demo", args.demo_images
+        base.ingest.demo_classes, base.ingest.demo_labels = args.demo_classes, args.demo_labels
         base.model.image_size = 128
     base.model.backbone, base.model.frozen_backbone = "efficientnet_lite0", True
     base.metric.epochs = 40
@@ -90,8 +149,8 @@ def base_config(dataset: str, args) -> Config:
     return base
 
 
-def run_one(ws: Workspace, base: Config, settings: list[str], stage: str) -> dict:
-    started = time.perf_counter()
+def run_one(ws: Workspace, base: Config, settings: list[str], stage: str, started: float | None = None) -> dict:
+    started = time.perf_counter() if started is None else started
     cfg = configure(base, settings)
     run_until(ws, cfg, stage)
     metrics = test_metrics(ws, cfg, stage)["per_class"]
@@ -153,26 +212,86 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def tables(results: dict, args, timing: dict) -> list[str]:
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def reading(dataset: str, per_seed: dict, protocols: list[str]) -> list[str]:
+    """Per missing-label protocol: BCE+CLML against assume-negative BCE (paired over
+    the seeds, and against the seed std of bce), and the share of the gap between
+    assume-negative BCE and full-label BCE that each method closes (mAP)."""
+    seeds = sorted(per_seed, key=int)
+    md = []
+    for p in protocols:
+        if p == "full":
+            continue
+        both = [s for s in seeds if "full" in per_seed[s] and "bce" in per_seed[s]["full"] and "bce" in per_seed[s].get(p, {})]
+        if not both:
+            continue
+        bce = [per_seed[s][p]["bce"]["mAP"] for s in both]
+        ceiling = [per_seed[s]["full"]["bce"]["mAP"] for s in both]
+        gap = statistics.mean(ceiling) - statistics.mean(bce)
+        cells = []
+        for v in REPORTED + (WIDE,):
+            ss = [s for s in both if v in per_seed[s][p]]
+            if v == "bce" or not ss:
+                continue
+            vals = [per_seed[s][p][v]["mAP"] for s in ss]
+            diffs = [per_seed[s][p][v]["mAP"] - per_seed[s][p]["bce"]["mAP"] for s in ss]
+            wins = sum(d > 0 for d in diffs)
+            frac = (statistics.mean(vals) - statistics.mean(bce)) / gap if gap > 0 else float("nan")
+            cells.append((v, statistics.mean(diffs), _sd(diffs), wins, len(ss), frac))
+        md.append(f"* **{p}** (mAP; gap full − assume-negative bce = {gap:+.4f}, seed std of bce = {_sd(bce):.4f}):")
+        for v, d, sd, wins, n, frac in cells:
+            md.append(f"  {v} − bce = {d:+.4f} ± {sd:.4f} (paired; better on {wins}/{n} seeds), "
+                      f"{100 * frac:.0f} % of the gap")
+    return md
+
+
+def tables(results: dict, args, timing: dict, chosen: dict) -> list[str]:
     md = []
     for dataset, per_seed in results.items():
         seeds = sorted(per_seed, key=int)
+        if not seeds:
+            continue
+        protocols = [p for p in PROTOCOLS if any(per_seed[s].get(p) for s in seeds)]
         md += [f"## {dataset} (seeds {', '.join(map(str, seeds))}; test, per-class thresholds from validation)", ""]
+        if dataset in args.notes:
+            md += [args.notes[dataset], ""]
         for metric in ("mAP", "C-F1"):
-            md += [f"### {metric}", "", "| variant | " + " | ".join(args.protocols) + " |",
-                   "|---|" + "---|" * len(args.protocols)]
-            for v in REPORTED:
-                if v not in args.variants:
+            md += [f"### {metric}", "", "| variant | " + " | ".join(protocols) + " |",
+                   "|---|" + "---|" * len(protocols)]
+            for v in REPORTED + (WIDE,):
+                if not any(v in per_seed[s].get(p, {}) for s in seeds for p in protocols):
                     continue
                 cells = []
-                for p in args.protocols:
+                for p in protocols:
                     vals = [per_seed[s][p][v][metric] for s in seeds if v in per_seed[s].get(p, {})]
                     n = f" (n={len(vals)})" if 0 < len(vals) < len(seeds) else ""
                     cells.append(mean_std(vals) + n)
                 md.append(f"| {v} | " + " | ".join(cells) + " |")
             md.append("")
+        md += ["### Against assume-negative BCE", ""] + reading(dataset, per_seed, protocols) + [""]
+        picks = chosen.get(dataset, {})
+        grid_protocols = [p for p in protocols if any(picks.get(s, {}).get(p) for s in seeds)]
+        if grid_protocols:
+            md += ["### CLML weight chosen on validation (loss.clml in bold; [each value tried: kept validation mAP])", "",
+                   "| seed | " + " | ".join(grid_protocols) + " |", "|---|" + "---|" * len(grid_protocols)]
+            for s in seeds:
+                row = []
+                for p in grid_protocols:
+                    c = picks.get(s, {}).get(p)
+                    if not c:
+                        row.append("–")
+                        continue
+                    best = max(c["tried"], key=lambda t: t["val_mAP"])
+                    tried = ", ".join(f"{t['set'][0].split('=')[1]}: {t['val_mAP']:.4f}" for t in c["tried"])
+                    tau = f" (tau {best['set'][1].split('=')[1]})" if len({t['set'][1] for t in c["tried"]}) > 1 else ""
+                    row.append(f"**{best['set'][0].split('=')[1]}**{tau} [{tried}]")
+                md.append(f"| {s} | " + " | ".join(row) + " |")
+            md.append("")
         hidden = []
-        for p in args.protocols:
+        for p in protocols:
             vals = [r.get("hidden_positives") for s in seeds for r in per_seed[s].get(p, {}).values()]
             tot = [r.get("train_positives") for s in seeds for r in per_seed[s].get(p, {}).values()]
             if vals and vals[0] is not None:
@@ -189,65 +308,217 @@ def tables(results: dict, args, timing: dict) -> list[str]:
     return md
 
 
+def header(cmds: list[str], ref: Config, args, wall: str) -> list[str]:
+    return [
+        "# Missing labels: losses compared under label protocols",
+        "",
+        "; ".join(cmds) + ": "
+        f"frozen {ref.model.backbone}; classifier {ref.classifier.epochs} epochs, "
+        f"metric {ref.metric.epochs}, joint {ref.joint.epochs}; CLML variants (protocols "
+        f"{', '.join(args.clml_protocols)}): loss.clml chosen per seed and protocol on the kept validation mAP of "
+        f"stage 1 from {{{', '.join(f'{v:g}' for v in args.clml_grid)}}}, tau from "
+        f"{{{', '.join(f'{v:g}' for v in args.tau_grid)}}} (delta 1, from epoch 1), retdm_clml uses bce_clml's choice; "
+        f"LL-R at its published schedule (0.2 %/epoch); mean ± std over seeds; {wall}.",
+        "",
+    ]
+
+
+def command(args) -> str:
+    cmd = f"PYTHONPATH=. python bench/missing_labels.py --datasets {' '.join(args.datasets)} --seeds {' '.join(map(str, args.seeds))}"
+    if args.protocols != list(PROTOCOLS):
+        cmd += " --protocols " + " ".join(args.protocols)
+    if args.clml_protocols != ["keep0.75", "keep0.4", "single"]:
+        cmd += " --clml-protocols " + " ".join(args.clml_protocols)
+    if args.variants != list(REPORTED):
+        cmd += " --variants " + " ".join(args.variants)
+    if args.clml_grid != [0.01, 0.03, 0.1, 0.3]:
+        cmd += " --clml-grid " + " ".join(f"{v:g}" for v in args.clml_grid)
+    return cmd + "".join(f" --set {x}" for x in args.set)
+
+
+def notes(args) -> dict[str, str]:
+    return {
+        "scene": "MIML scene: 2,000 images, 5 classes, 1.24 labels per image, EfficientNet-Lite0 at 224 px; "
+                 "each seed is a new split.",
+        "demo": f"Built-in demo set, dense: {args.demo_images} images, {args.demo_classes} classes, {args.demo_labels} "
+                f"labels per image (`retdmctl ingest demo --classes {args.demo_classes} --labels {args.demo_labels}`), "
+                "EfficientNet-Lite0 at 128 px; " + (
+                    f"one set and split (ingest seed {args.demo_seed}); each seed sets labels.seed and the training "
+                    "seeds." if args.demo_seed is not None else "each seed a new set and split."),
+    }
+
+
+def widen(paths: list[str], results: dict, chosen: dict) -> list[str]:
+    """Add bce_clml_wide: per dataset, seed and protocol, the bce_clml whose weight has
+    the best kept validation mAP over every grid point tried (main run and widening
+    runs); test was read for each run's own choice, and only the winner's is kept."""
+    extra = [json.loads(Path(p).read_text()) for p in paths]
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for dataset, per_seed in chosen.items():
+        for seed, per_protocol in per_seed.items():
+            for protocol, pick in per_protocol.items():
+                best_val, best = max(pick["tried"], key=lambda t: t["val_mAP"])["val_mAP"], results[dataset][seed][protocol]["bce_clml"]
+                best_set = pick["set"]
+                tried = list(pick["tried"])
+                for run in extra:
+                    other = run["chosen"].get(dataset, {}).get(seed, {}).get(protocol)
+                    if not other:
+                        continue
+                    tried += other["tried"]
+                    val = max(t["val_mAP"] for t in other["tried"])
+                    if val > best_val:
+                        best_val, best, best_set = val, run["results"][dataset][seed][protocol]["bce_clml"], other["set"]
+                if len(tried) > len(pick["tried"]):
+                    results[dataset][seed][protocol][WIDE] = {**best, "set": best_set, "tried": tried}
+                    lam = best_set[0].split("=")[1]
+                    counts.setdefault(dataset, {}).setdefault(protocol, {}).setdefault(lam, 0)
+                    counts[dataset][protocol][lam] += 1
+    md = ["## bce_clml_wide: the weight chosen over the wider grid", "",
+          "loss.clml chosen on validation over the union of the main grid and the widening runs' points; "
+          "how often each value was chosen (seeds):", ""]
+    for dataset, per_protocol in counts.items():
+        for protocol, c in per_protocol.items():
+            lams = sorted({t["set"][0].split("=")[1] for s in results[dataset].values() for t in s.get(protocol, {}).get(WIDE, {}).get("tried", [])}, key=float)
+            md.append(f"* {dataset} {protocol}: grid {{{', '.join(lams)}}}; chosen " +
+                      ", ".join(f"{lam} × {n}" for lam, n in sorted(c.items(), key=lambda kv: float(kv[0]))))
+    return md + [""]
+
+
+def merge(args) -> None:
+    """One markdown and json from several runs (e.g. scene and demo run side by side)."""
+    runs = [json.loads(Path(p).read_text()) for p in args.merge]
+    results, chosen, timing, cmds, minutes, all_notes = {}, {}, {}, [], 0.0, {}
+    for run in runs:
+        ns = argparse.Namespace(**run["args"])
+        for into, part in ((results, run["results"]), (chosen, run["chosen"])):
+            for dataset, per_seed in part.items():  # runs may add protocols to the same seeds
+                for seed, per_protocol in per_seed.items():
+                    into.setdefault(dataset, {}).setdefault(seed, {}).update(per_protocol)
+        for dataset, t in run["clml_timing"].items():
+            timing.setdefault(dataset, t)
+        cmds.append(f"`{command(ns)}` ({run['minutes']:.1f} min)")
+        minutes += run["minutes"]
+        all_notes.setdefault(ns.datasets[0], notes(ns)[ns.datasets[0]])
+    wide_md = widen(args.widen, results, chosen) if args.widen else []
+    for p in args.widen:
+        run = json.loads(Path(p).read_text())
+        cmds.append(f"`{command(argparse.Namespace(**run['args']))}` ({run['minutes']:.1f} min)")
+        minutes += run["minutes"]
+    first = argparse.Namespace(**runs[0]["args"])
+    first.notes = all_notes
+    first.clml_protocols = [p for p in PROTOCOLS if any(p in r["args"]["clml_protocols"] for r in runs)]
+    ref = configure(Config(), first.set)
+    md = header(cmds, ref, first, f"{minutes:.1f} min summed over the runs (scene and demo runs went side by side on the 2 cores)")
+    if args.reading:
+        md += [Path(args.reading).read_text().rstrip(), ""]
+    md += tables(results, first, timing, chosen) + wide_md
+    out = Path(args.out)
+    Path(f"{out}.md").write_text("\n".join(md))
+    Path(f"{out}.json").write_text(json.dumps(
+        {"runs": [r["args"] for r in runs], "results": results, "chosen": chosen, "clml_timing": timing,
+         "minutes": minutes}, indent=1))
+    print("\n".join(md))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["scene", "demo"], choices=["scene", "demo"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scene"))
     parser.add_argument("--demo-images", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--demo-classes", type=int, default=20)
+    parser.add_argument("--demo-labels", default="4-6", help="labels per demo image: K or MIN-MAX")
+    parser.add_argument("--demo-seed", type=int, default=0,
+                        help="demo: draw the images and split with this ingest seed for every bench seed, which then "
+                        "sets labels.seed and the training seeds (-1: the bench seed is the ingest seed, a new set each)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="write the tables of these earlier runs' json together")
+    parser.add_argument("--reading", metavar="MD", help="with --merge: a hand-written reading of the results, put first")
+    parser.add_argument("--widen", nargs="+", metavar="JSON", default=[],
+                        help="with --merge: runs of bce_clml on more grid points; adds bce_clml_wide, chosen on "
+                        "validation over all the points")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--clml-protocols", nargs="+", default=["keep0.75", "keep0.4", "single"], choices=list(PROTOCOLS),
+                        help="protocols that run the CLML variants (full is the ceiling: bce and retdm)")
     parser.add_argument("--variants", nargs="+", default=list(REPORTED), choices=list(REPORTED))
-    parser.add_argument("--clml", type=float, default=1.0, help="loss.clml of the CLML variants (authors' lambda)")
+    parser.add_argument("--clml-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
+                        help="loss.clml values tried on validation (stage 1)")
+    parser.add_argument("--tau-grid", type=float, nargs="+", default=[0.75], help="loss.clml_tau values tried")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="applied to every variant")
     parser.add_argument("--workdir", help="reuse this folder for the workspaces (default: a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench-missing-labels"), help="path without suffix; .md and .json are added")
     args = parser.parse_args()
+    if args.demo_seed is not None and args.demo_seed < 0:
+        args.demo_seed = None
+    if args.merge:
+        merge(args)
+        return
 
-    specs = variants(args.clml)
+    specs = variants()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-missing-"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    chosen: dict[str, dict] = {}
     timing: dict[str, dict] = {}
     started = time.perf_counter()
     ref = base_config(args.datasets[0], args)
 
+    args.notes = notes(args)
+
     def write() -> list[str]:
-        md = [
-            "# Missing labels: losses compared under label protocols",
-            "",
-            f"`PYTHONPATH=. python bench/missing_labels.py --datasets {' '.join(args.datasets)} --seeds "
-            f"{' '.join(map(str, args.seeds))}`: frozen {ref.model.backbone}; classifier {ref.classifier.epochs} epochs, "
-            f"metric {ref.metric.epochs}, joint {ref.joint.epochs}; "
-            f"loss.clml = {args.clml:g} in the CLML variants (tau 0.75, delta 1, from epoch 1); LL-R at its published "
-            f"schedule (0.2 %/epoch); mean ± std over seeds; {(time.perf_counter() - started) / 60:.1f} min so far.",
-            "",
-        ] + tables(results, args, timing)
+        md = header([f"`{command(args)}`"], ref, args, f"{(time.perf_counter() - started) / 60:.1f} min of wall time") + tables(results, args, timing, chosen)
         Path(f"{out}.md").write_text("\n".join(md))
-        Path(f"{out}.json").write_text(json.dumps({"args": vars(args), "results": results, "clml_timing": timing}, indent=1))
+        Path(f"{out}.json").write_text(json.dumps(
+            {"args": vars(args), "results": results, "chosen": chosen, "clml_timing": timing,
+             "minutes": (time.perf_counter() - started) / 60}, indent=1))
         return md
 
     for dataset in args.datasets:
         ws = Workspace((workdir / dataset).resolve())
+        keep = (workdir / f"{dataset}-best").resolve()
         base = base_config(dataset, args)
-        results[dataset] = {}
+        results[dataset], chosen[dataset] = {}, {}
         for seed in args.seeds:
-            base.ingest.seed = seed  # a new split; the image store and backbone features are reused
+            if dataset == "demo" and args.demo_seed is not None:
+                # one generated set and split (its images are re-drawn, and their features
+                # re-extracted, for every ingest seed): the seed draws the hidden labels
+                # and the training runs instead
+                base.ingest.seed = args.demo_seed
+                base.labels.seed = base.classifier.seed = base.metric.seed = base.joint.seed = seed
+            else:
+                base.ingest.seed = seed  # a new split; the image store and features are reused
             run_stage(Context(ws, base, Console(file=io.StringIO())), BY_NAME["ingest"], PIPELINE)
             if dataset not in timing:
                 classes = read_dataset(ws.dataset).num_classes
                 timing[dataset] = {"classes": classes, **clml_step_fraction(classes)}
-            results[dataset][seed] = {}
+            results[dataset][seed], chosen[dataset][seed] = {}, {}
             for protocol in args.protocols:
                 results[dataset][seed][protocol] = {}
+                row = results[dataset][seed][protocol]
+                pick = None
                 for name in ORDER:
                     if name not in args.variants:
                         continue
                     spec = specs[name]
-                    r = run_one(ws, base, spec["set"] + PROTOCOLS[protocol], spec["stage"])
-                    results[dataset][seed][protocol][name] = r
+                    t0 = time.perf_counter()
+                    if protocol == "full" and name == "llr" and "bce" in row:
+                        row[name] = {**row["bce"], "same_as": "bce"}  # no unknown entry: LL-R is BCE
+                        continue
+                    if spec.get("grid"):
+                        if protocol not in args.clml_protocols:
+                            continue
+                        if pick is None:  # stage 1 at every grid point; the best is left in place
+                            point, tried = choose_on_val(ws, base, spec["set"] + PROTOCOLS[protocol], args, keep)
+                            pick = {"set": point, "tried": tried, "seconds": time.perf_counter() - t0}
+                            chosen[dataset][seed][protocol] = pick
+                        settings = spec["set"] + pick["set"]
+                    else:
+                        settings = spec["set"]
+                    r = run_one(ws, base, settings + PROTOCOLS[protocol], spec["stage"], t0)
+                    row[name] = r
                     print(f"{dataset} seed {seed} {protocol:9s} {name:10s} val mAP {r['val_mAP']:.4f} test mAP "
-                          f"{r['mAP']:.4f} C-F1 {r['C-F1']:.4f} {r['seconds']:.0f}s", flush=True)
+                          f"{r['mAP']:.4f} C-F1 {r['C-F1']:.4f} {r['seconds']:.0f}s "
+                          f"{' '.join(pick['set']) if spec.get('grid') else ''}", flush=True)
                     write()
     print("\n".join(write()))
 

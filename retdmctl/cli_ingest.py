@@ -82,7 +82,11 @@ CarveFraction = TestFraction  # coco and voc: carved only when the source has no
 @ingest_app.command("demo")
 def ingest_demo(
     images: Annotated[Optional[int], typer.Option("--images", metavar="N", show_default="2000", help="Number of images.")] = None,
-    classes: Annotated[Optional[int], typer.Option("--classes", metavar="N", show_default="10", help="Number of classes (2-12).")] = None,
+    classes: Annotated[Optional[int], typer.Option("--classes", metavar="N", show_default="10", help="Number of classes (2-20).")] = None,
+    labels: Annotated[Optional[str], typer.Option(
+        "--labels", metavar="K|MIN-MAX", show_default="2-3",
+        help="Labels per image: K, or a range drawn uniformly per image (at most 9 and at most --classes); "
+        "e.g. --classes 20 --labels 4-6 for a dense set. Fixed by --seed like everything else.")] = None,
     seed: Seed = None,
     val_fraction: ValFraction = None,
     workers: Workers = None,
@@ -92,10 +96,12 @@ def ingest_demo(
     """Generate the built-in procedural demo set (seconds; no download).
 
     Example: retdmctl ingest demo --images 2000 --classes 10
+
+    A dense set, 4-6 of 20 labels per image: retdmctl ingest demo --classes 20 --labels 4-6
     """
     set_workdir(workdir)
     opts = _split_opts(seed, val_fraction, None, None, workers, None)
-    opts.update({"demo_images": images, "demo_classes": classes})
+    opts.update({"demo_images": images, "demo_classes": classes, "demo_labels": labels})
     _ingest("demo", "", "", opts, force)
 
 

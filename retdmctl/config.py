@@ -35,6 +35,7 @@ class IngestConfig:
     strict: bool = False  # a bad image or label is an error instead of a skip
     demo_images: int = 2000
     demo_classes: int = 10
+    demo_labels: str = "2-3"  # labels per demo image: "K" or "MIN-MAX" (MAX <= 9 and <= demo_classes)
     # Lists below are "|"-joined strings (path and images hold "|"-joined lists for coco).
     keep_empty: bool = False  # coco, voc, mirflickr, nuswide: keep images without any label
     coco_splits: str = ""  # one of train|test per annotation file; "" = from the file names
@@ -284,6 +285,19 @@ def _at_least(lo: float) -> Any:
     return lambda v: None if v >= lo else f"must be >= {lo:g}"
 
 
+DEMO_MAX_LABELS = 9  # a demo image has 9 cells (3 x 3) for its shapes
+
+
+def demo_label_range(value: str) -> tuple[int, int] | None:
+    """``"K"`` -> (K, K), ``"MIN-MAX"`` -> (MIN, MAX); None unless
+    1 <= MIN <= MAX <= DEMO_MAX_LABELS."""
+    parts = str(value).strip().split("-")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        return None
+    lo, hi = int(parts[0]), int(parts[-1])
+    return (lo, hi) if 1 <= lo <= hi <= DEMO_MAX_LABELS else None
+
+
 def _open_unit(v: float) -> str | None:
     return None if 0 < v < 1 else "must be in (0, 1)"
 
@@ -307,7 +321,9 @@ _RULES: dict[str, Any] = {
     "ingest.jpeg_quality": lambda v: None if 1 <= v <= 100 else "must be in [1, 100]",
     "ingest.workers": _at_least(0),
     "ingest.demo_images": _at_least(10),
-    "ingest.demo_classes": lambda v: None if 2 <= v <= 12 else "must be in [2, 12]",
+    "ingest.demo_classes": lambda v: None if 2 <= v <= 20 else "must be in [2, 20]",
+    "ingest.demo_labels": lambda v: None if demo_label_range(v) else (
+        f"must be K or MIN-MAX with 1 <= MIN <= MAX <= {DEMO_MAX_LABELS} (e.g. 4-6)"),
     "ingest.voc_difficult": _one_of("positive", "ignore"),
     "knn.k": _at_least(1),
     "knn.index": _one_of("auto", "exact", "ivf", "hnsw"),

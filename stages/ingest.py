@@ -37,7 +37,7 @@ def read_source(cfg: Config) -> SourceData:
     if i.source == "demo":
         from retdmctl.data.readers.demo import read_demo
 
-        return read_demo(i.demo_images, i.demo_classes, i.seed)
+        return read_demo(i.demo_images, i.demo_classes, i.seed, i.demo_labels)
     if i.source == "scene":
         from retdmctl.data.readers.scene import read_scene
 

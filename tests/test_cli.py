@@ -26,6 +26,17 @@ def test_every_command_help_has_an_example():
         assert "Example: retdmctl" in result.output, cmd
 
 
+def test_demo_labels_option_is_documented_and_checked(tmp_path):
+    help_text = runner.invoke(app, ["ingest", "demo", "--help"], terminal_width=200).output
+    assert "--labels" in help_text and "--classes 20 --labels 4-6" in help_text
+    result = invoke("--workdir", str(tmp_path), "ingest", "demo", "--labels", "12")
+    assert (result.exit_code, result.output) == (
+        1, "error: ingest.demo_labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9 (e.g. 4-6), got '12'\n")
+    result = invoke("--workdir", str(tmp_path), "ingest", "demo", "--classes", "5", "--labels", "4-6")
+    assert result.exit_code == 1
+    assert result.output.endswith("error: demo: --labels 4-6 needs at least 6 classes, got --classes 5\n")
+
+
 NO_DATASET = (
     "error: no dataset yet: run `retdmctl ingest <format> PATH` first "
     "(formats: demo, scene, csv, coco, voc, mirflickr, nuswide)\n"

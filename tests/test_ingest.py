@@ -51,6 +51,55 @@ def test_demo_is_deterministic_and_has_structure(tmp_path):
     assert all(96 <= w <= 128 and 96 <= h <= 128 for w, h in sizes)
 
 
+def test_dense_demo_has_the_requested_label_density_and_is_deterministic(tmp_path):
+    src = read_demo(300, 20, 5, "4-6")
+    labels = np.stack([r.labels for r in src.records])
+    per_image = labels.sum(axis=1)
+    assert len(src.class_names) == 20 and labels.shape == (300, 20)
+    assert set(per_image) == {4, 5, 6}  # every count of the range occurs, nothing outside it
+    assert 4.7 < per_image.mean() < 5.3  # drawn uniformly: about 5 on average
+    assert (labels.sum(axis=0) > 0).all()  # every class, the 8 new shapes included, is used
+    assert [r.source.classes for r in src.records[:5]] == [tuple(np.flatnonzero(r.labels)) for r in src.records[:5]]
+    again = read_demo(300, 20, 5, "4-6")
+    assert np.array_equal(labels, np.stack([r.labels for r in again.records]))
+    assert all(a.source.render().tobytes() == b.source.render().tobytes()
+               for a, b in zip(src.records[:6], again.records[:6]))
+    other = np.stack([r.labels for r in read_demo(300, 20, 6, "4-6").records])
+    assert not np.array_equal(labels, other)
+    exact = np.stack([r.labels for r in read_demo(40, 12, 1, "7").records])
+    assert set(exact.sum(axis=1)) == {7}
+    # through ingest: the same bytes twice, the density kept in dataset.h5
+    cfg = IngestConfig(source="demo", workers=1, demo_labels="4-6")
+    a, b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    run_ingest(read_demo(40, 20, 2, "4-6"), a, cfg, QUIET)
+    run_ingest(read_demo(40, 20, 2, "4-6"), b, cfg, QUIET)
+    assert _store(a) == _store(b)
+    assert set(read_dataset(a.dataset).labels.sum(axis=1)) <= {4, 5, 6}
+
+
+def test_demo_default_density_is_the_earlier_one():
+    default, explicit = read_demo(80, 10, 4), read_demo(80, 10, 4, "2-3")
+    assert all(np.array_equal(a.labels, b.labels) and a.source == b.source
+               for a, b in zip(default.records, explicit.records))
+    assert {r.source.grid for r in default.records} == {2}  # the 2 x 2 layout of earlier versions
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes", "message"),
+    [
+        ("4-6", 5, "demo: --labels 4-6 needs at least 6 classes, got --classes 5"),
+        ("0", 10, "demo: --labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9, got '0'"),
+        ("6-4", 10, "demo: --labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9, got '6-4'"),
+        ("10", 20, "demo: --labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9, got '10'"),
+        ("4 to 6", 20, "demo: --labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9, got '4 to 6'"),
+    ],
+)
+def test_demo_label_option_errors(labels, classes, message):
+    with pytest.raises(InputError) as err:
+        read_demo(40, classes, 0, labels)
+    assert str(err.value) == message
+
+
 def test_csv_reader_classes_and_errors(tmp_path):
     img = tmp_path / "img"
     for name in ("a.jpg", "sub/b.jpg", "c.jpg"):

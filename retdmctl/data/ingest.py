@@ -167,7 +167,7 @@ def _signature(source: SourceData, cfg: IngestConfig) -> dict:
         "short_side": cfg.short_side,
         "keep_original": cfg.keep_original,
         "jpeg_quality": cfg.jpeg_quality,
-        "demo": [cfg.demo_images, cfg.demo_classes, cfg.seed] if source.name == "demo" else None,
+        "demo": [cfg.demo_images, cfg.demo_classes, cfg.seed, cfg.demo_labels] if source.name == "demo" else None,
     }
 
 

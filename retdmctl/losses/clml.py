@@ -43,17 +43,22 @@ sample contributes ``max(delta, ||f_i||)``. Neither yields NaN values or gradien
 Implementation (batched, no loop over labels, on F's device): with G = F F^T (N x N), the
 Gram matrix of F_c is G restricted to the rows and columns of label c, and the singular
 values of F_c are the square roots of its eigenvalues. Rows of each label are gathered
-into a (C, n_max, n_max) batch (n_max = the largest label count in the batch; padding
-rows and columns are zero, which adds only zero eigenvalues) and ONE
-``torch.linalg.eigvalsh`` call gives every spectrum. The Gram matrices are formed and
+into a zero-padded block (padding rows and columns are zero, which adds only zero
+eigenvalues); labels are bucketed by their sample count rounded up to a power of two
+(1, 2, 4, ..., N), and ONE ``torch.linalg.eigvalsh`` call per bucket gives the spectra
+of its labels, so a label with 3 samples is decomposed as a 4 x 4 matrix, not padded to
+the batch's largest label (the cost is cubic in the block size: at batch 64 with one
+label on half the images, one 32 x 32 block, not 80). Empty labels are not decomposed. The Gram matrices are formed and
 decomposed in float64: float32 eigenvalues of these rank-deficient matrices are too
 inaccurate (square roots of rounding noise add up) and LAPACK's float32 eigh can fail to
 converge on them. When N > D the D x D Gram ``F_c^T F_c`` is smaller, so that form is
 used instead. On the shared 2-core CPU (N=64, C=80, D=512, forward+backward, 2 threads)
-this took 20-32 ms at best (median 110-160 ms under load) against 1.3 s at best (median
-1.3-1.8 s) for one batched ``torch.linalg.svdvals`` on (C+1, N, D) masked copies
-(``method="svd"``, kept as a cross-check); re-measure with ``bench/clml_step.py``. The
-eigen-decomposition needs one host sync (the largest label count sets the padding).
+one (C, n_max, n_max) batch padded to the largest label took 20-32 ms at best (median
+110-160 ms under load) against 1.3 s at best (median 1.3-1.8 s) for one batched
+``torch.linalg.svdvals`` on (C+1, N, D) masked copies (``method="svd"``, kept as a
+cross-check); the size buckets cut the padded batch's time further (see
+``docs/bench-missing-labels.md``; re-measure with ``bench/clml_step.py``). The
+bucketing needs one host sync (the label counts).
 """
 
 from __future__ import annotations
@@ -97,21 +102,29 @@ def _class_nuclear_gram(f: torch.Tensor, members: torch.Tensor) -> tuple[torch.T
     """(||F_c||_* for each label (C,), ||F||_*) via float64 Gram eigenvalues."""
     n, d = f.shape
     f64 = f.to(torch.float64)
-    m = members.to(torch.float64)  # (C, N)
     if n <= d:
         g = f64 @ f64.T  # (N, N)
-        n_max = int(members.sum(dim=1).max().item()) if members.numel() else 0
-        n_max = max(n_max, 1)
-        # first n_max indices of each label's rows (members first; stable order)
-        order = torch.argsort(members.to(torch.int8), dim=1, descending=True, stable=True)[:, :n_max]
-        sel = m.gather(1, order)  # (C, n_max) 1 for a member, 0 for padding
-        g_c = g[order[:, :, None], order[:, None, :]] * (sel[:, :, None] * sel[:, None, :])
         nuc_all = _nuclear_from_gram(g)
+        counts = members.sum(dim=1).tolist()  # the one host sync: it sets the buckets
+        nuc_c = f64.new_zeros(members.shape[0])  # an empty label: 0 (then delta)
+        by_size: dict[int, list[int]] = {}
+        for c, k in enumerate(counts):
+            if k:  # bucket = the next power of two >= k: padding at most doubles a block
+                by_size.setdefault(1 << (int(k) - 1).bit_length(), []).append(c)
+        for size, labels in by_size.items():
+            idx = torch.tensor(labels, device=f.device)
+            mem = members[idx]  # (B, N)
+            # first `size` indices of each label's rows (members first; stable order)
+            order = torch.argsort(mem.to(torch.int8), dim=1, descending=True, stable=True)[:, :size]
+            sel = mem.gather(1, order).to(torch.float64)  # (B, size) 1 for a member, 0 for padding
+            g_c = g[order[:, :, None], order[:, None, :]] * (sel[:, :, None] * sel[:, None, :])
+            nuc_c = nuc_c.index_put((idx,), _nuclear_from_gram(g_c))
     else:
         # D x D Grams: F_c^T F_c = F^T diag(m_c) F
-        g_c = torch.einsum("cn,nd,ne->cde", m, f64, f64)
+        m = members.to(torch.float64)  # (C, N)
+        nuc_c = _nuclear_from_gram(torch.einsum("cn,nd,ne->cde", m, f64, f64))
         nuc_all = _nuclear_from_gram(f64.T @ f64)
-    return _nuclear_from_gram(g_c), nuc_all
+    return nuc_c, nuc_all
 
 
 def _class_nuclear_svd(f: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
