@@ -18,9 +18,13 @@ from torch.utils.data import DataLoader
 
 from retdmctl import __version__
 from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.prefetch import in_background
 from retdmctl.data.loaders import (
     LmdbImages,
+    decode,
+    eval_crop,
     eval_transform,
+    normalize_batch,
     train_transform,
     worker_init,
 )
@@ -40,6 +44,8 @@ class PixelSource:
         self.image_size, self.mean, self.std = image_size, spec.mean, spec.std
         self.train_tf = train_transform(image_size, spec.mean, spec.std)
         self.eval_tf = eval_transform(image_size, spec.mean, spec.std)
+        self.eval_crop = eval_crop(image_size)
+        self.prefetch = 2  # eval batches decoded ahead on a background thread (workers = 0)
 
     def _loader(self, rows: np.ndarray, transform, shuffle_seed: int | None) -> DataLoader:
         ds = LmdbImages(self.reader, self.info.ids, self.info.labels, rows, transform)
@@ -64,8 +70,30 @@ class PixelSource:
             yield x, y, r.numpy()
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        for x, y, r in self._loader(rows, self.eval_tf, None):
-            yield x, y, r.numpy()
+        """Centre crops in the order of ``rows``: exactly ``eval_tf`` of each image, made
+        as 8-bit crops (decoded by the loader's workers, or with none on a background
+        thread beside the model) and normalised a batch at a time by
+        :func:`~retdmctl.data.loaders.normalize_batch`."""
+        if self.workers > 0:
+            batches = ((x, y, r.numpy()) for x, y, r in self._loader(rows, self._crop_tensor, None))
+        else:
+            batches = self._crop_batches(np.asarray(rows))
+            if self.prefetch > 0:
+                batches = in_background(batches, self.prefetch)
+        for pixels, y, r in batches:
+            yield normalize_batch(pixels, self.mean, self.std), y, r
+
+    def _crop_tensor(self, img) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.eval_crop(img)))  # (H, W, 3) uint8
+
+    def _crop_batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        """(B, H, W, 3) uint8 crops without torch (run on a background thread: torch ops
+        there would start a second OpenMP team beside the model's)."""
+        ids, labels = self.info.ids, self.info.labels
+        for start in range(0, len(rows), self.batch_size):
+            r = rows[start : start + self.batch_size]
+            crops = [np.asarray(self.eval_crop(decode(self.reader.get(ids[int(i)])))) for i in r]
+            yield torch.from_numpy(np.stack(crops)), torch.from_numpy(labels[r].astype(np.float32)), r
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
@@ -160,7 +188,7 @@ def extract_backbone_features(
             feats = feats.float().cpu().numpy()
             if out is None:
                 out = h5.create_dataset("features", shape=(len(rows), feats.shape[1]), dtype=np.float16)
-            out[r] = feats.astype(np.float16)
+            out[r[0] : r[-1] + 1] = feats.astype(np.float16)  # rows come in order: a slice, not a point selection
             progress.advance(task, len(r))
         h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
 
