@@ -94,3 +94,72 @@ def test_extracted_features_are_the_backbone_on_the_eval_transform(store, tmp_pa
     assert got.dtype == np.float16 and got.shape == (len(store.blobs), spec.out_dim)
     assert np.array_equal(got, ref.numpy().astype(np.float16))
     src.reader.close()
+
+
+class _DictSampler:
+    """The metric sampler as it was before issue 11's rewrite (a dict per dataset row, a
+    Python loop per batch): the reference the vectorised one must match exactly."""
+
+    def __init__(self, graph, info, extra_rows):
+        from retdmctl.knn import knn_search
+
+        self.graph = graph
+        self.label_sets = torch.from_numpy(graph.label_sets.astype(np.float32))
+        self.row_neighbors = {}
+        train_rows = np.flatnonzero(graph.image_set >= 0)
+        for row, s in zip(train_rows, graph.image_set[train_rows]):
+            self.row_neighbors[int(row)] = graph.neighbors[s]
+        if len(extra_rows):
+            nbrs, _ = knn_search(graph.label_sets, info.labels[extra_rows], graph.k, graph.index.get("kind", "exact"))
+            for row, nb in zip(extra_rows, nbrs):
+                self.row_neighbors[int(row)] = nb
+
+    def neighbors(self, rows):
+        return np.stack([self.row_neighbors[int(r)] for r in rows])
+
+    def way2_images(self, neighbor_sets, rng):
+        start = self.graph.set_ptr[neighbor_sets]
+        count = self.graph.set_ptr[neighbor_sets + 1] - start
+        pick = start + (rng.random(neighbor_sets.shape) * count).astype(np.int64)
+        return self.graph.set_members[pick]
+
+
+def test_metric_sampler_and_steps_are_exactly_the_previous_ones():
+    from retdmctl.knn import build_graph
+    from retdmctl.models.retdm import RETDM
+    from retdmctl.training.common import MetricSampler, metric_and_rec
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
+    labels[labels.sum(1) == 0, 0] = 1
+    train, val = np.arange(90), np.arange(90, 120)
+    graph = build_graph(labels, train, k=4)
+    info = SimpleNamespace(labels=labels)
+    new, old = MetricSampler.build(graph, info, val), _DictSampler(graph, info, val)
+    batches = [rng.permutation(train)[:32], rng.permutation(train)[:32], val[:17], np.concatenate([val[:5], train[:9]])]
+    for rows in batches:
+        assert np.array_equal(new.neighbors(rows), old.neighbors(rows))
+    with pytest.raises(KeyError):
+        MetricSampler.build(graph, info, np.array([], dtype=np.int64)).neighbors(val[:3])
+
+    # the same losses and weights, bit for bit, over a few SGD steps
+    f_bank = torch.from_numpy(rng.random((120, 16)).astype(np.float32))
+    cfg = SimpleNamespace(lam=1.0, margin=0.1)
+    runs = []
+    for sampler in (new, old):
+        torch.manual_seed(0)
+        model = RETDM(6, 8, embed_dim=16)
+        opt = torch.optim.SGD(model.label_parameters(), lr=0.1, momentum=0.9)
+        draws = np.random.default_rng(7)
+        losses = []
+        for rows in batches:
+            y = torch.from_numpy(labels[rows].astype(np.float32))
+            metric, rec = metric_and_rec(model, f_bank[rows], y, rows, sampler, f_bank, draws, cfg)
+            opt.zero_grad()
+            (metric + rec).backward()
+            opt.step()
+            losses.append((metric.item(), rec.item()))
+        runs.append((losses, model.state_dict(), draws.random()))
+    (l1, s1, r1), (l2, s2, r2) = runs
+    assert l1 == l2 and r1 == r2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
