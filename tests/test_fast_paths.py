@@ -163,3 +163,35 @@ def test_metric_sampler_and_steps_are_exactly_the_previous_ones():
     (l1, s1, r1), (l2, s2, r2) = runs
     assert l1 == l2 and r1 == r2
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_view_crops_normalised_are_the_views_transform_bit_for_bit():
+    from retdmctl.data.loaders import ViewsTransform
+
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    tf = ViewsTransform(32, MEAN, STD, 10)
+    crops = tf.crops(img)
+    assert crops.shape == (10, 32, 32, 3) and crops.dtype == np.uint8
+    assert torch.equal(normalize_batch(torch.from_numpy(crops), MEAN, STD), tf(img))
+
+
+def test_extracted_views_are_the_views_transform(store, tmp_path):
+    from retdmctl.data.loaders import ViewsTransform
+    from retdmctl.training.sources import extract_views
+
+    torch.manual_seed(0)
+    backbone, spec = build_backbone("tiny_cnn", pretrained=False)
+    backbone.eval()
+    src = PixelSource(store.path, store.info, spec, 32, 6, 0)
+    path = tmp_path / "views.h5"
+    extract_views(path, backbone, src, 3, {"k": 1}, torch.device("cpu"), torch.no_grad())
+    with h5py.File(path, "r") as h5:
+        got = h5["features"][()]
+    tf = ViewsTransform(32, spec.mean, spec.std, 3)
+    with torch.no_grad():
+        x = torch.stack([tf(decode(b)) for b in store.blobs])  # (N, 3, C, H, W)
+        ref = torch.cat([backbone(x[i : i + 2].flatten(0, 1).contiguous(memory_format=torch.channels_last))
+                         for i in range(0, len(x), 2)])  # 6 // 3 = 2 images a batch
+    assert got.shape == (len(store.blobs), 3, spec.out_dim)
+    assert np.array_equal(got, ref.reshape(len(store.blobs), 3, -1).numpy().astype(np.float16))
+    src.reader.close()

@@ -84,6 +84,13 @@ class ViewsTransform:
         out = [self.tail(crops[c]) for c, _ in self.order]
         return torch.stack([x.flip(-1) if flip else x for x, (_, flip) in zip(out, self.order)])
 
+    def crops(self, img) -> np.ndarray:
+        """The same views as 8-bit crops (views, size, size, 3), before conversion to
+        floats: :func:`normalize_batch` of them (flattened) is exactly ``self(img)``."""
+        crops = self.five(self.resize(img))
+        out = [np.asarray(crops[c]) for c, _ in self.order]
+        return np.stack([x[:, ::-1] if flip else x for x, (_, flip) in zip(out, self.order)])
+
 
 def decode(data: bytes) -> Image.Image:
     """Stored bytes -> RGB image, with ingest's own conversion (``retdmctl.data.decode``):

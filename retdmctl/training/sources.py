@@ -199,26 +199,27 @@ def extract_views(
 ) -> None:
     """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
     image: (N, V, ...) float16. Decoding runs on a background thread, beside the model."""
-    from retdmctl.data.loaders import LmdbImages, ViewsTransform
-    from retdmctl.data.prefetch import in_background
+    from retdmctl.data.loaders import ViewsTransform
 
     info = pixels.info
     rows = np.arange(len(info.ids))
     tf = ViewsTransform(pixels.image_size, pixels.mean, pixels.std, views)
-    images = LmdbImages(pixels.reader, info.ids, info.labels, rows, tf)
     per_batch = max(1, pixels.batch_size // views)
 
     def batches():
+        # 8-bit crops only, without torch: torch ops on this thread would start a second
+        # OpenMP team beside the model's; the main thread normalises the whole batch
         for start in range(0, len(rows), per_batch):
             r = rows[start : start + per_batch]
-            yield torch.stack([images[int(i)][0] for i in r]), r
+            yield np.stack([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r]), r
 
     out = None
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
-        for x, r in in_background(batches(), 2):
+        for crops, r in in_background(batches(), 2):
+            x = normalize_batch(torch.from_numpy(crops).flatten(0, 1), pixels.mean, pixels.std)  # (B * V, 3, H, W)
             with autocast:
-                acts = forward(to_device(x.flatten(0, 1), device)).float()
+                acts = forward(to_device(x, device)).float()
             acts = acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy()
             if out is None:
                 out = h5.create_dataset("features", shape=(len(rows), *acts.shape[1:]), dtype=np.float16,
