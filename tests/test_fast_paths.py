@@ -44,12 +44,33 @@ def store(tmp_path):
     return SimpleNamespace(path=tmp_path / "images.lmdb", blobs=blobs, info=SimpleNamespace(ids=ids, labels=labels))
 
 
+@pytest.mark.parametrize("mean,std", [(MEAN, STD), ((0.5,) * 3, (0.5,) * 3), ((0.5,) * 3, (0.25,) * 3)])
+def test_normalize_batch_is_the_eval_tail_for_every_pixel_value(mean, std):
+    # elementwise: equal on all 256 values of every channel means equal on any image
+    arr = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    tail = torch.nn.Sequential(*eval_transform(16, mean, std).transforms[2:])  # ToImage, ToDtype, Normalize
+    for threads in (1, 2):
+        with _threads(threads):
+            assert torch.equal(normalize_batch(arr[None], mean, std)[0], tail(Image.fromarray(arr)))
+
+
+class _threads:
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
 def test_normalize_batch_is_the_eval_tail_bit_for_bit():
     rng = np.random.default_rng(1)
     crops = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(5)]
     tail = eval_transform(20, MEAN, STD).transforms[2:]  # ToImage, ToDtype, Normalize
     ref = torch.stack([torch.nn.Sequential(*tail)(c) for c in crops])
-    x = normalize_batch(torch.from_numpy(np.stack([np.asarray(c) for c in crops])), MEAN, STD)
+    x = normalize_batch(np.stack([np.asarray(c) for c in crops]), MEAN, STD)
     assert x.dtype == torch.float32 and x.shape == (5, 3, 20, 20)
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x, ref)

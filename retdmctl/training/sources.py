@@ -70,30 +70,39 @@ class PixelSource:
             yield x, y, r.numpy()
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        """Centre crops in the order of ``rows``: exactly ``eval_tf`` of each image, made
-        as 8-bit crops (decoded by the loader's workers, or with none on a background
-        thread beside the model) and normalised a batch at a time by
-        :func:`~retdmctl.data.loaders.normalize_batch`."""
+        """Centre crops in the order of ``rows``: exactly ``eval_tf`` of each image, as
+        8-bit crops normalised a batch at a time (:func:`~retdmctl.data.loaders.normalize_batch`),
+        all of it in the loader's workers or, with none, on a background thread beside
+        the model."""
         if self.workers > 0:
-            batches = ((x, y, r.numpy()) for x, y, r in self._loader(rows, self._crop_tensor, None))
+            loader = DataLoader(
+                LmdbImages(self.reader, self.info.ids, self.info.labels, np.asarray(rows), self._crop),
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                collate_fn=self._collate,
+                pin_memory=torch.cuda.is_available(),
+            )
+            yield from loader
+        elif self.prefetch > 0:
+            yield from in_background(self._eval_batches(np.asarray(rows)), self.prefetch)
         else:
-            batches = self._crop_batches(np.asarray(rows))
-            if self.prefetch > 0:
-                batches = in_background(batches, self.prefetch)
-        for pixels, y, r in batches:
-            yield normalize_batch(pixels, self.mean, self.std), y, r
+            yield from self._eval_batches(np.asarray(rows))
 
-    def _crop_tensor(self, img) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.eval_crop(img)))  # (H, W, 3) uint8
+    def _crop(self, img) -> np.ndarray:
+        return np.asarray(self.eval_crop(img))  # (H, W, 3) uint8
 
-    def _crop_batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        """(B, H, W, 3) uint8 crops without torch (run on a background thread: torch ops
-        there would start a second OpenMP team beside the model's)."""
+    def _collate(self, items: list) -> Batch:
+        crops, labels, rows = zip(*items)
+        return normalize_batch(np.stack(crops), self.mean, self.std), torch.stack(labels), np.array(rows, dtype=np.int64)
+
+    def _eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        # numpy and PIL only: torch ops on a second thread would start a second OpenMP
+        # team beside the model's
         ids, labels = self.info.ids, self.info.labels
         for start in range(0, len(rows), self.batch_size):
             r = rows[start : start + self.batch_size]
-            crops = [np.asarray(self.eval_crop(decode(self.reader.get(ids[int(i)])))) for i in r]
-            yield torch.from_numpy(np.stack(crops)), torch.from_numpy(labels[r].astype(np.float32)), r
+            crops = np.stack([self._crop(decode(self.reader.get(ids[int(i)]))) for i in r])
+            yield normalize_batch(crops, self.mean, self.std), torch.from_numpy(labels[r].astype(np.float32)), r
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
@@ -207,17 +216,17 @@ def extract_views(
     per_batch = max(1, pixels.batch_size // views)
 
     def batches():
-        # 8-bit crops only, without torch: torch ops on this thread would start a second
-        # OpenMP team beside the model's; the main thread normalises the whole batch
+        # numpy and PIL only: torch ops on this thread would start a second OpenMP team
+        # beside the model's
         for start in range(0, len(rows), per_batch):
             r = rows[start : start + per_batch]
-            yield np.stack([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r]), r
+            crops = np.concatenate([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r])
+            yield normalize_batch(crops, pixels.mean, pixels.std), r  # (B * V, 3, H, W)
 
     out = None
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
-        for crops, r in in_background(batches(), 2):
-            x = normalize_batch(torch.from_numpy(crops).flatten(0, 1), pixels.mean, pixels.std)  # (B * V, 3, H, W)
+        for x, r in in_background(batches(), 2):
             with autocast:
                 acts = forward(to_device(x, device)).float()
             acts = acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy()
