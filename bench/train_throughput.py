@@ -91,8 +91,8 @@ def build_store(root: Path, n: int, seed: int) -> SimpleNamespace:
     return SimpleNamespace(ids=ids, labels=lab, lmdb=root / "images.lmdb", source=source, num_classes=lab.shape[1])
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median seconds, median 1-minute load average after a run) of each function, the
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """(median seconds, median 1-minute load average after a run, fastest run's seconds) of each function, the
     runs interleaved (A B C A B C ...) so that every variant sees the same background
     load on a shared machine. A value (fn, n) runs fn n times per round (cheap variants)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -105,7 +105,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
                 fn()
                 times[name].append(time.perf_counter() - t)
                 loads[name].append(os.getloadavg()[0])
-    return {name: (statistics.median(times[name]), statistics.median(loads[name])) for name in fns}
+    return {name: (statistics.median(times[name]), statistics.median(loads[name]), min(times[name])) for name in fns}
 
 
 def main() -> None:
@@ -141,17 +141,15 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     cores = args.threads or os.cpu_count() or 1
 
-    def row(name: str, seconds: float, images: int, load: float, ref: float | None = None) -> float:
-        rate = images / seconds
-        ratio = f"{rate / ref:7.1%}" if ref else " " * 7
-        print(f"  {name:<70} {rate:9.1f} img/s  {ratio}  load {load:4.1f}", flush=True)
-        return rate
-
-    def report(med: dict[str, tuple[float, float]], images: int) -> None:
+    def report(med: dict[str, tuple[float, float, float]], images: int) -> None:
+        """Per variant: img/s of the median run, its ratio to the first variant (the
+        model alone), the same ratio for the fastest runs, the load average."""
+        print(f"  {'':<70} {'img/s':>9}  {'ratio':>7}  {'(best)':>7}")
         ref = None
-        for name, (t, load) in med.items():
-            rate = row(name, t, images, load, ref)
-            ref = ref or rate
+        for name, (t, load, best) in med.items():
+            ratio = f"{ref[0] / t:7.1%}  {ref[1] / best:7.1%}" if ref else " " * 16
+            print(f"  {name:<70} {images / t:9.1f}  {ratio}  load {load:4.1f}", flush=True)
+            ref = ref or (t, best)
 
     # One LMDB environment per process: py-lmdb refuses to open the same path twice.
     reader = ImageReader(data.lmdb)
@@ -306,7 +304,7 @@ def metric_stage(args, data, model: RETDM, spec, device, tmp: Path, shared, core
         run_epoch(mb, cnn=False)  # warm-up
         med = interleaved({"cache": (lambda mb=mb: run_epoch(mb, cnn=False), 5),
                            "cnn": lambda mb=mb: run_epoch(mb, cnn=True)}, max(2, args.repeats - 1))
-        (t_cache, l_cache), (t_cnn, l_cnn) = med["cache"], med["cnn"]
+        (t_cache, l_cache, _), (t_cnn, l_cnn, _) = med["cache"], med["cnn"]
         print(f"  batch {mb:>3}: epoch on the cache of f (1 thread)      {t_cache * 1000:9.1f} ms {n_all / t_cache:9.1f} img/s  load {l_cache:4.1f}")
         print(f"  batch {mb:>3}: epoch with the CNN in the loop ({cores} threads) {t_cnn * 1000:9.1f} ms {n_all / t_cnn:9.1f} img/s  load {l_cnn:4.1f}")
         print(f"  batch {mb:>3}: cache speed-up {t_cnn / t_cache:,.0f}x", flush=True)
