@@ -345,22 +345,27 @@ class MetricSampler:
 
     graph: KnnGraph
     label_sets: torch.Tensor  # (S, L) float
-    row_neighbors: dict[int, np.ndarray]  # dataset row -> (k,) neighbour set indices
+    row_neighbors: np.ndarray  # (N, k) int32: each dataset row's neighbour set indices, -1 for none
 
     @classmethod
     def build(cls, graph: KnnGraph, info: DatasetInfo, extra_rows: np.ndarray) -> MetricSampler:
-        row_neighbors: dict[int, np.ndarray] = {}
+        # One table indexed by dataset row: a batch's neighbours are one fancy index,
+        # not a Python loop over a dict (the metric stage's steps are ~1 ms).
+        table = np.full((max(len(info.labels), len(graph.image_set)), graph.k), -1, dtype=np.int32)
         train_rows = np.flatnonzero(graph.image_set >= 0)
-        for row, s in zip(train_rows, graph.image_set[train_rows]):
-            row_neighbors[int(row)] = graph.neighbors[s]
+        table[train_rows] = graph.neighbors[graph.image_set[train_rows]]
         if len(extra_rows):
             nbrs, _ = knn_search(graph.label_sets, info.labels[extra_rows], graph.k, graph.index.get("kind", "exact"))
-            for row, nb in zip(extra_rows, nbrs):
-                row_neighbors[int(row)] = nb
-        return cls(graph, torch.from_numpy(graph.label_sets.astype(np.float32)), row_neighbors)
+            table[extra_rows] = nbrs
+        return cls(graph, torch.from_numpy(graph.label_sets.astype(np.float32)), table)
 
     def neighbors(self, rows: np.ndarray) -> np.ndarray:
-        return np.stack([self.row_neighbors[int(r)] for r in rows])
+        """(B, k) neighbour set indices of ``rows``; KeyError for a row that has none."""
+        out = self.row_neighbors[rows]
+        if len(out) and out[:, 0].min() < 0:
+            missing = np.asarray(rows)[out[:, 0] < 0]
+            raise KeyError(f"dataset rows without label-set neighbours: {missing[:5].tolist()}")
+        return out
 
     def way2_images(self, neighbor_sets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """For each neighbour set, a random training image whose label set is exactly it."""

@@ -18,9 +18,13 @@ from torch.utils.data import DataLoader
 
 from retdmctl import __version__
 from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.prefetch import in_background
 from retdmctl.data.loaders import (
     LmdbImages,
+    decode,
+    eval_crop,
     eval_transform,
+    normalize_batch,
     train_transform,
     worker_init,
 )
@@ -40,6 +44,8 @@ class PixelSource:
         self.image_size, self.mean, self.std = image_size, spec.mean, spec.std
         self.train_tf = train_transform(image_size, spec.mean, spec.std)
         self.eval_tf = eval_transform(image_size, spec.mean, spec.std)
+        self.eval_crop = eval_crop(image_size)
+        self.prefetch = 2  # eval batches decoded ahead on a background thread (workers = 0)
 
     def _loader(self, rows: np.ndarray, transform, shuffle_seed: int | None) -> DataLoader:
         ds = LmdbImages(self.reader, self.info.ids, self.info.labels, rows, transform)
@@ -81,8 +87,39 @@ class PixelSource:
             yield x, y, r.numpy()
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        for x, y, r in self._loader(rows, self.eval_tf, None):
-            yield x, y, r.numpy()
+        """Centre crops in the order of ``rows``: exactly ``eval_tf`` of each image, as
+        8-bit crops normalised a batch at a time (:func:`~retdmctl.data.loaders.normalize_batch`),
+        all of it in the loader's workers or, with none, on a background thread beside
+        the model."""
+        if self.workers > 0:
+            loader = DataLoader(
+                LmdbImages(self.reader, self.info.ids, self.info.labels, np.asarray(rows), self._crop),
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                collate_fn=self._collate,
+                pin_memory=torch.cuda.is_available(),
+            )
+            yield from loader
+        elif self.prefetch > 0:
+            yield from in_background(self._eval_batches(np.asarray(rows)), self.prefetch)
+        else:
+            yield from self._eval_batches(np.asarray(rows))
+
+    def _crop(self, img) -> np.ndarray:
+        return np.asarray(self.eval_crop(img))  # (H, W, 3) uint8
+
+    def _collate(self, items: list) -> Batch:
+        crops, labels, rows = zip(*items)
+        return normalize_batch(np.stack(crops), self.mean, self.std), torch.stack(labels), np.array(rows, dtype=np.int64)
+
+    def _eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        # numpy and PIL only: torch ops on a second thread would start a second OpenMP
+        # team beside the model's
+        ids, labels = self.info.ids, self.info.labels
+        for start in range(0, len(rows), self.batch_size):
+            r = rows[start : start + self.batch_size]
+            crops = np.stack([self._crop(decode(self.reader.get(ids[int(i)]))) for i in r])
+            yield normalize_batch(crops, self.mean, self.std), torch.from_numpy(labels[r].astype(np.float32)), r
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
@@ -188,7 +225,7 @@ def extract_backbone_features(
             feats = feats.float().cpu().numpy()
             if out is None:
                 out = h5.create_dataset("features", shape=(len(rows), feats.shape[1]), dtype=np.float16)
-            out[r] = feats.astype(np.float16)
+            out[r[0] : r[-1] + 1] = feats.astype(np.float16)  # rows come in order: a slice, not a point selection
             progress.advance(task, len(r))
         h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
 
@@ -199,26 +236,27 @@ def extract_views(
 ) -> None:
     """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
     image: (N, V, ...) float16. Decoding runs on a background thread, beside the model."""
-    from retdmctl.data.loaders import LmdbImages, ViewsTransform
-    from retdmctl.data.prefetch import in_background
+    from retdmctl.data.loaders import ViewsTransform
 
     info = pixels.info
     rows = np.arange(len(info.ids))
     tf = ViewsTransform(pixels.image_size, pixels.mean, pixels.std, views)
-    images = LmdbImages(pixels.reader, info.ids, info.labels, rows, tf)
     per_batch = max(1, pixels.batch_size // views)
 
     def batches():
+        # numpy and PIL only: torch ops on this thread would start a second OpenMP team
+        # beside the model's
         for start in range(0, len(rows), per_batch):
             r = rows[start : start + per_batch]
-            yield torch.stack([images[int(i)][0] for i in r]), r
+            crops = np.concatenate([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r])
+            yield normalize_batch(crops, pixels.mean, pixels.std), r  # (B * V, 3, H, W)
 
     out = None
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
         for x, r in in_background(batches(), 2):
             with autocast:
-                acts = forward(to_device(x.flatten(0, 1), device)).float()
+                acts = forward(to_device(x, device)).float()
             acts = acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy()
             if out is None:
                 out = h5.create_dataset("features", shape=(len(rows), *acts.shape[1:]), dtype=np.float16,
