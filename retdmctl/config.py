@@ -82,6 +82,11 @@ class RuntimeConfig:
     # 45% of the model-only rate with 2 workers on 2 cores, 99.8% with none;
     # bench/train_throughput.py), and one per spare core, at most 8, on a GPU
     workers: int = -1
+    # where training and scoring from pixels decode and augment images: "cpu" (PIL, in
+    # the loader), "device" (batched JPEG decode, crops and flips on the accelerator,
+    # retdmctl.data.gpu), "auto" = device on CUDA, cpu otherwise. The frozen-backbone
+    # cache is always extracted from the PIL path, so cached features never depend on it.
+    decode: str = "auto"
 
 
 @dataclass
@@ -356,6 +361,7 @@ _RULES: dict[str, Any] = {
     "eval.report": _one_of("html", "none"),
     "runtime.device": _one_of("auto", "cpu", "cuda"),
     "runtime.workers": _at_least(-1),
+    "runtime.decode": _one_of("auto", "cpu", "device"),
 }
 for _stage in ("classifier", "metric", "joint"):
     _RULES.update(

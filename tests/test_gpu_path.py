@@ -169,3 +169,43 @@ def test_threaded_pixel_source_is_deterministic_and_matches_the_pil_transform(tm
     ref = torch.stack([eval_transform(64, MEAN, STD)(decode(d)) for d in blobs])
     assert torch.equal(ev, ref)
     next(iter(src.train_batches(rows, seed=1)))  # an abandoned epoch does not hang
+
+
+# --- wired into the stages (runtime.decode) ---------------------------------------------
+
+
+def test_runtime_decode_device_trains_and_scores_through_the_device_path(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from retdmctl.config import validate
+    from retdmctl.data.dataset import read_dataset
+    from retdmctl.data.gpu import DevicePixelSource
+    from retdmctl.errors import ConfigError
+    from retdmctl.models.backbones import get_backbone_spec
+    from retdmctl.pipeline import Context, run_stage
+    from retdmctl.training.common import image_source
+    from retdmctl.workspace import Workspace
+    from stages import BY_NAME, PIPELINE
+    from test_stages import tiny_config
+
+    ws, cfg = Workspace(tmp_path), tiny_config()
+    cfg.runtime.decode = "device"  # on the CPU here: the same code that runs on CUDA
+    cfg.classifier.epochs = 1
+    ctx = Context(ws, cfg, Console(file=io.StringIO()))
+    for name in ("ingest", "classifier"):
+        assert run_stage(ctx, BY_NAME[name], PIPELINE)
+    info = read_dataset(ws.dataset)
+    source = image_source(ws, cfg, info, get_backbone_spec("tiny_cnn"), torch.device("cpu"))
+    assert isinstance(source, DevicePixelSource)
+    # a rank's shard: exactly the given rows, in order, augmented from the seed
+    parts = [np.array([3, 1, 4]), np.array([1, 5])]
+    got = list(source.batches_of(parts, seed=7))
+    assert [b[2].tolist() for b in got] == [[3, 1, 4], [1, 5]]
+    again = list(source.batches_of(parts, seed=7))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, again))
+    cfg.runtime.decode = "gpu"
+    with pytest.raises(ConfigError) as exc:
+        validate(cfg)
+    assert str(exc.value) == "runtime.decode must be one of auto, cpu, device, got 'gpu'"

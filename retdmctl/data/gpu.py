@@ -162,13 +162,17 @@ class DevicePixelSource:
         self.train_tf = DeviceTransform(image_size, spec.mean, spec.std, device=device, train=True)
         self.eval_tf = DeviceTransform(image_size, spec.mean, spec.std, device=device, train=False)
 
-    def _bytes(self, order: np.ndarray) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+    def _bytes(self, order: np.ndarray | list[np.ndarray]) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+        """The bytes of each batch: ``order`` cut into batch_size pieces, or a list of batches."""
         q: queue.Queue = queue.Queue(self.prefetch)
+        if isinstance(order, list):
+            parts = order
+        else:
+            parts = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
         def work() -> None:
             try:
-                for start in range(0, len(order), self.batch_size):
-                    r = order[start : start + self.batch_size]
+                for r in parts:
                     q.put((r, [self.reader.get(self.info.ids[int(i)]) for i in r]))
             except BaseException as exc:  # surfaced in the consumer
                 q.put(exc)
@@ -190,6 +194,10 @@ class DevicePixelSource:
         gen = torch.Generator().manual_seed(seed)
         order = rows[torch.randperm(len(rows), generator=gen).numpy()]
         return self._batches(order, self.train_tf, gen)
+
+    def batches_of(self, batches: list[np.ndarray], seed: int):
+        """Training batches made of exactly these rows (one rank's shard of an epoch)."""
+        return self._batches(list(batches), self.train_tf, torch.Generator().manual_seed(seed))
 
     def eval_batches(self, rows: np.ndarray):
         return self._batches(np.asarray(rows), self.eval_tf, None)

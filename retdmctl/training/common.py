@@ -202,7 +202,12 @@ def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSp
         if cfg.model.views == 1 and not cfg.model.tune_blocks:
             return CachedSource(read_features(path), info, cfg.model.batch_size)
         return CachedSource(read_cached(path), info, cfg.model.batch_size, cfg.model.views)
-    workers = loader_workers(cfg, device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    if cfg.runtime.decode == "device" or (cfg.runtime.decode == "auto" and device.type == "cuda"):
+        from retdmctl.data.gpu import DevicePixelSource
+
+        return DevicePixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, device)
+    workers = loader_workers(cfg, device)
     return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)
 
 
