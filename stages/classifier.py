@@ -66,9 +66,9 @@ def run(ctx: Context) -> dict:
             f, logits = None, model(x).float()
         loss, clml = classification(logits, y, rows, f)
         if clml is None:
-            return loss, {"total": float(loss.detach())}
+            return loss, {"total": loss.detach()}
         loss = loss + clml
-        return loss, {"total": float(loss.detach()), "clml": float(clml.detach())}
+        return loss, {"total": loss.detach(), "clml": clml.detach()}
 
     history = fit(
         name="classifier",

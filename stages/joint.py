@@ -93,7 +93,7 @@ def run(ctx: Context) -> dict:
         if clml is None:
             return parts.total, parts.items()
         total = parts.total + clml  # L + CLML's term (loss.clml > 0)
-        return total, {**parts.items(), "total": float(total.detach()), "clml": float(clml.detach())}
+        return total, {**parts.items(), "total": total.detach(), "clml": clml.detach()}
 
     history = fit(
         name="joint",

@@ -57,7 +57,7 @@ def run(ctx: Context) -> dict:
     def step(f, y, rows, rng):
         metric, rec = metric_and_rec(model, f, y, rows, sampler, f_bank, rng, cfg.loss)
         loss = a * metric + b * rec
-        return loss, {"total": float(loss.detach()), "metric": float(metric.detach()), "rec": float(rec.detach())}
+        return loss, {"total": loss.detach(), "metric": metric.detach(), "rec": rec.detach()}
 
     def validate() -> dict[str, float]:
         rng = np.random.default_rng([cfg.metric.seed, 999])

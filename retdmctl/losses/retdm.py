@@ -66,8 +66,9 @@ class LossParts:
     metric: torch.Tensor
     rec: torch.Tensor
 
-    def items(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "cls", "metric", "rec")}
+    def items(self) -> dict[str, torch.Tensor]:
+        """The parts, detached and left on the device (read once per epoch: no host sync per step)."""
+        return {k: getattr(self, k).detach() for k in ("total", "cls", "metric", "rec")}
 
 
 def total_loss(cls: torch.Tensor, metric: torch.Tensor, rec: torch.Tensor, alpha: float, beta: float) -> LossParts:

@@ -123,7 +123,7 @@ def fit(
                 batches = source.batches_of([part for part, _ in mine], shuffle_seed)
                 weights, total = iter([w for _, w in mine]), len(mine)
             batch_task = progress.add_task(f"epoch {epoch}", total=total, info="")
-            for (x, y, rows), weight in zip(batches, weights):
+            for i, ((x, y, rows), weight) in enumerate(zip(batches, weights), 1):
                 x, y = to_device(x, device), to_device(y, device)
                 with autocast(device):
                     loss, items = (runner or step)(x, y, rows, rng)
@@ -132,11 +132,15 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for key, value in items.items():
-                    sums[key] = sums.get(key, 0.0) + value * len(rows)
+                for key, value in items.items():  # device tensors: no host sync per step
+                    sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64) * len(rows)
                 seen += len(rows)
-                progress.update(batch_task, advance=1, info=f"loss {sums['total'] / seen:.4f}")
+                if i % 25 == 0 or i == total:  # the bar's running loss costs a sync: now and then
+                    progress.update(batch_task, advance=1, info=f"loss {float(sums['total']) / seen:.4f}")
+                else:
+                    progress.update(batch_task, advance=1)
             progress.remove_task(batch_task)
+            sums = {key: float(value) for key, value in sums.items()}
             if runner is not None:  # the epoch's means over every rank's rows
                 totals = distributed.sum_over_ranks({**sums, "_seen": float(seen)})
                 seen = int(totals.pop("_seen"))
