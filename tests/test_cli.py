@@ -133,3 +133,17 @@ def test_version():
 
     result = invoke("--version")
     assert result.exit_code == 0 and result.output == f"retdmctl {__version__}\n"
+
+
+def test_tune_blocks_and_views_need_a_frozen_backbone(tmp_path):
+    args = ["-w", str(tmp_path), "train", "--stage", "classifier", "--finetune-backbone"]
+    result = runner.invoke(app, [*args, "--tune-blocks", "2"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: model.tune_blocks applies to --frozen-backbone (cached inputs); "
+                                     "fine-tuning trains the whole backbone on freshly augmented images")
+    result = runner.invoke(app, [*args, "--views", "4"])
+    assert result.exit_code == 1 and "error: model.views applies to --frozen-backbone" in result.output
+    result = runner.invoke(app, ["-w", str(tmp_path), "run", "--frozen-backbone", "--tune-blocks", "17"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: model.tune_blocks must be <= 16 for efficientnet_lite0, got 17"
+    assert not (tmp_path / "retdm.toml").exists()  # nothing saved
