@@ -19,6 +19,7 @@ the images are encoded once and the frozen backbone's features are extracted onc
                 with k, t and w chosen on validation mAP (evaluated here, not in the product)
     tune1_views tune1 on ten cached views per image (model.views = 10; not run by
                 default: extraction runs the trunk ten times per image)
+    retdm_tune1_views  RETDM on the same (not run by default)
 
 Every choice inside a variant is made on validation: the epoch kept (best validation
 mAP), the decision thresholds (per class, or one global one), and for retdm_val the loss
@@ -73,6 +74,8 @@ VARIANTS: dict[str, dict] = {
     "tune1": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", *TUNE_SCHEDULE]},
     "retdm_tune1": {"stage": "joint", "set": ["loss.base=bce", "model.tune_blocks=1", *TUNE_SCHEDULE]},
     "tune1_views": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE]},
+    "retdm_tune1_views": {"stage": "joint",
+                          "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE]},
     # decoding from embedding-space neighbours fused with the classifier (bench only:
     # k, temperature and weight chosen on validation, on top of bce's model)
     "bce_knn": {"stage": "classifier", "set": ["loss.base=bce"], "knn_fusion": True},
@@ -228,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scene"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("tune1_views", "retdm_tune1")],
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("tune1_views", "retdm_tune1", "retdm_tune1_views")],
                         choices=list(VARIANTS))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
