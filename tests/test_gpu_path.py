@@ -205,6 +205,15 @@ def test_runtime_decode_device_trains_and_scores_through_the_device_path(tmp_pat
     assert [b[2].tolist() for b in got] == [[3, 1, 4], [1, 5]]
     again = list(source.batches_of(parts, seed=7))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got, again))
+    # scores (validation, thresholds, eval) come from the PIL pixels that predict uses
+    from retdmctl.data.loaders import decode, eval_transform
+
+    spec = get_backbone_spec("tiny_cnn")
+    tf = eval_transform(cfg.model.image_size, spec.mean, spec.std)
+    rows = info.split("test")
+    x = torch.cat([b[0] for b in source.eval_batches(rows)])
+    expected = torch.stack([tf(decode(source.reader.get(info.ids[r]))) for r in rows])
+    assert torch.equal(x, expected)
     cfg.runtime.decode = "gpu"
     with pytest.raises(ConfigError) as exc:
         validate(cfg)

@@ -156,8 +156,13 @@ class DevicePixelSource:
     decoding) while the device decodes and augments the current one. Yields
     ``(x, y, rows)`` with x already on ``device`` (``to_device`` is then a no-op)."""
 
-    def __init__(self, lmdb, info, spec, image_size: int, batch_size: int, device: torch.device | str, prefetch: int = 4) -> None:
-        self.reader = ImageReader(lmdb)
+    def __init__(self, lmdb, info, spec, image_size: int, batch_size: int, device: torch.device | str, prefetch: int = 4,
+                 score=None) -> None:
+        # ``score``: another source for eval_batches. The stages pass the PIL one, so
+        # that validation, thresholds, features.h5 and eval score the pixels `predict`
+        # and `export` see (device resizing differs by a few 1/255 steps).
+        self.score = score
+        self.reader = score.reader if score is not None else ImageReader(lmdb)  # one LMDB handle a process
         self.info, self.batch_size, self.prefetch = info, batch_size, prefetch
         self.train_tf = DeviceTransform(image_size, spec.mean, spec.std, device=device, train=True)
         self.eval_tf = DeviceTransform(image_size, spec.mean, spec.std, device=device, train=False)
@@ -200,6 +205,8 @@ class DevicePixelSource:
         return self._batches(list(batches), self.train_tf, torch.Generator().manual_seed(seed))
 
     def eval_batches(self, rows: np.ndarray):
+        if self.score is not None:
+            return self.score.eval_batches(rows)
         return self._batches(np.asarray(rows), self.eval_tf, None)
 
     def num_batches(self, rows: np.ndarray) -> int:

@@ -203,12 +203,14 @@ def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSp
             return CachedSource(read_features(path), info, cfg.model.batch_size)
         return CachedSource(read_cached(path), info, cfg.model.batch_size, cfg.model.views)
     device = device or torch.device("cpu")
+    workers = loader_workers(cfg, device)
+    pixels = PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)
     if cfg.runtime.decode == "device" or (cfg.runtime.decode == "auto" and device.type == "cuda"):
         from retdmctl.data.gpu import DevicePixelSource
 
-        return DevicePixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, device)
-    workers = loader_workers(cfg, device)
-    return PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)
+        # training batches on the device; every score through PIL, as predict computes them
+        return DevicePixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, device, score=pixels)
+    return pixels
 
 
 def loader_workers(cfg: Config, device: torch.device) -> int:
