@@ -132,29 +132,28 @@ class CachedSource:
     always takes view 0, the centre crop."""
 
     def __init__(self, features: np.ndarray, info: DatasetInfo, batch_size: int, views: int = 1) -> None:
-        if views == 1 and features.ndim == 2:
-            self.features = torch.from_numpy(features.astype(np.float32))
-        else:
-            self.features = torch.from_numpy(features)  # (N, V, ...)
+        self.multi = not (views == 1 and features.ndim == 2)  # (N, V, ...) rather than (N, F)
+        self.features = torch.from_numpy(features) if self.multi else torch.from_numpy(features.astype(np.float32))
         self.views = views
         self.labels = torch.from_numpy(info.labels.astype(np.float32))
         self.batch_size = batch_size
 
     def centre(self) -> torch.Tensor:
         """Every image's view 0, as float32."""
-        return self.features if self.views == 1 and self.features.ndim == 2 else self.features[:, 0].float()
+        return self.features[:, 0].float() if self.multi else self.features
+
+    def _take(self, r: np.ndarray, views: np.ndarray | None) -> Batch:
+        """Rows ``r``, each at its view in ``views`` (None: view 0)."""
+        idx = torch.from_numpy(r)
+        if not self.multi:
+            return self.features[idx], self.labels[idx], r
+        v = torch.zeros_like(idx) if views is None else torch.from_numpy(views)
+        return self.features[idx, v].float(), self.labels[idx], r
 
     def _batches(self, rows: np.ndarray, views: np.ndarray | None) -> Iterator[Batch]:
-        multi = not (self.views == 1 and self.features.ndim == 2)
         for start in range(0, len(rows), self.batch_size):
-            r = rows[start : start + self.batch_size]
-            idx = torch.from_numpy(r)
-            if multi:
-                v = torch.zeros_like(idx) if views is None else torch.from_numpy(views[start : start + self.batch_size])
-                x = self.features[idx, v].float()
-            else:
-                x = self.features[idx]
-            yield x, self.labels[idx], r
+            end = start + self.batch_size
+            yield self._take(rows[start:end], None if views is None else views[start:end])
 
     def train_batches(self, rows: np.ndarray, seed: int) -> Iterator[Batch]:
         rng = np.random.default_rng(seed)
@@ -166,12 +165,7 @@ class CachedSource:
         """Training batches made of exactly these rows (one rank's shard of an epoch)."""
         rng = np.random.default_rng(seed)
         for r in batches:
-            idx = torch.from_numpy(r)
-            if self.views == 1 and self.features.ndim == 2:
-                yield self.features[idx], self.labels[idx], r
-            else:
-                v = torch.from_numpy(rng.integers(self.views, size=len(r)))
-                yield self.features[idx, v].float(), self.labels[idx], r
+            yield self._take(r, rng.integers(self.views, size=len(r)) if self.multi else None)
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
         return self._batches(rows, None)
