@@ -88,9 +88,10 @@ class PixelSource:
 
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
         """Centre crops in the order of ``rows``: exactly ``eval_tf`` of each image, as
-        8-bit crops normalised a batch at a time (:func:`~retdmctl.data.loaders.normalize_batch`),
-        all of it in the loader's workers or, with none, on a background thread beside
-        the model."""
+        8-bit crops normalised a batch at a time (:func:`~retdmctl.data.loaders.normalize_batch`).
+        With loader workers, all of it happens in the workers; with none, decoding and
+        cropping run on a background thread beside the model, and the normalisation
+        (four vectorised passes) on the model's own threads."""
         if self.workers > 0:
             loader = DataLoader(
                 LmdbImages(self.reader, self.info.ids, self.info.labels, np.asarray(rows), self._crop),
@@ -100,10 +101,10 @@ class PixelSource:
                 pin_memory=torch.cuda.is_available(),
             )
             yield from loader
-        elif self.prefetch > 0:
-            yield from in_background(self._eval_batches(np.asarray(rows)), self.prefetch)
-        else:
-            yield from self._eval_batches(np.asarray(rows))
+            return
+        crops = self._eval_crops(np.asarray(rows))
+        for x, y, r in in_background(crops, self.prefetch) if self.prefetch > 0 else crops:
+            yield normalize_batch(x, self.mean, self.std), torch.from_numpy(y), r
 
     def _crop(self, img) -> np.ndarray:
         return np.asarray(self.eval_crop(img))  # (H, W, 3) uint8
@@ -112,14 +113,14 @@ class PixelSource:
         crops, labels, rows = zip(*items)
         return normalize_batch(np.stack(crops), self.mean, self.std), torch.stack(labels), np.array(rows, dtype=np.int64)
 
-    def _eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        # numpy and PIL only: torch ops on a second thread would start a second OpenMP
-        # team beside the model's
+    def _eval_crops(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        # numpy and PIL only (they release the GIL): torch ops on a second thread would
+        # start a second OpenMP team beside the model's
         ids, labels = self.info.ids, self.info.labels
         for start in range(0, len(rows), self.batch_size):
             r = rows[start : start + self.batch_size]
             crops = np.stack([self._crop(decode(self.reader.get(ids[int(i)]))) for i in r])
-            yield normalize_batch(crops, self.mean, self.std), torch.from_numpy(labels[r].astype(np.float32)), r
+            yield crops, labels[r].astype(np.float32), r
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
@@ -242,13 +243,13 @@ def extract_views(
         # beside the model's
         for start in range(0, len(rows), per_batch):
             r = rows[start : start + per_batch]
-            crops = np.concatenate([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r])
-            yield normalize_batch(crops, pixels.mean, pixels.std), r  # (B * V, 3, H, W)
+            yield np.concatenate([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r]), r
 
     out = None
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
-        for x, r in in_background(batches(), 2):
+        for crops, r in in_background(batches(), 2):
+            x = normalize_batch(crops, pixels.mean, pixels.std)  # (B * V, 3, H, W), on the model's threads
             with autocast:
                 acts = forward(to_device(x, device)).float()
             acts = acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy()
