@@ -3,7 +3,9 @@
 Times one CLML forward+backward at batch 64, 80 classes, D = 512 (median and min of 30 runs
 after warm-up), for the default Gram/eigvalsh method and for the batched-SVD cross-check, and
 compares it with (a) a training step of the frozen-backbone head (RETDM embed
-Linear 1280->512 + heads, batch 64, BCE, Adam) and (b) a full training step of
+Linear 1280->512 + heads, batch 64, BCE, Adam), (c) a step of the middle way
+(model.tune_blocks = 1: the last block of EfficientNet-Lite0, its head convolution and
+the same heads on cached trunk activations at 224 px) and (b) a full training step of
 EfficientNet-Lite0 + the same head at 224 px, batch 64 (a few steps only: seconds each
 on the CPU). Runs on the CPU with 2 threads, and on CUDA too when available.
 
@@ -24,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from retdmctl.allocator import tune_allocator
 from retdmctl.losses.clml import clml_loss
 from retdmctl.models.retdm import RETDM
 
@@ -87,6 +90,22 @@ def head_ms(device: str, runs: int) -> tuple[float, float]:
     return _median_ms(_train_step_fn(model, x, _labels(device)), device, runs)
 
 
+def tune_ms(device: str, runs: int) -> tuple[float, float]:
+    """The middle way (model.tune_blocks = 1, with --views the best CPU variant of
+    docs/bench-scene-views.md): the last MBConv block, the head convolution and the heads
+    trained on cached trunk activations of 224 px images."""
+    from retdmctl.models.backbones import build_backbone
+
+    backbone, spec = build_backbone("efficientnet_lite0", pretrained=False)
+    with torch.no_grad():
+        acts = backbone.eval().forward_trunk(torch.randn(N, 3, 224, 224), 1)
+    model = RETDM(C, spec.out_dim, D, backbone=backbone, tune_blocks=1).to(device).train()
+    backbone.requires_grad_(False)
+    for module in backbone.tail_modules(1):
+        module.requires_grad_(True)
+    return _median_ms(_train_step_fn(model, acts.to(device), _labels(device)), device, runs)
+
+
 def full_ms(device: str, runs: int) -> tuple[float, float]:
     from retdmctl.models.backbones import build_backbone
 
@@ -108,6 +127,7 @@ def main() -> None:
     ap.add_argument("--no-full", action="store_true", help="skip the EfficientNet-Lite0 step")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    tune_allocator()  # as the CLI does
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"CLML term forward+backward: batch {N}, {C} classes, D={D}; torch {torch.__version__}, "
@@ -122,6 +142,8 @@ def main() -> None:
         rows = [("CLML term, gram/eigvalsh (default)", gram, None),
                 ("CLML term, batched svdvals (cross-check)", svd, None),
                 ("(a) head train step (1280->512 + heads)", head, _pct(gram, head))]
+        tune = tune_ms(device, args.runs)
+        rows.append(("(c) tune_blocks=1 step (last block + heads)", tune, _pct(gram, tune)))
         if not args.no_full:
             full = full_ms(device, args.full_steps if device == "cpu" else args.runs)
             rows.append(("(b) EfficientNet-Lite0 224px full train step", full, _pct(gram, full)))

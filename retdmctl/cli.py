@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from retdmctl import __version__
+from retdmctl.allocator import tune_allocator
 from retdmctl.cli_ingest import ingest_app
 from retdmctl.cli_support import (
     STATE,
@@ -98,6 +99,7 @@ def main(
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
 ) -> None:
+    tune_allocator()
     STATE.workdir, STATE.config = workdir, config
     source = ctx.get_parameter_source("workdir")
     STATE.workdir_given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")

@@ -129,3 +129,27 @@ def test_logits_get_no_gradient_and_lam_zero():
     assert logits.grad is None
     zero = clml_loss(f, logits, y, epoch=1, lam=0.0)
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_batch_sized_like_the_bench_matches_the_reference_in_float64():
+    """Batch 64, 80 labels: every block size the forward pass meets (1 closed form;
+    2, 4, 8 padded; a 20-sample label decomposed at its own size; empty labels),
+    value and the gradient assembled in the forward pass, float64."""
+    g = torch.Generator().manual_seed(5)
+    n, d, c = 64, 96, 80
+    f = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (torch.rand(n, c, generator=g) < 0.04).float()
+    y[:, 0] = 0
+    y[:20, 0] = 1  # exact-size bucket
+    y[:, 1] = 0  # empty
+    y[:, 2] = 0
+    y[[5, 9, 11], 2] = 1  # 3 samples, padded to 4
+    logits = torch.full((n, c), -5.0)
+    counts = set(y.sum(0).int().tolist())
+    assert {0, 1, 2, 3, 20} <= counts
+    want, want_grad = _reference(f, logits, y, epoch=1, lam=0.5)
+    ft = f.clone().requires_grad_(True)
+    got = clml_loss(ft, logits, y, epoch=1, lam=0.5)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+    torch.testing.assert_close(ft.grad, want_grad, rtol=1e-6, atol=1e-9)

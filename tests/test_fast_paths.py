@@ -76,11 +76,11 @@ def test_normalize_batch_is_the_eval_tail_bit_for_bit():
     assert torch.equal(x, ref)
 
 
-@pytest.mark.parametrize("workers,prefetch", [(0, 0), (0, 2), (1, 2)])
-def test_pixel_source_eval_batches_are_the_eval_transform(store, workers, prefetch):
+@pytest.mark.parametrize("workers,prefetch,threads", [(0, 0, 0), (0, 2, 0), (1, 2, 0), (0, 2, 2), (0, 0, 3)])
+def test_pixel_source_eval_batches_are_the_eval_transform(store, workers, prefetch, threads):
     spec = SimpleNamespace(mean=MEAN, std=STD)
     src = PixelSource(store.path, store.info, spec, 48, 5, workers)
-    src.prefetch = prefetch
+    src.prefetch, src.decode_threads = prefetch, threads
     rows = np.array([3, 0, 11, 7, 1, 2, 10, 4, 9, 8, 5, 6])  # any order is kept
     batches = list(src.eval_batches(rows))
     assert [len(r) for _, _, r in batches] == [5, 5, 2]
@@ -92,8 +92,10 @@ def test_pixel_source_eval_batches_are_the_eval_transform(store, workers, prefet
     src.reader.close()
 
 
-def test_pixel_source_eval_batches_can_be_abandoned(store):
+@pytest.mark.parametrize("threads", [0, 2])
+def test_pixel_source_eval_batches_can_be_abandoned(store, threads):
     src = PixelSource(store.path, store.info, SimpleNamespace(mean=MEAN, std=STD), 48, 2, 0)
+    src.decode_threads = threads
     it = src.eval_batches(np.arange(12))
     next(it)
     it.close()  # the background decoder stops; nothing hangs
@@ -196,7 +198,8 @@ def test_view_crops_normalised_are_the_views_transform_bit_for_bit():
     assert torch.equal(normalize_batch(torch.from_numpy(crops), MEAN, STD), tf(img))
 
 
-def test_extracted_views_are_the_views_transform(store, tmp_path):
+@pytest.mark.parametrize("threads", [0, 2])
+def test_extracted_views_are_the_views_transform(store, tmp_path, threads):
     from retdmctl.data.loaders import ViewsTransform
     from retdmctl.training.sources import extract_views
 
@@ -204,6 +207,7 @@ def test_extracted_views_are_the_views_transform(store, tmp_path):
     backbone, spec = build_backbone("tiny_cnn", pretrained=False)
     backbone.eval()
     src = PixelSource(store.path, store.info, spec, 32, 6, 0)
+    src.decode_threads = threads
     path = tmp_path / "views.h5"
     extract_views(path, backbone, src, 3, {"k": 1}, torch.device("cpu"), torch.no_grad())
     with h5py.File(path, "r") as h5:
@@ -216,3 +220,28 @@ def test_extracted_views_are_the_views_transform(store, tmp_path):
     assert got.shape == (len(store.blobs), 3, spec.out_dim)
     assert np.array_equal(got, ref.reshape(len(store.blobs), 3, -1).numpy().astype(np.float16))
     src.reader.close()
+
+
+def test_decoding_pool_keeps_order_and_raises_the_items_error():
+    from retdmctl.training.sources import decoding
+
+    for threads in (0, 1, 3):
+        with decoding(threads) as decode_all:
+            assert decode_all(lambda v: v * v, list(range(20))) == [v * v for v in range(20)]
+            with pytest.raises(ZeroDivisionError):
+                decode_all(lambda v: 1 // v, [2, 1, 0, 3])
+
+
+def test_tune_allocator_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from retdmctl.allocator import tune_allocator
+
+    monkeypatch.setenv("RETDM_MALLOC", "system")
+    assert tune_allocator() is False
+    monkeypatch.delenv("RETDM_MALLOC")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_allocator() is True
+    x = torch.ones(64, 1024, 1024)  # 256 MiB from the heap now, not a fresh mmap
+    assert float(x.sum()) == 64 * 1024 * 1024

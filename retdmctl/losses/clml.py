@@ -40,25 +40,24 @@ delta. A label with no sample in the batch contributes the constant delta (the a
 code does the same: an empty SVD gives norm 0, then ``max`` gives DELTA); a label with one
 sample contributes ``max(delta, ||f_i||)``. Neither yields NaN values or gradients.
 
-Implementation (batched, no loop over labels, on F's device): with G = F F^T (N x N), the
-Gram matrix of F_c is G restricted to the rows and columns of label c, and the singular
-values of F_c are the square roots of its eigenvalues. Rows of each label are gathered
-into a zero-padded block (padding rows and columns are zero, which adds only zero
-eigenvalues); labels are bucketed by their sample count rounded up to a power of two
-(1, 2, 4, ..., N), and ONE ``torch.linalg.eigvalsh`` call per bucket gives the spectra
-of its labels, so a label with 3 samples is decomposed as a 4 x 4 matrix, not padded to
-the batch's largest label (the cost is cubic in the block size: at batch 64 with one
-label on half the images, one 32 x 32 block, not 80). Empty labels are not decomposed. The Gram matrices are formed and
-decomposed in float64: float32 eigenvalues of these rank-deficient matrices are too
-inaccurate (square roots of rounding noise add up) and LAPACK's float32 eigh can fail to
-converge on them. When N > D the D x D Gram ``F_c^T F_c`` is smaller, so that form is
-used instead. On the shared 2-core CPU (N=64, C=80, D=512, forward+backward, 2 threads)
-one (C, n_max, n_max) batch padded to the largest label took 20-32 ms at best (median
-110-160 ms under load) against 1.3 s at best (median 1.3-1.8 s) for one batched
-``torch.linalg.svdvals`` on (C+1, N, D) masked copies (``method="svd"``, kept as a
-cross-check); the size buckets cut the padded batch's time further (see
-``docs/bench-missing-labels.md``; re-measure with ``bench/clml_step.py``). The
-bucketing needs one host sync (the label counts).
+Implementation (batched, no loop over labels, on F's device; :class:`_NuclearTerm`): with
+G = F F^T (N x N, float64), the Gram matrix of F_c is G restricted to the rows and columns
+of label c, the singular values of F_c are the square roots of its eigenvalues, and the
+gradient of ||F_c||_* is P_c F_c with P_c = W diag(1/sigma) W^T (its inverse square root
+on the kept eigenpairs). The forward pass sums the P_c of the labels whose norm reaches
+delta, scattered to their rows and columns, minus P of F itself, into one N x N matrix A,
+so the backward pass is one product, A F, and no autograd graph runs through the
+eigendecompositions. A label with one sample needs none (norm ||f_i||); the others are
+gathered into zero-padded blocks (padding adds only zero eigenvalues), bucketed by
+sample count (the next power of two up to 8, the count itself above), ONE batched
+``torch.linalg.eigh`` per bucket. The Gram matrices are formed and decomposed in
+float64: float32 eigenvalues of these rank-deficient matrices are too inaccurate (square
+roots of rounding noise add up) and LAPACK's float32 eigh can fail to converge on them.
+When N > D the D x D Grams ``F_c^T F_c`` are smaller, and that form is used instead
+(autograd through ``eigvalsh``). ``method="svd"`` (one batched ``torch.linalg.svdvals``
+on C+1 masked copies of F) is kept as a cross-check; it is about 30x slower on the CPU.
+The bucketing needs one host sync (the label counts). Cost: ``bench/clml_step.py``
+(results in ``docs/bench-missing-labels.md``).
 """
 
 from __future__ import annotations
@@ -90,7 +89,8 @@ def corrected_targets(
 
 def _nuclear_from_gram(gram: torch.Tensor) -> torch.Tensor:
     """Sum of square roots of the eigenvalues of symmetric PSD matrices (..., n, n),
-    eigenvalues below max(1e-12, 1e-12 * largest) dropped (NaN-free gradient)."""
+    eigenvalues below max(1e-12, 1e-12 * largest) dropped (NaN-free gradient). Autograd
+    through ``eigvalsh``: used for the D x D form (N > D)."""
     lam = torch.linalg.eigvalsh(gram)
     thr = (lam.amax(dim=-1, keepdim=True) * _SIGMA_TOL**2).clamp_min(_SIGMA_TOL**2)
     keep = lam > thr
@@ -98,32 +98,91 @@ def _nuclear_from_gram(gram: torch.Tensor) -> torch.Tensor:
     return sigma.sum(dim=-1)
 
 
-def _class_nuclear_gram(f: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(||F_c||_* for each label (C,), ||F||_*) via float64 Gram eigenvalues."""
-    n, d = f.shape
-    f64 = f.to(torch.float64)
-    if n <= d:
-        g = f64 @ f64.T  # (N, N)
-        nuc_all = _nuclear_from_gram(g)
+def _nuclear_and_inverse_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For Gram matrices G = X X^T (..., n, n): ||X||_* and P = W diag(1/sigma) W^T over
+    the kept eigenpairs (same threshold as :func:`_nuclear_from_gram`). The gradient of
+    ||X||_* with respect to X is U V^T = P X."""
+    lam, w = torch.linalg.eigh(gram)
+    thr = (lam.amax(dim=-1, keepdim=True) * _SIGMA_TOL**2).clamp_min(_SIGMA_TOL**2)
+    keep = lam > thr
+    sigma = torch.where(keep, lam, torch.ones_like(lam)).sqrt()
+    inv = keep / sigma
+    return (sigma * keep).sum(dim=-1), (w * inv[..., None, :]) @ w.mT
+
+
+def _bucket(k: int) -> int:
+    """Block size for a label with k samples: the next power of two up to 8 (padding at
+    most doubles a small block, and few eigh calls cover the many small labels), k
+    itself above (a 33-sample label is decomposed as 33 x 33, not 64 x 64)."""
+    return 1 << (k - 1).bit_length() if k <= 8 else k
+
+
+class _NuclearTerm(torch.autograd.Function):
+    """sum_c max(delta, ||F_c||_*) - ||F||_* for N <= D, with its gradient assembled in
+    the forward pass.
+
+    Every nuclear norm and its gradient come from ONE N x N Gram matrix G = F F^T
+    (float64): the Gram matrix of F_c is G restricted to label c's rows, and the gradient
+    of ||F_c||_* is P_c F_c with P_c its inverse square root on the kept eigenpairs.
+    Summing the P_c (scattered to their rows and columns, minus P for F itself, and only
+    for labels whose norm reaches delta: ``clamp_min`` passes no gradient below it) into
+    one N x N matrix A makes the backward pass one product, A F. A label with one sample
+    needs no decomposition (its norm is ||f_i||, P = 1/||f_i||); the other labels go
+    through one batched ``eigh`` per block size (:func:`_bucket`), with zero-padded rows
+    and columns, which add only zero eigenvalues."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, members: torch.Tensor, delta: float) -> torch.Tensor:
+        n = f.shape[0]
+        f64 = f.detach().to(torch.float64)
+        g = f64 @ f64.T
+        nuc_all, p_all = _nuclear_and_inverse_root(g)
+        a = -p_all
+        total = -nuc_all
         counts = members.sum(dim=1).tolist()  # the one host sync: it sets the buckets
-        nuc_c = f64.new_zeros(members.shape[0])  # an empty label: 0 (then delta)
+        total = total + delta * sum(1 for k in counts if k == 0)  # an empty label: max(delta, 0)
         by_size: dict[int, list[int]] = {}
         for c, k in enumerate(counts):
-            if k:  # bucket = the next power of two >= k: padding at most doubles a block
-                by_size.setdefault(1 << (int(k) - 1).bit_length(), []).append(c)
+            if k:
+                by_size.setdefault(_bucket(int(k)), []).append(c)
         for size, labels in by_size.items():
             idx = torch.tensor(labels, device=f.device)
             mem = members[idx]  # (B, N)
-            # first `size` indices of each label's rows (members first; stable order)
-            order = torch.argsort(mem.to(torch.int8), dim=1, descending=True, stable=True)[:, :size]
-            sel = mem.gather(1, order).to(torch.float64)  # (B, size) 1 for a member, 0 for padding
-            g_c = g[order[:, :, None], order[:, None, :]] * (sel[:, :, None] * sel[:, None, :])
-            nuc_c = nuc_c.index_put((idx,), _nuclear_from_gram(g_c))
-    else:
-        # D x D Grams: F_c^T F_c = F^T diag(m_c) F
-        m = members.to(torch.float64)  # (C, N)
-        nuc_c = _nuclear_from_gram(torch.einsum("cn,nd,ne->cde", m, f64, f64))
-        nuc_all = _nuclear_from_gram(f64.T @ f64)
+            if size == 1:
+                i = mem.to(torch.int8).argmax(dim=1)  # the label's one sample
+                sq = g[i, i]
+                keep = sq > _SIGMA_TOL**2
+                nuc = torch.where(keep, sq, torch.ones_like(sq)).sqrt() * keep
+                inv = torch.where(nuc >= delta, keep / torch.where(keep, nuc, torch.ones_like(nuc)), 0.0)
+                a = a.index_put((i, i), inv, accumulate=True)
+            else:
+                # the first `size` rows of each label, members first (stable order)
+                order = torch.argsort(mem.to(torch.int8), dim=1, descending=True, stable=True)[:, :size]
+                sel = mem.gather(1, order).to(torch.float64)  # (B, size): 1 member, 0 padding
+                outer = sel[:, :, None] * sel[:, None, :]
+                nuc, p = _nuclear_and_inverse_root(g[order[:, :, None], order[:, None, :]] * outer)
+                p = p * outer * (nuc >= delta)[:, None, None]
+                a = a.index_put((order[:, :, None].expand(-1, -1, size), order[:, None, :].expand(-1, size, -1)),
+                                p, accumulate=True)
+            total = total + nuc.clamp_min(delta).sum()
+        ctx.save_for_backward(a, f64)
+        ctx.dtype = f.dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, f64 = ctx.saved_tensors
+        return (grad * (a @ f64)).to(ctx.dtype), None, None
+
+
+def _class_nuclear_dd(f: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||F_c||_* for each label (C,), ||F||_*) via the D x D Grams F_c^T F_c =
+    F^T diag(m_c) F, smaller than N x N when N > D (autograd through ``eigvalsh``)."""
+    f64 = f.to(torch.float64)
+    m = members.to(torch.float64)  # (C, N)
+    nuc_c = _nuclear_from_gram(torch.einsum("cn,nd,ne->cde", m, f64, f64))
+    nuc_all = _nuclear_from_gram(f64.T @ f64)
     return nuc_c, nuc_all
 
 
@@ -168,8 +227,10 @@ def clml_loss(
     if n == 0 or lam == 0:
         return f.sum() * 0.0
     members = corrected_targets(logits, y, epoch=epoch, tau=tau, start_epoch=start_epoch, margin=margin).T
+    if method == "gram" and n <= f.shape[1]:
+        return ((lam / n) * _NuclearTerm.apply(f, members, delta)).to(f.dtype)
     if method == "gram":
-        nuc_c, nuc_all = _class_nuclear_gram(f, members)
+        nuc_c, nuc_all = _class_nuclear_dd(f, members)
     elif method == "svd":
         nuc_c, nuc_all = _class_nuclear_svd(f, members)
     else:

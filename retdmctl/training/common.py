@@ -29,6 +29,7 @@ from retdmctl.models.retdm import RETDM
 from retdmctl.progress import track
 from retdmctl.training.runtime import (
     autocast,
+    decode_threads,
     derive_seed,
     pick_device,
     prepare_model,
@@ -135,6 +136,7 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
     previous = torch.get_num_threads()
     set_threads(cnn=True)
     pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, loader_workers(cfg, device))
+    pixels.decode_threads = decode_threads(device)
     # Not part of the stage's transaction: the cache is keyed by its content's inputs.
     try:
         if m.views > 1 or m.tune_blocks:
@@ -205,6 +207,7 @@ def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSp
     device = device or torch.device("cpu")
     workers = loader_workers(cfg, device)
     pixels = PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)
+    pixels.decode_threads = decode_threads(device)
     if cfg.runtime.decode == "device" or (cfg.runtime.decode == "auto" and device.type == "cuda"):
         from retdmctl.data.gpu import DevicePixelSource
 

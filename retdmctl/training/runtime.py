@@ -26,6 +26,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def decode_threads(device: torch.device) -> int:
+    """Threads that decode a batch of images between the model's batches on the CPU (as
+    many as the model uses); 0 with a device, where one thread decodes beside it
+    (:class:`retdmctl.training.sources.decoding`)."""
+    return torch.get_num_threads() if device.type == "cpu" else 0
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; full precision on the CPU."""
     if device.type == "cuda":

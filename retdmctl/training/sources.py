@@ -8,7 +8,8 @@ Both yield ``(x, y, rows)`` batches, so a stage's loop is the same in either mod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -37,6 +38,35 @@ from retdmctl.workspace import atomic_path, now_iso
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
 
 
+class decoding:
+    """``with decoding(threads) as decode_all: decode_all(fn, items)`` -> ``[fn(x) for x
+    in items]``, on ``threads`` threads (a pool kept for the ``with`` block), or on the
+    calling thread with 0.
+
+    Why two ways of feeding the model. With a device, the CPU is idle while the model
+    runs, so batches are decoded ahead on a background thread beside it
+    (:func:`~retdmctl.data.prefetch.in_background`). On the CPU the model's OpenMP team
+    already occupies every core: a decode thread beside it pre-empts one of the team,
+    and the other then waits at the next barrier, so each ms of decoding cost the model
+    about two (bench/train_throughput.py measured feature extraction at 80 % of the
+    model's own speed that way). There, each batch is decoded between the model's
+    batches on as many threads as the model uses, with the cores to itself. The
+    functions given must be numpy and PIL only (they release the GIL): torch ops on
+    other threads would start a second OpenMP team."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 0 else None
+
+    def __enter__(self) -> Callable[[Callable, list], list]:
+        if self.pool is None:
+            return lambda fn, items: [fn(x) for x in items]
+        return lambda fn, items: list(self.pool.map(fn, items))
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
 class PixelSource:
     def __init__(self, lmdb: Path, info: DatasetInfo, spec: BackboneSpec, image_size: int, batch_size: int, workers: int) -> None:
         self.reader = ImageReader(lmdb)
@@ -46,6 +76,9 @@ class PixelSource:
         self.eval_tf = eval_transform(image_size, spec.mean, spec.std)
         self.eval_crop = eval_crop(image_size)
         self.prefetch = 2  # eval batches decoded ahead on a background thread (workers = 0)
+        # > 0 (the CPU): decode each eval batch on this many threads *between* the model's
+        # batches instead of beside them (see :meth:`eval_batches`)
+        self.decode_threads = 0
 
     def _loader(self, rows: np.ndarray, transform, shuffle_seed: int | None) -> DataLoader:
         ds = LmdbImages(self.reader, self.info.ids, self.info.labels, rows, transform)
@@ -89,9 +122,11 @@ class PixelSource:
     def eval_batches(self, rows: np.ndarray) -> Iterator[Batch]:
         """Centre crops in the order of ``rows``: exactly ``eval_tf`` of each image, as
         8-bit crops normalised a batch at a time (:func:`~retdmctl.data.loaders.normalize_batch`).
-        With loader workers, all of it happens in the workers; with none, decoding and
-        cropping run on a background thread beside the model, and the normalisation
-        (four vectorised passes) on the model's own threads."""
+        With loader workers, all of it happens in the workers. With none, decoding and
+        cropping run on ``decode_threads`` threads between the model's batches (the CPU)
+        or, with 0, on a background thread beside the model (a device; see
+        :class:`decoding`), and the normalisation (four vectorised passes) on the
+        model's own threads."""
         if self.workers > 0:
             loader = DataLoader(
                 LmdbImages(self.reader, self.info.ids, self.info.labels, np.asarray(rows), self._crop),
@@ -103,7 +138,7 @@ class PixelSource:
             yield from loader
             return
         crops = self._eval_crops(np.asarray(rows))
-        for x, y, r in in_background(crops, self.prefetch) if self.prefetch > 0 else crops:
+        for x, y, r in in_background(crops, self.prefetch) if self.prefetch > 0 and not self.decode_threads else crops:
             yield normalize_batch(x, self.mean, self.std), torch.from_numpy(y), r
 
     def _crop(self, img) -> np.ndarray:
@@ -114,13 +149,13 @@ class PixelSource:
         return normalize_batch(np.stack(crops), self.mean, self.std), torch.stack(labels), np.array(rows, dtype=np.int64)
 
     def _eval_crops(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        # numpy and PIL only (they release the GIL): torch ops on a second thread would
-        # start a second OpenMP team beside the model's
         ids, labels = self.info.ids, self.info.labels
-        for start in range(0, len(rows), self.batch_size):
-            r = rows[start : start + self.batch_size]
-            crops = np.stack([self._crop(decode(self.reader.get(ids[int(i)]))) for i in r])
-            yield crops, labels[r].astype(np.float32), r
+        crop = lambda data: self._crop(decode(data))  # noqa: E731
+        with decoding(self.decode_threads) as decode_all:
+            for start in range(0, len(rows), self.batch_size):
+                r = rows[start : start + self.batch_size]
+                crops = np.stack(decode_all(crop, [self.reader.get(ids[int(i)]) for i in r]))
+                yield crops, labels[r].astype(np.float32), r
 
     def num_batches(self, rows: np.ndarray) -> int:
         return -(-len(rows) // self.batch_size)
@@ -230,7 +265,7 @@ def extract_views(
     path: Path, forward, pixels: PixelSource, views: int, key: dict, device: torch.device, autocast
 ) -> None:
     """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
-    image: (N, V, ...) float16. Decoding runs on a background thread, beside the model."""
+    image: (N, V, ...) float16. Decoding as in :meth:`PixelSource.eval_batches`."""
     from retdmctl.data.loaders import ViewsTransform
 
     info = pixels.info
@@ -239,16 +274,16 @@ def extract_views(
     per_batch = max(1, pixels.batch_size // views)
 
     def batches():
-        # numpy and PIL only: torch ops on this thread would start a second OpenMP team
-        # beside the model's
-        for start in range(0, len(rows), per_batch):
-            r = rows[start : start + per_batch]
-            yield np.concatenate([tf.crops(decode(pixels.reader.get(info.ids[int(i)]))) for i in r]), r
+        crops = lambda data: tf.crops(decode(data))  # noqa: E731 - numpy and PIL only
+        with decoding(pixels.decode_threads) as decode_all:
+            for start in range(0, len(rows), per_batch):
+                r = rows[start : start + per_batch]
+                yield np.concatenate(decode_all(crops, [pixels.reader.get(info.ids[int(i)]) for i in r])), r
 
     out = None
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
-        for crops, r in in_background(batches(), 2):
+        for crops, r in batches() if pixels.decode_threads else in_background(batches(), 2):
             x = normalize_batch(crops, pixels.mean, pixels.std)  # (B * V, 3, H, W), on the model's threads
             with autocast:
                 acts = forward(to_device(x, device)).float()
