@@ -49,7 +49,7 @@ delta, scattered to their rows and columns, minus P of F itself, into one N x N 
 so the backward pass is one product, A F, and no autograd graph runs through the
 eigendecompositions. A label with one sample needs none (norm ||f_i||); the others are
 gathered into zero-padded blocks (padding adds only zero eigenvalues), bucketed by
-sample count (the next power of two up to 8, the count itself above), ONE batched
+sample count (the next power of two up to 8, the next multiple of 8 above), ONE batched
 ``torch.linalg.eigh`` per bucket. The Gram matrices are formed and decomposed in
 float64: float32 eigenvalues of these rank-deficient matrices are too inaccurate (square
 roots of rounding noise add up) and LAPACK's float32 eigh can fail to converge on them.
@@ -111,10 +111,10 @@ def _nuclear_and_inverse_root(gram: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _bucket(k: int) -> int:
-    """Block size for a label with k samples: the next power of two up to 8 (padding at
-    most doubles a small block, and few eigh calls cover the many small labels), k
-    itself above (a 33-sample label is decomposed as 33 x 33, not 64 x 64)."""
-    return 1 << (k - 1).bit_length() if k <= 8 else k
+    """Block size for a label with k samples: the next power of two up to 8, then the
+    next multiple of 8 (padding costs at most 2x a small block and (1 + 7/k)^3 a large
+    one, and the many labels of a batch share a few eigh calls)."""
+    return 1 << (k - 1).bit_length() if k <= 8 else -(-k // 8) * 8
 
 
 class _NuclearTerm(torch.autograd.Function):
@@ -128,44 +128,44 @@ class _NuclearTerm(torch.autograd.Function):
     for labels whose norm reaches delta: ``clamp_min`` passes no gradient below it) into
     one N x N matrix A makes the backward pass one product, A F. A label with one sample
     needs no decomposition (its norm is ||f_i||, P = 1/||f_i||); the other labels go
-    through one batched ``eigh`` per block size (:func:`_bucket`), with zero-padded rows
-    and columns, which add only zero eigenvalues."""
+    through one batched ``eigh`` per block size (:func:`_bucket`). A block is padded
+    with a dummy row N of zeros (G gets a zero row and column N; padding adds only zero
+    eigenvalues, and what lands on row N of A is dropped)."""
 
     @staticmethod
     def forward(ctx, f: torch.Tensor, members: torch.Tensor, delta: float) -> torch.Tensor:
         n = f.shape[0]
         f64 = f.detach().to(torch.float64)
-        g = f64 @ f64.T
-        nuc_all, p_all = _nuclear_and_inverse_root(g)
-        a = -p_all
+        g = f64.new_zeros(n + 1, n + 1)
+        g[:n, :n] = f64 @ f64.T
+        nuc_all, p_all = _nuclear_and_inverse_root(g[:n, :n])
+        a = f64.new_zeros(n + 1, n + 1)
+        a[:n, :n] -= p_all
         total = -nuc_all
         counts = members.sum(dim=1).tolist()  # the one host sync: it sets the buckets
         total = total + delta * sum(1 for k in counts if k == 0)  # an empty label: max(delta, 0)
+        # each label's rows first (stable order), then the dummy row n
+        flags, order = torch.sort(members.to(torch.int8), dim=1, descending=True, stable=True)
+        order = torch.where(flags.bool(), order, n)
         by_size: dict[int, list[int]] = {}
         for c, k in enumerate(counts):
             if k:
-                by_size.setdefault(_bucket(int(k)), []).append(c)
+                by_size.setdefault(min(_bucket(int(k)), n), []).append(c)
         for size, labels in by_size.items():
-            idx = torch.tensor(labels, device=f.device)
-            mem = members[idx]  # (B, N)
+            o = order[torch.tensor(labels, device=f.device), :size]  # (B, size)
             if size == 1:
-                i = mem.to(torch.int8).argmax(dim=1)  # the label's one sample
+                i = o[:, 0]  # the label's one sample
                 sq = g[i, i]
                 keep = sq > _SIGMA_TOL**2
-                nuc = torch.where(keep, sq, torch.ones_like(sq)).sqrt() * keep
-                inv = torch.where(nuc >= delta, keep / torch.where(keep, nuc, torch.ones_like(nuc)), 0.0)
-                a = a.index_put((i, i), inv, accumulate=True)
+                nuc = torch.where(keep, sq, 1.0).sqrt() * keep
+                a = a.index_put((i, i), torch.where(keep & (nuc >= delta), 1.0 / torch.where(keep, nuc, 1.0), 0.0),
+                                accumulate=True)
             else:
-                # the first `size` rows of each label, members first (stable order)
-                order = torch.argsort(mem.to(torch.int8), dim=1, descending=True, stable=True)[:, :size]
-                sel = mem.gather(1, order).to(torch.float64)  # (B, size): 1 member, 0 padding
-                outer = sel[:, :, None] * sel[:, None, :]
-                nuc, p = _nuclear_and_inverse_root(g[order[:, :, None], order[:, None, :]] * outer)
-                p = p * outer * (nuc >= delta)[:, None, None]
-                a = a.index_put((order[:, :, None].expand(-1, -1, size), order[:, None, :].expand(-1, size, -1)),
-                                p, accumulate=True)
+                rows, cols = o[:, :, None].expand(-1, -1, size), o[:, None, :].expand(-1, size, -1)
+                nuc, p = _nuclear_and_inverse_root(g[rows, cols])
+                a = a.index_put((rows, cols), p * (nuc >= delta)[:, None, None], accumulate=True)
             total = total + nuc.clamp_min(delta).sum()
-        ctx.save_for_backward(a, f64)
+        ctx.save_for_backward(a[:n, :n], f64)
         ctx.dtype = f.dtype
         return total
 
