@@ -134,9 +134,11 @@ class LabelProtocol(str, Enum):
 
 _BACKBONE_NAMES = ", ".join(BACKBONES)
 TUNE_BLOCKS = option(metavar="N", default="model.tune_blocks",
-                     help="With --frozen-backbone: also train the backbone's last N blocks and head, on cached activations of the rest (0 = none).")
+                     help="With --frozen-backbone: also train the backbone's last N blocks and head, on cached activations of the rest "
+                          "(0 = none; -1 = auto: 1 with --frozen-backbone, the best CPU variant of docs/bench-scene-views.md).")
 VIEWS = option(metavar="V", default="model.views",
-               help="With --frozen-backbone: cache V views of each image (1 = centre crop, up to 10 = five crops and their flips); training draws one per epoch.")
+               help="With --frozen-backbone: cache V views of each image (1 = centre crop, up to 10 = five crops and their flips); "
+                    "training draws one per epoch (0 = auto: 10 with --frozen-backbone).")
 
 
 @app.command()

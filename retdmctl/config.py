@@ -8,6 +8,7 @@ same values, and each stage's manifest records the sections it read.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -49,6 +50,14 @@ class KnnConfig:
     index: str = "auto"  # exact | ivf | hnsw | auto (exact below 50,000 distinct label sets, ivf beyond)
 
 
+# What model.tune_blocks = -1 and model.views = 0 (auto) become with frozen_backbone: the
+# best variant of the CPU bench on the scene set (docs/bench-scene-views.md, seeds 0-4,
+# chosen on validation mAP): the last block and the head convolution trained on ten
+# cached views of each image.
+FROZEN_TUNE_BLOCKS = 1
+FROZEN_VIEWS = 10
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
@@ -58,11 +67,14 @@ class ModelConfig:
     # With frozen_backbone: the middle way between frozen and fine-tuned. The last
     # tune_blocks blocks of the backbone (and its head convolution) are trained, on
     # activations of the rest cached once; 0 = nothing of the backbone trained.
-    tune_blocks: int = 0
+    # -1 = auto: FROZEN_TUNE_BLOCKS with frozen_backbone (where the backbone has blocks
+    # to tune), 0 when fine-tuning.
+    tune_blocks: int = -1
     # With frozen_backbone: how many views of each image are cached (1 = the centre crop;
     # up to 10 = the paper's five crops, each also flipped); a training image takes one
     # of its views at random each epoch, evaluation the centre crop.
-    views: int = 1
+    # 0 = auto: FROZEN_VIEWS with frozen_backbone, 1 when fine-tuning.
+    views: int = 0
     image_size: int = 224
     embed_dim: int = 512
     dropout: float = 0.2
@@ -337,8 +349,8 @@ _RULES: dict[str, Any] = {
     "model.dropout": _unit_right_open,
     "model.batch_size": _at_least(1),
     "model.backbone_lr_mult": _at_least(0),
-    "model.tune_blocks": _at_least(0),
-    "model.views": lambda v: None if 1 <= v <= 10 else "must be in [1, 10]",
+    "model.tune_blocks": lambda v: None if v >= -1 else "must be >= 0, or -1 for auto",
+    "model.views": lambda v: None if 0 <= v <= 10 else "must be in [1, 10], or 0 for auto",
     "loss.alpha": _at_least(0),
     "loss.beta": _at_least(0),
     "loss.lam": _at_least(0),
@@ -378,7 +390,8 @@ for _stage in ("classifier", "metric", "joint"):
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError for the first value outside its allowed range or choices."""
+    """Raise ConfigError for the first value outside its allowed range or choices; then
+    make the automatic values concrete (:func:`resolve_auto`)."""
     from retdmctl.models.backbones import get_backbone_spec
 
     for name, rule in _RULES.items():
@@ -389,10 +402,36 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} {problem}, got {value!r}")
     spec = get_backbone_spec(cfg.model.backbone)  # BackboneError names the known ones
     m = cfg.model
-    if (m.tune_blocks or m.views > 1) and not m.frozen_backbone:
-        which = "model.tune_blocks" if m.tune_blocks else "model.views"
+    if (m.tune_blocks > 0 or m.views > 1) and not m.frozen_backbone:
+        which = "model.tune_blocks" if m.tune_blocks > 0 else "model.views"
         raise ConfigError(f"{which} applies to --frozen-backbone (cached inputs); fine-tuning "
                           "trains the whole backbone on freshly augmented images")
     if m.tune_blocks > spec.tunable_blocks:
         raise ConfigError(f"model.tune_blocks must be <= {spec.tunable_blocks} for {m.backbone}, got {m.tune_blocks}"
                           if spec.tunable_blocks else f"model.tune_blocks: {m.backbone} has no blocks to tune, got {m.tune_blocks}")
+    resolve_auto(cfg, spec.tunable_blocks)
+
+
+def resolve_auto(cfg: Config, tunable_blocks: int) -> None:
+    """model.tune_blocks = -1 and model.views = 0 (auto) made concrete, in place: with
+    frozen_backbone FROZEN_TUNE_BLOCKS (at most what the backbone has) and, when blocks
+    are tuned, FROZEN_VIEWS; else 0 and 1. ``cfg.given`` keeps the config as asked for, auto included: that is
+    what retdm.toml keeps (so a later --finetune-backbone is not refused for values
+    it never asked for), while stages, manifests and checkpoints see the concrete ones."""
+    m = cfg.model
+    if m.tune_blocks >= 0 and m.views >= 1:
+        return
+    cfg.given = copy.deepcopy(cfg)
+    if m.tune_blocks < 0:
+        m.tune_blocks = min(FROZEN_TUNE_BLOCKS, tunable_blocks) if m.frozen_backbone else 0
+    if m.views < 1:  # the views go with the tuning: without it the bench never tried them
+        m.views = FROZEN_VIEWS if m.frozen_backbone and m.tune_blocks > 0 else 1
+
+
+def concrete(cfg: Config) -> Config:
+    """``cfg`` with its automatic values made concrete (idempotent): for code that is
+    handed a Config that never went through :func:`validate`."""
+    from retdmctl.models.backbones import get_backbone_spec
+
+    resolve_auto(cfg, get_backbone_spec(cfg.model.backbone).tunable_blocks)
+    return cfg

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from retdmctl import distributed
-from retdmctl.config import Config, config_hash
+from retdmctl.config import Config, concrete, config_hash
 from retdmctl.errors import StageNotReadyError
 from retdmctl.atomic import remove_stale_tmp, transaction
 from retdmctl.workspace import Workspace, now_iso
@@ -34,6 +34,9 @@ class Context:
     cfg: Config
     console: Console
     force: bool = False
+
+    def __post_init__(self) -> None:
+        concrete(self.cfg)  # auto values (model.tune_blocks, model.views) made concrete
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage) -> dict[str, st
 
 
 def status(ws: Workspace, cfg: Config, stage: Stage) -> Status:
+    concrete(cfg)  # a config read straight from retdm.toml still says "auto"
     manifest = ws.read_manifest(stage.name)
     if manifest is None:
         return Status("missing", "never run")

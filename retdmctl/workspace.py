@@ -89,7 +89,7 @@ class Workspace:
 
     def save_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.params_file, dump_toml(cfg), defer=False)
+        write_text_atomic(self.params_file, dump_toml(getattr(cfg, "given", cfg)), defer=False)  # auto kept as auto
 
     # --- manifests ----------------------------------------------------------
     def manifest_path(self, stage: str) -> Path:

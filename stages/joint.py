@@ -79,7 +79,9 @@ def run(ctx: Context) -> dict:
 
     class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)
         def __getitem__(self, picks):
-            return model.embed_pair(cached[picks])[0 if clean else 1]
+            # one flat batch: cached trunk activations (model.tune_blocks) need 4-D input
+            f = model.embed_pair(cached[picks.reshape(-1)])[0 if clean else 1]
+            return f.reshape(*picks.shape, f.shape[-1])
 
     def step(x, y, rows, rng):
         f_clean, f_dropped = model.embed_pair(x)

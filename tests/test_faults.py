@@ -31,6 +31,8 @@ workers = 1
 backbone = "tiny_cnn"
 pretrained = false
 frozen_backbone = true
+tune_blocks = 0
+views = 1
 image_size = 32
 batch_size = 16
 [runtime]
@@ -145,7 +147,7 @@ def test_finetuning_after_a_frozen_classifier_loads_the_pretrained_backbone_expl
     from retdmctl.training.common import build_model, restore_image_model
 
     cfg = Config()
-    cfg.model.frozen_backbone = True
+    cfg.model.frozen_backbone, cfg.model.tune_blocks, cfg.model.views = True, 0, 1  # pooled features only
     frozen, _ = build_model(cfg, 4, pretrained=True)
     ckpt = {"model": frozen.state_dict(), "frozen_backbone": True}
     cfg.model.frozen_backbone = False

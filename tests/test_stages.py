@@ -26,6 +26,7 @@ def tiny_config(frozen: bool = False) -> Config:
     cfg.knn.k = 4
     m = cfg.model
     m.backbone, m.pretrained, m.frozen_backbone, m.image_size, m.batch_size = "tiny_cnn", False, frozen, 32, 16
+    m.tune_blocks, m.views = 0, 1  # pooled features when frozen (the tuned default has tests of its own)
     cfg.runtime.workers, cfg.runtime.device = 0, "cpu"
     cfg.classifier.epochs, cfg.metric.epochs, cfg.joint.epochs = 3, 2, 2
     return cfg

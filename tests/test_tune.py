@@ -101,7 +101,7 @@ def test_options_that_need_a_frozen_backbone_say_so():
     cfg.model.tune_blocks, cfg.model.views = 0, 11
     with pytest.raises(ConfigError) as exc:
         validate(cfg)
-    assert str(exc.value) == "model.views must be in [1, 10], got 11"
+    assert str(exc.value) == "model.views must be in [1, 10], or 0 for auto, got 11"
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,40 @@ def test_changing_the_views_reruns_from_the_classifier(tuned):
     ctx = Context(ws, cfg, Console(file=io.StringIO()))
     assert run_stage(ctx, BY_NAME["classifier"], PIPELINE) is True
     assert len(list((ws.cache_dir / "backbone").glob("*.h5"))) == 2  # the other cache is kept
+
+
+@pytest.mark.parametrize("frozen,backbone,want", [
+    (True, "efficientnet_lite0", (1, 10)),  # the bench's best CPU variant (docs/bench-scene-views.md)
+    (True, "resnet50", (0, 1)),  # nothing to tune: plain cached features
+    (False, "efficientnet_lite0", (0, 1)),  # fine-tuning trains it all
+])
+def test_auto_tune_blocks_and_views_resolve_by_mode(frozen, backbone, want):
+    cfg = Config()
+    assert (cfg.model.tune_blocks, cfg.model.views) == (-1, 0)  # auto
+    cfg.model.frozen_backbone, cfg.model.backbone = frozen, backbone
+    validate(cfg)
+    assert (cfg.model.tune_blocks, cfg.model.views) == want
+    assert (cfg.given.model.tune_blocks, cfg.given.model.views) == (-1, 0)  # what retdm.toml keeps
+    explicit = Config()
+    explicit.model.frozen_backbone, explicit.model.tune_blocks, explicit.model.views = True, 2, 3
+    validate(explicit)
+    assert (explicit.model.tune_blocks, explicit.model.views) == (2, 3)
+
+
+def test_retdm_toml_keeps_auto_so_fine_tuning_later_is_not_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from retdmctl.cli import app
+
+    runner = CliRunner()
+    w = ["-w", str(tmp_path)]
+    assert runner.invoke(app, [*w, "ingest", "demo", "--images", "40"]).exit_code == 0
+    tiny = ["--set", "model.backbone=tiny_cnn", "--set", "model.pretrained=false", "--set", "model.image_size=32",
+            "--set", "runtime.workers=0"]
+    assert runner.invoke(app, [*w, "knn", "--set", "model.frozen_backbone=true", *tiny]).exit_code == 0
+    saved = (tmp_path / "retdm.toml").read_text()
+    assert "tune_blocks = -1\n" in saved and "views = 0\n" in saved and "frozen_backbone = true\n" in saved
+    result = runner.invoke(app, [*w, "train", "--stage", "classifier", "--finetune-backbone", "--set", "classifier.epochs=1"])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(tmp_path / "classifier" / "checkpoint.pt")
+    assert not ckpt["frozen_backbone"] and ckpt["config"]["model"]["tune_blocks"] == 0  # resolved for fine-tuning

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from retdmctl import distributed
-from retdmctl.config import Config
+from retdmctl.config import Config, concrete
 from retdmctl.data.dataset import DatasetInfo, read_dataset
 from retdmctl.atomic import after_commit
 from retdmctl.errors import BackboneError, CheckpointError, InputError
@@ -86,6 +86,7 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
 def runs_cnn(cfg: Config) -> bool:
     """Whether training or scoring runs convolutions (all of the backbone, or the tuned
     end of it), or only the small heads on cached pooled features."""
+    concrete(cfg)
     return not cfg.model.frozen_backbone or cfg.model.tune_blocks > 0
 
 
@@ -115,6 +116,7 @@ def backbone_cache_path(ws: Workspace, cfg: Config) -> Path:
     """Where the frozen backbone's features for this config live: named by the hash of
     everything they depend on (backbone, weights, input size, the image store), so a
     cache is never replaced, only added, and never read for another config."""
+    concrete(cfg)
     key = views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return ws.cache_dir / "backbone" / f"{cfg.model.backbone}-{digest}.h5"
@@ -126,6 +128,7 @@ def _weights_fp(ws: Workspace, cfg: Config) -> str | None:
 
 def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device, console) -> Path:
     """Extract the frozen backbone's features once; reuse them while their key matches."""
+    concrete(cfg)
     m = cfg.model
     path = backbone_cache_path(ws, cfg)
     key = views_cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
@@ -176,6 +179,7 @@ def model_inputs(ws: Workspace, cfg: Config) -> list[Path]:
 def build_model(cfg: Config, num_classes: int, *, pretrained: bool, seed: int = 0) -> tuple[RETDM, BackboneSpec]:
     """The RETDM model for this config: with a backbone, or heads only when frozen.
     Initialised from its own seed, whatever the global RNG went through before."""
+    concrete(cfg)
     m = cfg.model
     spec = get_backbone_spec(m.backbone)
     backbone = None
@@ -199,6 +203,7 @@ def build_model(cfg: Config, num_classes: int, *, pretrained: bool, seed: int = 
 def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSpec, device=None, console=None):
     """Pixels from LMDB, or the cached backbone features in frozen-backbone mode
     (extracted first when this config has none yet)."""
+    concrete(cfg)
     if cfg.model.frozen_backbone:
         path = ensure_backbone_cache(ws, cfg, info, device or torch.device("cpu"), console or _QUIET)
         if cfg.model.views == 1 and not cfg.model.tune_blocks:
