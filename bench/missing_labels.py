@@ -143,6 +143,7 @@ def base_config(dataset: str, args) -> Config:
         base.ingest.demo_classes, base.ingest.demo_labels = args.demo_classes, args.demo_labels
         base.model.image_size = 128
     base.model.backbone, base.model.frozen_backbone = "efficientnet_lite0", True
+    base.model.tune_blocks, base.model.views = 0, 1  # pooled features (not the product's tuned default)
     base.metric.epochs = 40
     apply(base, parse_set(args.set), "--set")
     validate(base)

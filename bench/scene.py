@@ -20,6 +20,12 @@ the images are encoded once and the frozen backbone's features are extracted onc
     tune1_views tune1 on ten cached views per image (model.views = 10; not run by
                 default: extraction runs the trunk ten times per image)
     retdm_tune1_views  RETDM on the same (not run by default)
+    tune1_views_knn    tune1_views' scores fused with the same neighbour vote (not run
+                by default)
+
+The product's frozen-mode default (model.tune_blocks and model.views on auto) is
+tune1_views with RETDM's stages on top; here every variant starts from pooled features
+of the centre crop (tune_blocks 0, views 1) unless it sets otherwise.
 
 Every choice inside a variant is made on validation: the epoch kept (best validation
 mAP), the decision thresholds (per class, or one global one), and for retdm_val the loss
@@ -79,6 +85,9 @@ VARIANTS: dict[str, dict] = {
     # decoding from embedding-space neighbours fused with the classifier (bench only:
     # k, temperature and weight chosen on validation, on top of bce's model)
     "bce_knn": {"stage": "classifier", "set": ["loss.base=bce"], "knn_fusion": True},
+    # the same fusion on top of the best variant (the product's frozen-mode default)
+    "tune1_views_knn": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE],
+                        "knn_fusion": True},
 }
 FUSION_GRID = {"k": (5, 10, 20, 40), "temp": (0.05, 0.1, 1.0), "w": (0.1, 0.2, 0.3, 0.5)}
 RULES = ("per_class", "global", "fixed")
@@ -231,7 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scene"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("tune1_views", "retdm_tune1", "retdm_tune1_views")],
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("tune1_views", "retdm_tune1", "retdm_tune1_views",
+                                                                                       "tune1_views_knn")],
                         choices=list(VARIANTS))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
@@ -247,6 +257,9 @@ def main() -> None:
     base.ingest.source, base.ingest.path = "scene", str(Path(args.data).resolve())
     base.model.backbone, base.model.image_size = args.backbone, args.image_size
     base.model.frozen_backbone = not args.finetune
+    # every variant from pooled features of the centre crop unless it says otherwise (the
+    # product's frozen-mode default is the tune1_views variant)
+    base.model.tune_blocks, base.model.views = 0, 1
     base.metric.epochs = 40
     apply(base, parse_set(args.set), "--set")
     validate(base)
