@@ -140,6 +140,10 @@ class TrainConfig:
     # without a better validation score.
     select: str = "best"
     stop_after: int = 0
+    # 0 = off; else the decay of an exponential moving average of the trained weights
+    # (e.g. 0.99), updated after every step; validation, model selection and the kept
+    # checkpoint use the averaged weights
+    ema: float = 0.0
 
 
 @dataclass
@@ -385,6 +389,7 @@ for _stage in ("classifier", "metric", "joint"):
             f"{_stage}.momentum": _unit_right_open,
             f"{_stage}.weight_decay": _at_least(0),
             f"{_stage}.patience": _at_least(0),
+            f"{_stage}.ema": _unit_right_open,
         }
     )
 

@@ -9,6 +9,11 @@ Under torchrun each rank trains on its shard of every global batch through
 DistributedDataParallel (``retdmctl.training.parallel``). Rank 0 decides whether to
 resume and its validation figures drive model selection, the LR schedule and early
 stopping on every rank; only rank 0 writes ``resume.pt``, which every rank loads.
+
+With ``<stage>.ema`` > 0 a float32 average of the trained weights follows every step
+(:class:`WeightEMA`); validation, model selection and the kept weights use it, training
+goes on from the live weights, and ``resume.pt`` holds both. Every rank holds the same
+parameters, so every rank holds the same average without any communication.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ def fit(
     stage's feature bank): they are saved with every resume point and restored on resume.
     ``on_epoch(epoch)`` is called before each epoch's first step (1-based, resumed runs
     included): for losses on a schedule (LL-R, CLML's label correction).
+    With ``schedule.ema`` > 0 the weights validated, selected and left in ``model`` are
+    the exponential moving average of the trained parameters (:class:`WeightEMA`).
     """
     buffers = buffers or {}
     # SGD with momentum and weight decay; lr divided by 10 when the val loss plateaus.
@@ -97,6 +104,10 @@ def fit(
 
     # Several processes: the step runs under DDP, on this rank's shard of each batch.
     runner = DistributedStep(model, step, [p for g in groups for p in g["params"]]) if distributed.active() else None
+    # The weight average starts from the weights as DDP synchronised them (or as resumed).
+    ema = WeightEMA(model, [p for g in groups for p in g["params"]], schedule.ema) if schedule.ema > 0 else None
+    if ema is not None and state is not None:
+        ema.load_state_dict(state["ema"])
     # Bars are transient; the log keeps one line per epoch.
     with make_progress(transient=True, console=console) as progress, _closing(runner):
         epochs_task = progress.add_task(f"{name} epochs", total=schedule.epochs, completed=start_epoch - 1, info="")
@@ -132,6 +143,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update()
                 for key, value in items.items():  # device tensors: no host sync per step
                     sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64) * len(rows)
                 seen += len(rows)
@@ -147,17 +160,19 @@ def fit(
                 sums = totals
 
             model.eval()
-            with torch.no_grad():
-                val = distributed.broadcast(validate())  # rank 0's figures decide on every rank
-            scheduler.step(val["val_loss"])
-            record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}, **val}
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            history.append(record)
-            # Model selection on validation: val mAP where the stage measures it, else
-            # the val loss. The best epoch's weights are what the stage keeps.
-            score = record["val_mAP"] if "val_mAP" in record else -record["val_loss"]
-            if score > best["score"]:
-                best = {"epoch": epoch, "score": score, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            # validation and model selection see the averaged weights (with ema > 0)
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                with torch.no_grad():
+                    val = distributed.broadcast(validate())  # rank 0's figures decide on every rank
+                scheduler.step(val["val_loss"])
+                record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}, **val}
+                record["lr"] = optimizer.param_groups[0]["lr"]
+                history.append(record)
+                # Model selection on validation: val mAP where the stage measures it, else
+                # the val loss. The best epoch's weights are what the stage keeps.
+                score = record["val_mAP"] if "val_mAP" in record else -record["val_loss"]
+                if score > best["score"]:
+                    best = {"epoch": epoch, "score": score, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             progress.update(epochs_task, advance=1, info=_describe(record))
             console.print(f"{name} epoch {epoch}/{schedule.epochs}: {_describe(record)}")
             resume = {
@@ -170,6 +185,8 @@ def fit(
                 "best": best,
                 "buffers": {key: t.detach().cpu() for key, t in buffers.items()},
             }
+            if ema is not None:  # the live weights are under "model": training goes on from them
+                resume["ema"] = ema.state_dict()
             distributed.on_main(lambda: save_checkpoint(resume_path, resume, defer=False))
             if schedule.stop_after and epoch - best["epoch"] >= schedule.stop_after:
                 console.print(f"{name}: no better validation score for {schedule.stop_after} epochs, stopping")
@@ -177,9 +194,58 @@ def fit(
     if schedule.select == "best" and best["model"] is not None:
         model.load_state_dict(best["model"])
         console.print(f"{name}: keeping epoch {best['epoch']} (best on validation)")
+    elif ema is not None:  # the last epoch's averaged weights
+        ema.copy_to_model()
     for record in history:
         record["kept"] = record["epoch"] == (best["epoch"] if schedule.select == "best" else history[-1]["epoch"])
     return history
+
+
+class WeightEMA:
+    """An exponential moving average of the trained parameters: a float32 shadow of
+    each, ``shadow = decay * shadow + (1 - decay) * param`` after every optimizer step.
+    Buffers (BatchNorm's running statistics) are not averaged: the averaged weights run
+    with the model's own. The shadow is keyed by parameter name (``resume.pt``)."""
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], decay: float) -> None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.params = list(params)
+        self.names = [names.get(id(p), f"param.{i}") for i, p in enumerate(self.params)]
+        self.decay = float(decay)
+        with torch.no_grad():
+            self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The averaged weights in the model for the block; the live ones back after it."""
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, live):
+                    p.copy_(saved)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: s.detach().to("cpu", copy=True) for n, s in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if sorted(state) != sorted(self.names):
+            raise CheckpointError("resume.pt: its weight average does not match the parameters trained")
+        with torch.no_grad():
+            for n, s in zip(self.names, self.shadow):
+                s.copy_(state[n])
 
 
 @contextlib.contextmanager
