@@ -22,6 +22,8 @@ the images are encoded once and the frozen backbone's features are extracted onc
     retdm_tune1_views  RETDM on the same (not run by default)
     tune1_views_knn    tune1_views' scores fused with the same neighbour vote (not run
                 by default)
+    tune1_views_ema    tune1_views with a weight EMA, decay from {0.95, 0.99} on validation
+                mAP (not run by default)
 
 The product's frozen-mode default (model.tune_blocks and model.views on auto) is
 tune1_views with RETDM's stages on top; here every variant starts from pooled features
@@ -85,6 +87,9 @@ VARIANTS: dict[str, dict] = {
     # decoding from embedding-space neighbours fused with the classifier (bench only:
     # k, temperature and weight chosen on validation, on top of bce's model)
     "bce_knn": {"stage": "classifier", "set": ["loss.base=bce"], "knn_fusion": True},
+    # weight EMA of the tuned classifier, its decay chosen on validation mAP
+    "tune1_views_ema": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE],
+                        "grid": {"classifier.ema": [0.95, 0.99]}},
     # the same fusion on top of the best variant (the product's frozen-mode default)
     "tune1_views_knn": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE],
                         "knn_fusion": True},
@@ -241,7 +246,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scene"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("tune1_views", "retdm_tune1", "retdm_tune1_views",
-                                                                                       "tune1_views_knn")],
+                                                                                       "tune1_views_knn", "tune1_views_ema")],
                         choices=list(VARIANTS))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
