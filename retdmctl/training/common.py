@@ -86,7 +86,6 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
 def runs_cnn(cfg: Config) -> bool:
     """Whether training or scoring runs convolutions (all of the backbone, or the tuned
     end of it), or only the small heads on cached pooled features."""
-    concrete(cfg)
     return not cfg.model.frozen_backbone or cfg.model.tune_blocks > 0
 
 
@@ -116,7 +115,6 @@ def backbone_cache_path(ws: Workspace, cfg: Config) -> Path:
     """Where the frozen backbone's features for this config live: named by the hash of
     everything they depend on (backbone, weights, input size, the image store), so a
     cache is never replaced, only added, and never read for another config."""
-    concrete(cfg)
     key = views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return ws.cache_dir / "backbone" / f"{cfg.model.backbone}-{digest}.h5"
@@ -128,7 +126,6 @@ def _weights_fp(ws: Workspace, cfg: Config) -> str | None:
 
 def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device, console) -> Path:
     """Extract the frozen backbone's features once; reuse them while their key matches."""
-    concrete(cfg)
     m = cfg.model
     path = backbone_cache_path(ws, cfg)
     key = views_cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))

@@ -7,6 +7,7 @@ Both yield ``(x, y, rows)`` batches, so a stage's loop is the same in either mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,8 @@ from retdmctl.workspace import atomic_path, now_iso
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
 
 
-class decoding:
+@contextlib.contextmanager
+def decoding(threads: int) -> Iterator[Callable[[Callable, list], list]]:
     """``with decoding(threads) as decode_all: decode_all(fn, items)`` -> ``[fn(x) for x
     in items]``, on ``threads`` threads (a pool kept for the ``with`` block), or on the
     calling thread with 0.
@@ -53,18 +55,11 @@ class decoding:
     batches on as many threads as the model uses, with the cores to itself. The
     functions given must be numpy and PIL only (they release the GIL): torch ops on
     other threads would start a second OpenMP team."""
-
-    def __init__(self, threads: int) -> None:
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 0 else None
-
-    def __enter__(self) -> Callable[[Callable, list], list]:
-        if self.pool is None:
-            return lambda fn, items: [fn(x) for x in items]
-        return lambda fn, items: list(self.pool.map(fn, items))
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+    if threads <= 0:
+        yield lambda fn, items: [fn(x) for x in items]
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        yield lambda fn, items: list(pool.map(fn, items))
 
 
 class PixelSource:
@@ -125,7 +120,7 @@ class PixelSource:
         With loader workers, all of it happens in the workers. With none, decoding and
         cropping run on ``decode_threads`` threads between the model's batches (the CPU)
         or, with 0, on a background thread beside the model (a device; see
-        :class:`decoding`), and the normalisation (four vectorised passes) on the
+        :func:`decoding`), and the normalisation (four vectorised passes) on the
         model's own threads."""
         if self.workers > 0:
             loader = DataLoader(
