@@ -101,7 +101,7 @@ def run_kind(kind: str, base: np.ndarray, k: int, overrides: dict) -> tuple[np.n
         nbrs, _ = _exact(base, base, k)
         t = time.perf_counter() - t0
         return nbrs, 0.0, t, {}
-    params = (ivf_params if kind == "ivf" else hnsw_params)(n, k)
+    params = (ivf_params if kind == "ivf" else hnsw_params)(n, k, base.shape[1])
     params.update({key: v for key, v in overrides.items() if key in params})
     searcher = make_searcher(base, params)
     t1 = time.perf_counter()
