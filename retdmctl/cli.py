@@ -323,9 +323,9 @@ def quickstart(
     workdir: Workdir = None,
 ) -> None:
     """Every stage on the built-in demo set (frozen EfficientNet-Lite0 on the CPU, pooled
-    features: --tune-blocks 0 --views 1), then the metrics table. Takes about half a minute on a laptop. Uses its own workdir,
-    ./retdm-quickstart, unless -w/--workdir is given, so that the demo's settings
-    (128 px images) never leak into your own datasets.
+    features: --tune-blocks 0 --views 1), then the metrics table. Takes about half a
+    minute on a laptop. Uses its own workdir, ./retdm-quickstart, unless -w/--workdir is
+    given, so that the demo's settings (128 px images) never leak into your own datasets.
 
     Example: retdmctl quickstart
     """
