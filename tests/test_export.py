@@ -184,3 +184,21 @@ def test_missing_onnx_names_the_extra(tiny, monkeypatch):
     result = runner.invoke(app, ["-w", str(tiny.root), "export", "--format", "onnx"])
     assert result.exit_code == 1
     assert result.stderr.strip() == 'error: ONNX export needs the optional extra: pip install "retdmctl[export]"'
+
+
+def test_onnx_parity_of_the_frozen_mode_default_tuned_model(tmp_path):
+    """--frozen-backbone's default (auto: one tuned block, ten cached views): the joint
+    checkpoint holds the whole backbone, and its ONNX export scores pixels as PyTorch does."""
+    needs_onnx()
+    w = ["-w", str(tmp_path / "ws")]
+    assert runner.invoke(app, [*w, "ingest", "demo", "--images", "60"]).exit_code == 0
+    result = runner.invoke(app, [*w, "run", "--frozen-backbone", "--set", "model.backbone=tiny_cnn", "--set", "model.pretrained=false",
+                                 "--set", "model.image_size=32", "--set", "runtime.workers=0", "--set", "classifier.epochs=1",
+                                 "--set", "metric.epochs=1", "--set", "joint.epochs=1"])
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(tmp_path / "ws" / "joint" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["config"]["model"]["tune_blocks"], ckpt["config"]["model"]["views"]) == (1, 10)
+    assert any(k.startswith("backbone.") for k in ckpt["model"])
+    out = tmp_path / "tuned.onnx"
+    export(tmp_path / "ws", "--format", "onnx", "--output", str(out))
+    _onnx_check(out, load_predictor(tmp_path / "ws", device="cpu"), generated_images(tmp_path / "gen"))
