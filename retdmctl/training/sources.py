@@ -132,9 +132,14 @@ class PixelSource:
             )
             yield from loader
             return
-        crops = self._eval_crops(np.asarray(rows))
-        for x, y, r in in_background(crops, self.prefetch) if self.prefetch > 0 and not self.decode_threads else crops:
+        for x, y, r in self.fed(self._eval_crops(np.asarray(rows))):
             yield normalize_batch(x, self.mean, self.std), torch.from_numpy(y), r
+
+    def fed(self, batches: Iterator) -> Iterator:
+        """``batches`` as the model should receive them: decoded ahead on a background
+        thread (``prefetch`` deep) with a device, or as they come when they are decoded
+        between the model's batches (``decode_threads`` > 0, the CPU; see :func:`decoding`)."""
+        return in_background(batches, self.prefetch) if self.prefetch > 0 and not self.decode_threads else batches
 
     def _crop(self, img) -> np.ndarray:
         return np.asarray(self.eval_crop(img))  # (H, W, 3) uint8
@@ -278,7 +283,7 @@ def extract_views(
     out = None
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
         task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
-        for crops, r in batches() if pixels.decode_threads else in_background(batches(), 2):
+        for crops, r in pixels.fed(batches()):
             x = normalize_batch(crops, pixels.mean, pixels.std)  # (B * V, 3, H, W), on the model's threads
             with autocast:
                 acts = forward(to_device(x, device)).float()
