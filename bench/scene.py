@@ -16,17 +16,20 @@ the images are encoded once and the frozen backbone's features are extracted onc
     retdm_tune1 RETDM on the same
     bce_knn     bce's scores fused with a vote of the image's nearest training images in
                 embedding space: p = (1 - w) p_cls + w sum_j softmax(cos_j / t) y_j,
-                with k, t and w chosen on validation mAP (evaluated here, not in the product)
+                with k, t and w chosen on validation mAP (the product's eval.fusion,
+                retdmctl/fusion.py; every other variant is scored with it off)
     tune1_views tune1 on ten cached views per image (model.views = 10; not run by
                 default: extraction runs the trunk ten times per image)
     retdm_tune1_views  RETDM on the same (not run by default)
     tune1_views_knn    tune1_views' scores fused with the same neighbour vote (not run
                 by default)
+    retdm_tune1_views_knn  retdm_tune1_views with the vote over its own embeddings: the
+                product's frozen-mode default (not run by default)
     tune1_views_ema    tune1_views with a weight EMA, decay from {0.95, 0.99} on validation
                 mAP (not run by default)
 
-The product's frozen-mode default (model.tune_blocks and model.views on auto) is
-tune1_views with RETDM's stages on top; here every variant starts from pooled features
+The product's frozen-mode default (model.tune_blocks and model.views on auto, eval.fusion
+on) is retdm_tune1_views_knn; here every variant starts from pooled features
 of the centre crop (tune_blocks 0, views 1) unless it sets otherwise.
 
 Every choice inside a variant is made on validation: the epoch kept (best validation
@@ -58,7 +61,7 @@ from rich.console import Console
 
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 
-from retdmctl import thresholds  # noqa: E402
+from retdmctl import fusion, thresholds  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
 from retdmctl.config import Config, apply, parse_set, validate  # noqa: E402
 from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics  # noqa: E402
@@ -85,8 +88,9 @@ VARIANTS: dict[str, dict] = {
     "tune1_views": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE]},
     "retdm_tune1_views": {"stage": "joint",
                           "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE]},
-    # decoding from embedding-space neighbours fused with the classifier (bench only:
-    # k, temperature and weight chosen on validation, on top of bce's model)
+    # decoding from embedding-space neighbours fused with the classifier (the product's
+    # eval.fusion: k, temperature and weight chosen on validation when the stage trained;
+    # every other variant is scored with eval.fusion off)
     "bce_knn": {"stage": "classifier", "set": ["loss.base=bce"], "knn_fusion": True},
     # weight EMA of the tuned classifier, its decay chosen on validation mAP
     "tune1_views_ema": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE],
@@ -94,8 +98,12 @@ VARIANTS: dict[str, dict] = {
     # the same fusion on top of the best variant (the product's frozen-mode default)
     "tune1_views_knn": {"stage": "classifier", "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE],
                         "knn_fusion": True},
+    # RETDM on the middle way, with the vote over its own (metric-trained) embeddings:
+    # what `retdmctl run --frozen-backbone` runs by default
+    "retdm_tune1_views_knn": {"stage": "joint",
+                              "set": ["loss.base=bce", "model.tune_blocks=1", "model.views=10", *TUNE_SCHEDULE],
+                              "knn_fusion": True},
 }
-FUSION_GRID = {"k": (5, 10, 20, 40), "temp": (0.05, 0.1, 1.0), "w": (0.1, 0.2, 0.3, 0.5)}
 RULES = ("per_class", "global", "fixed")
 
 
@@ -111,72 +119,34 @@ def run_until(ws: Workspace, cfg: Config, last: str) -> float:
     return time.perf_counter() - started
 
 
-def kept_val_map(ws: Workspace, stage: str) -> float:
-    history = load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt")["history"]
-    return float(next(r["val_mAP"] for r in history if r.get("kept")))
+def kept_val_map(ws: Workspace, cfg: Config, stage: str) -> float:
+    """Validation mAP of the model as eval scores it: of the kept epoch, or of the fused
+    scores where eval applies the checkpoint's neighbour vote."""
+    ckpt = load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt")
+    if cfg.eval.fusion and ckpt.get("fusion") is not None and ckpt["fusion"]["w"] > 0:
+        return float(ckpt["fusion"]["val_mAP"])
+    return float(next(r["val_mAP"] for r in ckpt["history"] if r.get("kept")))
 
 
-def test_metrics(ws: Workspace, cfg: Config, stage: str) -> dict[str, dict[str, float]]:
-    """Test scores through the product's eval stage, scored under each threshold rule."""
+def test_metrics(ws: Workspace, cfg: Config, stage: str) -> tuple[dict[str, dict[str, float]], dict]:
+    """Test scores through the product's eval stage, scored under each threshold rule, and
+    the neighbour vote eval applied (empty: none)."""
     cfg.eval.checkpoint, cfg.eval.report, cfg.eval.split = stage, "none", "test"
     run_stage(Context(ws, cfg, Console(file=io.StringIO())), BY_NAME["eval"], PIPELINE)
     with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
         labels, scores = h5["labels"][()], h5["scores"][()]
-    choice = load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt")["threshold_choice"]
+    applied = json.loads((ws.stage_dir("eval") / "metrics.json").read_text()).get("fusion") or {}
+    choice = fusion.threshold_choice(load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt"), bool(applied))
     return {
         rule: compute_metrics(labels, scores, threshold=thresholds.resolve(choice, rule, 0.5, labels.shape[1]))
         for rule in RULES
-    }
+    }, applied
 
 
-def knn_fusion(ws: Workspace, cfg: Config, stage: str) -> dict:
-    """Choose (k, t, w) of the neighbour vote on validation, then score test once."""
-    import torch
-
-    from retdmctl.data.dataset import read_dataset
-    from retdmctl.training.common import build_model, image_source, predict_scores, restore_image_model
-    from retdmctl.training.sources import read_features
-
-    info = read_dataset(ws.dataset)
-    path = ws.stage_dir(stage) / "checkpoint.pt"
-    model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    restore_image_model(model, load_checkpoint(path), cfg, str(path))
-    source = image_source(ws, cfg, info, spec)
-    feats = read_features(ws.stage_dir(stage) / "features.h5")
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12
-    train, val, test = info.split("train"), info.split("val"), info.split("test")
-    labels = info.labels.astype(np.float32)
-
-    def vote(rows, k, temp):
-        sim = feats[rows] @ feats[train].T
-        idx = np.argsort(-sim, axis=1)[:, :k]
-        w = np.exp(np.take_along_axis(sim, idx, 1) / temp)
-        return ((w / w.sum(1, keepdims=True))[..., None] * labels[train][idx]).sum(1)
-
-    cpu = torch.device("cpu")
-    s_val, s_test = predict_scores(model, source, val, cpu)[0], predict_scores(model, source, test, cpu)[0]
-    best = None
-    for k in FUSION_GRID["k"]:
-        for temp in FUSION_GRID["temp"]:
-            v = vote(val, k, temp)
-            for w in FUSION_GRID["w"]:
-                m = compute_metrics(labels[val], (1 - w) * s_val + w * v)["mAP"]
-                if best is None or m > best[0]:
-                    best = (m, k, temp, w)
-    _, k, temp, w = best
-    fused_val = (1 - w) * s_val + w * vote(val, k, temp)
-    fused_test = (1 - w) * s_test + w * vote(test, k, temp)
-    choice = thresholds.choose(labels[val], fused_val)
-    test_metrics = {rule: compute_metrics(labels[test], fused_test,
-                                          threshold=thresholds.resolve(choice, rule, 0.5, info.num_classes))
-                    for rule in RULES}
-    return {"val_mAP": best[0], "test": test_metrics, "chosen": {"k": k, "temp": temp, "w": w}}
-
-
-def configure(base: Config, settings: list[str]) -> Config:
+def configure(base: Config, settings: list[str], fused: bool = False) -> Config:
     cfg = Config()
     apply(cfg, base.to_dict(), "base")
-    apply(cfg, parse_set(settings), "variant")
+    apply(cfg, parse_set(settings + [f"eval.fusion={str(fused).lower()}"]), "variant")
     validate(cfg)
     return cfg
 
@@ -190,23 +160,18 @@ def run_variant(ws: Workspace, base: Config, name: str) -> dict:
         best = None
         for values in np.array(np.meshgrid(*spec["grid"].values())).T.reshape(-1, len(keys)):
             settings = spec["set"] + [f"{k}={v}" for k, v in zip(keys, values)]
-            cfg = configure(base, settings)
+            cfg = configure(base, settings, spec.get("knn_fusion", False))
             run_until(ws, cfg, spec["stage"])
-            score = kept_val_map(ws, spec["stage"])
+            score = kept_val_map(ws, cfg, spec["stage"])
             if best is None or score > best[0]:
                 best = (score, settings, dict(zip(keys, map(float, values))))
         settings, chosen = best[1], best[2]
     else:
         settings = spec["set"]
-    cfg = configure(base, settings)
+    cfg = configure(base, settings, spec.get("knn_fusion", False))
     run_until(ws, cfg, spec["stage"])  # up to date when the grid just trained it
-    if spec.get("knn_fusion"):
-        return {**knn_fusion(ws, cfg, spec["stage"]), "seconds": time.perf_counter() - started}
-    out = {
-        "val_mAP": kept_val_map(ws, spec["stage"]),
-        "test": test_metrics(ws, cfg, spec["stage"]),
-        "chosen": chosen,
-    }
+    test, applied = test_metrics(ws, cfg, spec["stage"])
+    out = {"val_mAP": kept_val_map(ws, cfg, spec["stage"]), "test": test, "chosen": {**chosen, **applied}}
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -247,7 +212,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scene"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in ("tune1_views", "retdm_tune1", "retdm_tune1_views",
-                                                                                       "tune1_views_knn", "tune1_views_ema")],
+                                                                                       "tune1_views_knn", "tune1_views_ema",
+                                                                                       "retdm_tune1_views_knn")],
                         choices=list(VARIANTS))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)

@@ -216,6 +216,12 @@ def eval_(
         Optional[float], option(metavar="T", help="One score threshold in (0, 1) for every class, instead of the thresholds chosen on validation.")
     ] = None,
     report: Annotated[Optional[ReportKind], option(default="eval.report", help="Write eval/report.html or not.")] = None,
+    fusion: Annotated[
+        Optional[bool],
+        option("--fusion/--no-fusion", default="eval.fusion",
+               help="Fuse the scores with the vote of the nearest training images, as chosen on validation "
+                    "when the model was trained (--no-fusion: the classifier's scores alone)."),
+    ] = None,
     force: Force = False,
     workdir: Workdir = None,
 ) -> None:
@@ -234,6 +240,7 @@ def eval_(
             "threshold": threshold,
             "thresholds": "fixed" if threshold is not None else None,
             "report": report.value if report else None,
+            "fusion": fusion,
         }
     }
     cfg = resolve(overrides)

@@ -40,20 +40,26 @@ CheckpointOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (GPU when available), cpu or cuda.")]
+FusionOpt = Annotated[
+    bool,
+    typer.Option("--fusion/--no-fusion",
+                 help="Fuse the scores with the vote of the nearest training images where the checkpoint has one "
+                      "(chosen on validation), with its thresholds; --no-fusion: the classifier's scores alone."),
+]
 
 
-def _predictor(checkpoint: str | None, device: str):
+def _predictor(checkpoint: str | None, device: str, fusion: bool = True):
     from retdmctl.inference import load_predictor
 
     if checkpoint is not None and checkpoint not in ("classifier", "joint"):
         path = Path(checkpoint)
         if not path.is_file():
             raise RetdmError(f"--checkpoint must be classifier, joint or a checkpoint file; {checkpoint!r} is none of them")
-        return load_predictor(path, device=device)
+        return load_predictor(path, device=device, fusion=fusion)
     root = STATE.workdir.resolve()
     if not root.is_dir():
         raise RetdmError(f"workdir {root} does not exist: pass -w WORKDIR (or train a model first)")
-    predictor = load_predictor(root, checkpoint, device=device)
+    predictor = load_predictor(root, checkpoint, device=device, fusion=fusion)
     _warn_if_stale(root, predictor.stage)
     return predictor
 
@@ -93,6 +99,7 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="At most this many labels per image, best first (0: no limit).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per forward pass.")] = 32,
     device: DeviceOpt = "auto",
+    fusion: FusionOpt = True,
     workdir: Workdir = None,
 ) -> None:
     """Predict the labels of new images with a trained model.
@@ -135,7 +142,7 @@ def predict(
         stderr_line(f"skipped {s.path}: {s.reason}")
     if not files:
         raise RetdmError("no image files to score")
-    predictor = _predictor(checkpoint, device)
+    predictor = _predictor(checkpoint, device, fusion)
     thresholds = None if threshold is None else np.full(len(predictor.class_names), threshold)
 
     names = predictor.class_names
@@ -188,12 +195,15 @@ def export(
                      dir_okay=False, show_default=False),
     ] = None,
     checkpoint: CheckpointOpt = None,
+    fusion: FusionOpt = True,
     workdir: Workdir = None,
 ) -> None:
     """Export the image network (backbone, embedding, classification head) for serving.
 
     Input ``images`` (N, 3, H, W) float32 NCHW RGB, normalised as the metadata says;
     outputs ``logits`` and ``probabilities`` (N, L); the batch dimension is dynamic.
+    Where the checkpoint has a neighbour vote, ``probabilities`` are the fused scores
+    and the training embeddings travel in the graph as a constant (--no-fusion: not).
     ONNX uses opset 17 and keeps the labels, thresholds and the exact preprocessing as
     JSON in metadata_props["retdmctl"]; TorchScript writes them to OUTPUT.json.
 
@@ -208,7 +218,7 @@ def export(
             import onnx  # noqa: F401
         except ImportError:
             raise RetdmError(EXTRA_HINT) from None
-    predictor = _predictor(checkpoint, "cpu")
+    predictor = _predictor(checkpoint, "cpu", fusion)
     if output is None:
         name = f"{predictor.stage}.onnx" if fmt is ExportFormat.onnx else f"{predictor.stage}.torchscript.pt"
         output = STATE.workdir.resolve() / "export" / name

@@ -175,6 +175,10 @@ class EvalConfig:
     thresholds: str = "per_class"
     threshold: float = 0.5  # used when thresholds = "fixed"
     report: str = "html"  # html | none
+    # fuse the classifier's scores with the vote of the image's nearest training images
+    # in embedding space, as chosen on validation when the model was trained
+    # (retdmctl.fusion; a model whose validation chose no vote scores the same either way)
+    fusion: bool = True
 
 
 @dataclass

@@ -30,6 +30,7 @@ from retdmctl import __version__
 from retdmctl.config import ModelConfig
 from retdmctl.data.loaders import decode, eval_transform
 from retdmctl.errors import RetdmError
+from retdmctl.fusion import NeighbourVote
 from retdmctl.models.backbones import build_backbone, get_backbone_spec
 from retdmctl.models.retdm import RETDM
 from retdmctl.training.runtime import autocast, pick_device
@@ -123,17 +124,24 @@ class Preprocess:
 
 
 class ImageClassifier(nn.Module):
-    """Pixels -> (logits, probabilities): phi (backbone + embed) and W_c of a RETDM model."""
+    """Pixels -> (logits, probabilities): phi (backbone + embed) and W_c of a RETDM model,
+    and the neighbour vote fused into the probabilities where the checkpoint has one
+    (:mod:`retdmctl.fusion`): probabilities = (1 - w) sigmoid(logits) + w vote(f)."""
 
-    def __init__(self, net: RETDM) -> None:
+    def __init__(self, net: RETDM, vote: NeighbourVote | None = None) -> None:
         super().__init__()
         if net.backbone is None:
             raise RetdmError("the image classifier needs a backbone")
         self.net = net
+        self.vote = vote
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(images)
-        return logits, torch.sigmoid(logits)
+        f = self.net.embed_images(images)
+        logits = self.net.classify(f)
+        probs = torch.sigmoid(logits)
+        if self.vote is not None:
+            probs = self.vote(f, probs)
+        return logits, probs
 
 
 @dataclass
@@ -153,13 +161,21 @@ class Predictor:
     def net(self) -> RETDM:
         return self.classifier.net
 
+    @property
+    def vote(self) -> NeighbourVote | None:
+        return self.classifier.vote
+
     @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
         """Preprocessed ``(B, 3, H, W)`` -> ``(B, L)`` probabilities (float32)."""
         x = x.to(self.device)
         with autocast(self.device):
-            logits = self.net(x)
-        return torch.sigmoid(logits.float()).cpu().numpy()
+            f = self.net.embed_images(x)
+            logits = self.net.classify(f)
+        probs = torch.sigmoid(logits.float())
+        if self.vote is not None:
+            probs = self.vote(f.float(), probs)
+        return probs.cpu().numpy()
 
     def predict(self, images: list[Image.Image]) -> np.ndarray:
         """Decoded RGB images -> ``(B, L)`` probabilities."""
@@ -173,7 +189,13 @@ class Predictor:
             "thresholds": [float(t) for t in self.thresholds],
             "threshold_source": self.threshold_source,
             **self.preprocess.to_dict(),
-            "outputs": {"logits": "(N, L) W_c f", "probabilities": "(N, L) sigmoid(logits)"},
+            "outputs": {
+                "logits": "(N, L) W_c f",
+                "probabilities": "(N, L) sigmoid(logits)" if self.vote is None else
+                "(N, L) (1 - w) sigmoid(logits) + w sum_j softmax_j(cos(f, b_j) / temp) y_j over the k nearest "
+                "training images b_j (their embeddings and labels are constants of the model)",
+            },
+            "fusion": None if self.vote is None else self.vote.describe(),
             "backbone": self.backbone,
             "frozen_backbone": self.frozen_backbone,
             "stage": self.stage,
@@ -231,14 +253,18 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, device: str = "auto") -> Predictor:
+def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, device: str = "auto",
+                   fusion: bool = True) -> Predictor:
     """The classification network of a checkpoint, in eval mode, ready to predict.
 
     ``stage`` None picks joint if present, else classifier. A frozen-backbone checkpoint
     holds only the heads: the backbone is rebuilt from its packaged pretrained weights
     (or the ``model.weights_file`` it was trained with), which is what produced the
     cached features the heads were trained on. Both parts are loaded strictly.
+    ``fusion`` applies the checkpoint's neighbour vote, with the thresholds chosen for it.
     """
+    from retdmctl import fusion as fusion_mod
+
     path, stage = resolve_checkpoint(workdir_or_checkpoint, stage)
     ckpt = _read_checkpoint(path)
     class_names = [str(c) for c in ckpt["class_names"]]
@@ -265,7 +291,15 @@ def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, 
         raise RetdmError(f"checkpoint {path} has no backbone weights but was not trained with a frozen backbone")
     net.backbone = backbone
 
+    vote = None
+    if fusion:
+        vote = fusion_mod.from_checkpoint(ckpt, str(path), embed_dim=int(model_cfg["embed_dim"]), num_classes=len(class_names))
+    # ckpt["thresholds"]: the per-class thresholds of the scores as the checkpoint scores by
+    # default (fused where it has a vote); without its vote, those chosen for the plain ones
     thresholds = ckpt.get("thresholds")
+    if vote is None and fusion_mod.from_checkpoint(ckpt, str(path), embed_dim=int(model_cfg["embed_dim"]),
+                                                   num_classes=len(class_names)) is not None:
+        thresholds = ckpt["threshold_choice"]["per_class"]
     source = "checkpoint"
     if thresholds is None:
         thresholds, source = [DEFAULT_THRESHOLD] * len(class_names), "default"
@@ -274,7 +308,7 @@ def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, 
         raise RetdmError(f"checkpoint {path} has {thresholds.size} thresholds for {len(class_names)} classes")
 
     dev = pick_device(device)
-    classifier = ImageClassifier(net).to(dev).eval()
+    classifier = ImageClassifier(net, vote).to(dev).eval()
     return Predictor(
         classifier=classifier,
         class_names=class_names,

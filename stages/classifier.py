@@ -16,7 +16,7 @@ from retdmctl.training.common import (
     backbone_problem,
     begin_training,
     build_model,
-    choose_thresholds,
+    choose_decision,
     embed_all,
     finish_training,
     image_source,
@@ -99,7 +99,8 @@ def run(ctx: Context) -> dict:
         "feature_dim": spec.out_dim,
         "frozen_backbone": cfg.model.frozen_backbone,
         "tune_blocks": cfg.model.tune_blocks,
-        **choose_thresholds(model, source, val_rows, device),
+        # the neighbour vote and the thresholds, chosen on validation (retdmctl.fusion)
+        **choose_decision(model, source, info, device, train_features=features[train_rows]),
     }
     return {**finish_training(stage_dir, state, history), **labels_summary}
 

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 from rich.table import Table
 
-from retdmctl import __version__, distributed, thresholds
+from retdmctl import __version__, distributed, fusion, thresholds
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
 from retdmctl.metrics import (
@@ -77,14 +77,18 @@ def run(ctx: Context) -> dict:
 
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
-    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device)
+    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(ckpt_path))  # None: the classifier's scores alone
+    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device, vote)
     # Under torchrun every rank scored its shard and holds all the scores; rank 0 writes.
-    return distributed.on_main(lambda: _write(ctx, info, ckpt, ckpt_path, backbone_from, model, device, rows, scores, labels))
+    return distributed.on_main(lambda: _write(ctx, info, ckpt, ckpt_path, backbone_from, model, device, rows, scores,
+                                              labels, vote))
 
 
-def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model, device, rows, scores, labels) -> dict:
+def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model, device, rows, scores, labels,
+           vote) -> dict:
     ws, cfg, e = ctx.ws, ctx.cfg, ctx.cfg.eval
-    cut = thresholds.resolve(ckpt.get("threshold_choice"), e.thresholds, e.threshold, info.num_classes)
+    choice = fusion.threshold_choice(ckpt, vote is not None)
+    cut = thresholds.resolve(choice, e.thresholds, e.threshold, info.num_classes)
     metrics = compute_metrics(labels, scores, threshold=cut)
     ap = per_class_average_precision(labels, scores)
 
@@ -105,6 +109,8 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
         "split": e.split,
         "images": int(len(rows)),
         "thresholds": {"rule": e.thresholds, "values": dict(zip(info.class_names, map(float, cut)))},
+        # the neighbour vote fused into the scores (k, temp, w, bank size), or null
+        "fusion": None if vote is None else vote.describe(),
         "config": cfg.sections(STAGE.sections),
         "backbone_from": backbone_from,
         "version": __version__,

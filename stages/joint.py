@@ -22,7 +22,7 @@ from retdmctl.training.common import (
     backbone_problem,
     begin_training,
     build_model,
-    choose_thresholds,
+    choose_decision,
     finish_training,
     image_source,
     load_parts,
@@ -124,7 +124,8 @@ def run(ctx: Context) -> dict:
         "frozen_backbone": cfg.model.frozen_backbone,
         "tune_blocks": cfg.model.tune_blocks,
         "backbone_from": backbone_from,
-        **choose_thresholds(model, source, val_rows, device),
+        # the neighbour vote over this model's own embeddings, and the thresholds
+        **choose_decision(model, source, info, device),
     }
     summary = finish_training(stage_dir, state, history)
     return {**summary, "backbone_from": backbone_from, **labels_summary}

@@ -203,9 +203,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert [h["val_mAP"] for h in h2] == pytest.approx([h["val_mAP"] for h in h1], abs=1e-6)
     with h5py.File(one / "classifier" / "features.h5") as a, h5py.File(two / "classifier" / "features.h5") as b:
         assert np.abs(a["features"][()].astype(np.float32) - b["features"][()].astype(np.float32)).max() < 1e-2
+    # the neighbour vote is chosen alike (on gathered embeddings, the same on every rank)
+    for stage in ("classifier", "joint"):
+        v1, v2 = (load_checkpoint(d / stage / "checkpoint.pt")["fusion"] for d in (one, two))
+        assert (v1["k"], v1["temp"], v1["w"]) == (v2["k"], v2["temp"], v2["w"])
+        assert v2["rows"].tolist() == v1["rows"].tolist()
+    # eval's scores are fused with it: at temperature 0.05 a 1e-7 change in a near-tied
+    # similarity of this barely trained model moves a vote weight by 1e-3 or swaps the
+    # k-th neighbour, hence the looser bound than the weights'
     with h5py.File(one / "eval" / "scores.h5") as a, h5py.File(two / "eval" / "scores.h5") as b:
         assert np.array_equal(a["rows"][()], b["rows"][()])  # gathered back in order
-        assert np.abs(a["scores"][()] - b["scores"][()]).max() < 1e-4
+        assert np.abs(a["scores"][()] - b["scores"][()]).max() < 1e-2
     # the test mAP of this barely trained model ranks near-tied scores: a 1e-6 change
     # may swap two images, hence the looser bound on it
     m1 = json.loads((one / "eval" / "metrics.json").read_text())["metrics"]

@@ -128,7 +128,12 @@ def _onnx_check(model_path: Path, predictor, paths: list[Path]) -> float:
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     logits, probs = sess.run(["logits", "probabilities"], {"images": x})
     assert probs.shape == (len(paths), len(meta["labels"]))
-    assert np.allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
+    plain = 1 / (1 + np.exp(-logits))
+    if meta["fusion"] is None:
+        assert np.allclose(probs, plain, atol=1e-6)
+    else:  # (1 - w) sigmoid + w vote, the vote a convex mix of 0/1 labels
+        w = meta["fusion"]["w"]
+        assert (probs - (1 - w) * plain >= -1e-6).all() and (probs - (1 - w) * plain <= w + 1e-6).all()
     ref = torch_probabilities(predictor, paths)
     diff = float(np.abs(probs - ref).max())
     assert diff < TOL, diff

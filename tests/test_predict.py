@@ -14,6 +14,7 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
+from retdmctl import fusion
 from retdmctl.cli import app
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
@@ -99,8 +100,10 @@ def test_predictor_matches_the_eval_scores(trained):
     info = read_dataset(ws.dataset)
     rows = info.split("test")[:8]
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    load_strict(model, load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], "ckpt")
-    ref, _ = predict_scores(model, image_source(ws, cfg, info, spec), rows, torch.device("cpu"))
+    ckpt = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
+    load_strict(model, ckpt["model"], "ckpt")
+    vote = fusion.from_checkpoint(ckpt, "ckpt", embed_dim=cfg.model.embed_dim, num_classes=info.num_classes)  # as eval
+    ref, _ = predict_scores(model, image_source(ws, cfg, info, spec), rows, torch.device("cpu"), vote)
     pred = load_predictor(ws.root, device="cpu")
     assert pred.stage == "classifier"  # no joint checkpoint: the classifier
     assert pred.class_names == info.class_names

@@ -67,15 +67,14 @@ def test_training_reads_only_train_and_val_rows_never_test(tmp_path, monkeypatch
     ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
     cfg.joint.way2 = "forward"
     seen: dict[str, set[int]] = {}
-    real_predict = common.predict_scores
+    real_predict = common._predict  # every scoring and embedding pass of a split goes through it
     stage_now = {"name": ""}
 
-    def spy_predict(model, source, rows, device):
+    def spy_predict(model, source, rows, device, vote):
         seen.setdefault(stage_now["name"], set()).update(int(r) for r in rows)
-        return real_predict(model, source, rows, device)
+        return real_predict(model, source, rows, device, vote)
 
-    monkeypatch.setattr(common, "predict_scores", spy_predict)
-    monkeypatch.setattr("stages.evaluate.predict_scores", spy_predict)
+    monkeypatch.setattr(common, "_predict", spy_predict)
     from retdmctl.training import sources
 
     real_train = sources.CachedSource.train_batches

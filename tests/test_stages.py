@@ -63,6 +63,7 @@ def test_eval_writes_the_test_scores_and_their_metrics(finished):
     import h5py
     import numpy as np
 
+    from retdmctl import fusion
     from retdmctl.data.dataset import read_dataset
     from retdmctl.metrics import compute_metrics
 
@@ -76,7 +77,12 @@ def test_eval_writes_the_test_scores_and_their_metrics(finished):
     cut = np.array([saved["thresholds"]["values"][name] for name in info.class_names])
     assert saved["thresholds"]["rule"] == "per_class"
     ckpt = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")
-    assert list(cut) == ckpt["threshold_choice"]["per_class"] == ckpt["thresholds"]
+    # the thresholds chosen on validation for the scores eval wrote (fused with the
+    # neighbour vote where validation chose one)
+    assert list(cut) == fusion.threshold_choice(ckpt, True)["per_class"] == ckpt["thresholds"]
+    assert saved["fusion"] == (None if ckpt["fusion"]["w"] == 0 else
+                               {"k": ckpt["fusion"]["k"], "temp": ckpt["fusion"]["temp"], "w": ckpt["fusion"]["w"],
+                                "bank_images": len(info.split("train"))})
     assert saved["metrics"] == pytest.approx(compute_metrics(labels, scores, threshold=cut))
     assert saved["checkpoint"] == "joint/checkpoint.pt" and set(saved["per_class_ap"]) == set(info.class_names)
     page = (ws.stage_dir("eval") / "report.html").read_text()

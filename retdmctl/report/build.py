@@ -154,7 +154,7 @@ def embeddings(model, source, rows: np.ndarray, device) -> np.ndarray:
 
 def _score_other(ws: Workspace, cfg: Config, info: DatasetInfo, stage: str, rows: np.ndarray, device):
     """Scores of another stage's checkpoint on ``rows`` (or why not)."""
-    from retdmctl import thresholds
+    from retdmctl import fusion, thresholds
     from retdmctl.training.common import build_model, image_source, predict_scores, restore_image_model
     from retdmctl.training.runtime import load_checkpoint, prepare_model
 
@@ -167,8 +167,10 @@ def _score_other(ws: Workspace, cfg: Config, info: DatasetInfo, stage: str, rows
     ckpt = load_checkpoint(path)
     restore_image_model(model, ckpt, cfg, ws.rel(path))
     prepare_model(model, device)
-    scores, _ = predict_scores(model, image_source(ws, cfg, info, spec, device), rows, device)
-    cut = thresholds.resolve(ckpt.get("threshold_choice"), cfg.eval.thresholds, cfg.eval.threshold, info.num_classes)
+    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(path))  # scored as eval scores the evaluated model
+    scores, _ = predict_scores(model, image_source(ws, cfg, info, spec, device), rows, device, vote)
+    choice = fusion.threshold_choice(ckpt, vote is not None)
+    cut = thresholds.resolve(choice, cfg.eval.thresholds, cfg.eval.threshold, info.num_classes)
     return scores, cut, None
 
 

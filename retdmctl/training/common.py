@@ -291,27 +291,45 @@ def load_parts(model: torch.nn.Module, state: dict[str, torch.Tensor], parts: tu
 
 
 @torch.no_grad()
-def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores and labels for ``rows``, in the order of ``rows`` (under torchrun:
-    each rank scores its shard, every rank gets all of them)."""
+def predict_scores(model: RETDM, source, rows: np.ndarray, device: torch.device, vote=None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels for ``rows``, in the order of ``rows``: sigmoid(W_c f), fused with
+    ``vote`` (a :class:`retdmctl.fusion.NeighbourVote`) when given; a row in the vote's
+    bank is left out of its own vote. Under torchrun each rank scores its shard and every
+    rank gets all of them."""
+    scores, labels, _ = predict_with_embeddings(model, source, rows, device, vote)
+    return scores, labels
+
+
+@torch.no_grad()
+def predict_with_embeddings(model: RETDM, source, rows: np.ndarray, device: torch.device,
+                            vote=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, labels, embeddings f) for ``rows``, as :func:`predict_scores`."""
     if distributed.active():
-        scores, labels = _predict(model, source, distributed.shard(rows), device)
-        return distributed.gather_rows(scores), distributed.gather_rows(labels)
-    return _predict(model, source, rows, device)
+        out = _predict(model, source, distributed.shard(rows), device, vote)
+        return tuple(distributed.gather_rows(a) for a in out)  # type: ignore[return-value]
+    return _predict(model, source, rows, device, vote)
 
 
-def _predict(model: RETDM, source, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def _predict(model: RETDM, source, rows: np.ndarray, device: torch.device, vote) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     model.eval()
+    num_classes, dim = model.cls_head.out_features, model.cls_head.in_features
     if len(rows) == 0:  # a rank's shard of a split smaller than the world
-        empty = np.zeros((0, model.cls_head.out_features), np.float32)
-        return empty, empty.copy()
-    scores, labels = [], []
+        empty = np.zeros((0, num_classes), np.float32)
+        return empty, empty.copy(), np.zeros((0, dim), np.float32)
+    if vote is not None:
+        vote = vote.to(device)
+    scores, labels, feats = [], [], []
     for x, y, r in track(source.eval_batches(rows), source.num_batches(rows), "scoring"):
         with autocast(device):
-            logits = model(to_device(x, device))
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+            f = model.embed_images(to_device(x, device))
+            logits = model.classify(f)
+        p = torch.sigmoid(logits.float())
+        if vote is not None:
+            p = vote(f.float(), p, vote.positions(np.asarray(r)))
+        scores.append(p.cpu().numpy())
         labels.append(y.numpy())
-    return np.concatenate(scores), np.concatenate(labels)
+        feats.append(f.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(labels), np.concatenate(feats)
 
 
 @torch.no_grad()
@@ -327,15 +345,26 @@ def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
     return distributed.gather_rows(out)
 
 
-def choose_thresholds(model: RETDM, source, val_rows: np.ndarray, device: torch.device) -> dict:
-    """The decision thresholds of this model, chosen on the validation split (saved in
-    its checkpoint: ``threshold_choice`` holds both rules, ``thresholds`` the per-class
-    ones that predict uses by default)."""
-    from retdmctl import thresholds
+def choose_decision(model: RETDM, source, info: DatasetInfo, device: torch.device,
+                    train_features: np.ndarray | None = None) -> dict:
+    """How this model decides, chosen on the validation split and saved in its checkpoint:
+    the neighbour vote's (k, t, w) with its bank of training embeddings (``fusion``,
+    :mod:`retdmctl.fusion`; w = 0 where the vote does not help validation mAP), the
+    thresholds of the plain scores (``threshold_choice``) and of the fused ones
+    (``fusion.threshold_choice``), and ``thresholds``: the per-class ones that predict
+    uses by default, those of the fused scores. ``info`` holds the training labels the
+    model was trained on; ``train_features`` the training rows' f where already computed."""
+    from retdmctl import fusion, thresholds
 
-    scores, labels = predict_scores(model, source, val_rows, device)
-    choice = thresholds.choose(labels, scores)
-    return {"threshold_choice": choice, "thresholds": choice["per_class"]}
+    train_rows, val_rows = info.split("train"), info.split("val")
+    scores, labels, val_f = predict_with_embeddings(model, source, val_rows, device)
+    if train_features is None:
+        _, _, train_features = predict_with_embeddings(model, source, train_rows, device)
+    vote = fusion.choose(train_features, (info.labels[train_rows] > 0).astype(np.uint8), train_rows,
+                         val_f, scores, labels)
+    plain = thresholds.choose(labels, scores)
+    used = vote["threshold_choice"] if vote["w"] > 0 else plain
+    return {"threshold_choice": plain, "fusion": vote, "thresholds": used["per_class"]}
 
 
 def val_bce_and_map(model: RETDM, source, rows: np.ndarray, device: torch.device) -> dict[str, float]:
