@@ -6,6 +6,10 @@ Way 2 needs f_{i_j} for images outside the batch. ``joint.way2 = "bank"`` takes 
 a feature bank initialised from ``features.h5`` and refreshed with each batch's f (no
 extra CNN passes); ``"forward"`` recomputes them with the current phi, which in
 frozen-backbone mode costs one linear layer on cached features.
+
+Last, the neighbour vote (:mod:`retdmctl.fusion`) over the joint model's own embeddings
+of the training images and the thresholds are chosen on validation and saved in the
+checkpoint: one more pass over the training and validation images.
 """
 
 from __future__ import annotations
