@@ -206,9 +206,9 @@ def fused(trained, tmp_path_factory):
     return ws, cfg, ckpt
 
 
-def run_eval(ws, cfg, split="test", fuse=True):
+def run_eval(ws, cfg, split="test", fuse=True, report="none"):
     """The eval stage's own run (the CLI would first retrain the tampered classifier)."""
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint="classifier", report="none", split=split,
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint="classifier", report=report, split=split,
                                                             fusion=fuse))
     BY_NAME["eval"].run(Context(ws, cfg, Console(file=io.StringIO())))
     with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
@@ -219,7 +219,10 @@ def run_eval(ws, cfg, split="test", fuse=True):
 def test_eval_fuses_with_the_saved_vote_and_its_thresholds(fused):
     ws, cfg, ckpt = fused
     info = read_dataset(ws.dataset)
-    scores, rows, metrics = run_eval(ws, cfg)
+    scores, rows, metrics = run_eval(ws, cfg, report="html")
+    page = (ws.stage_dir("eval") / "report.html").read_text()
+    assert (f"Scores fused with the vote of the 3 nearest of {len(info.split('train'))} training images in embedding "
+            "space (temperature 0.1, weight 0.4), chosen on validation.") in page
     plain, labels, f = plain_scores(ws, cfg, info, rows)
     bank, bank_y = ckpt["fusion"]["bank"].float().numpy(), ckpt["fusion"]["labels"].numpy()
     want = np.stack([0.6 * plain[i] + 0.4 * hand_vote(bank, bank_y, f[i], 3, 0.1) for i in range(len(rows))])

@@ -187,6 +187,10 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
     threshold_note = (f"Thresholded metrics at {float(thresholds[0]):g} for every class" if np.ptp(thresholds) == 0
                       else "Thresholded metrics at the per-class thresholds chosen on validation")
     threshold_note += f"; {split} split, {len(rows)} images. Bold: the better of our two models."
+    if vote := result.get("fusion"):
+        threshold_note += (f" Scores fused with the vote of the {vote['k']} nearest of {vote['bank_images']} training "
+                           f"images in embedding space (temperature {vote['temp']:g}, weight {vote['w']:g}), "
+                           "chosen on validation.")
 
     metrics = {f"{stage} (ours)": dict(result["metrics"])}
     compare_note = ""
