@@ -124,7 +124,7 @@ def choose_on_val(ws: Workspace, base: Config, settings: list[str], args, keep: 
     for point in grid_points(args):
         cfg = configure(base, settings + point)
         run_until(ws, cfg, "classifier")
-        score = kept_val_map(ws, "classifier")
+        score = kept_val_map(ws, cfg, "classifier")
         tried.append({"set": point, "val_mAP": score})
         if best is None or score > best[0]:
             best = (score, point)
@@ -155,10 +155,10 @@ def run_one(ws: Workspace, base: Config, settings: list[str], stage: str, starte
     started = time.perf_counter() if started is None else started
     cfg = configure(base, settings)
     run_until(ws, cfg, stage)
-    metrics = test_metrics(ws, cfg, stage)["per_class"]
+    metrics = test_metrics(ws, cfg, stage)[0]["per_class"]  # eval.fusion off: the losses compared alone
     hidden = ws.read_manifest(stage)["summary"].get("labels", {})
     return {
-        "val_mAP": kept_val_map(ws, stage),
+        "val_mAP": kept_val_map(ws, cfg, stage),
         "mAP": metrics["mAP"],
         "C-F1": metrics["C-F1"],
         "O-F1": metrics["O-F1"],

@@ -212,10 +212,18 @@ def test_a_second_writer_is_refused_and_readers_still_work(work):
 
 @pytest.mark.slow
 def test_two_concurrent_ingests_end_with_one_refused_and_the_store_intact(tmp_path):
-    (tmp_path / "retdm.toml").write_text(TINY.replace("demo_images = 60", "demo_images = 400"))
+    (tmp_path / "retdm.toml").write_text(TINY.replace("demo_images = 60", "demo_images = 4000"))  # ingest outlasts the second one's start-up
     env = {**os.environ, "RETDM_NO_PROGRESS": "1"}
     cmd = [sys.executable, "-m", "retdmctl", "--workdir", str(tmp_path), "ingest", "demo"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # start the second only once the first holds the lock: launched together, the first
+    # could finish before the second starts on a fast machine, and both would succeed
+    holder = tmp_path / ".retdm" / "lock.json"
+    deadline = time.monotonic() + 60
+    while not (holder.exists() and f'"pid": {first.pid}' in holder.read_text(errors="ignore")):
+        assert first.poll() is None and time.monotonic() < deadline, "the first ingest never held the lock"
+        time.sleep(0.005)
+    procs = [first, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     results = [(p.wait(), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 1], results
@@ -227,7 +235,7 @@ def test_two_concurrent_ingests_end_with_one_refused_and_the_store_intact(tmp_pa
 
     info = read_dataset(tmp_path / "data" / "dataset.h5")
     reader = ImageReader(tmp_path / "data" / "images.lmdb")
-    assert len(info.ids) == 400 and all(reader.get(i) for i in info.ids)
+    assert len(info.ids) == 4000 and all(reader.get(i) for i in info.ids)
     assert stage_states(tmp_path)["ingest"] == "done"
 
 

@@ -131,19 +131,36 @@ def test_a_tuned_run_trains_only_the_tail_and_skips_when_up_to_date(tuned):
 
 
 def test_a_tuned_model_scores_pixels_as_eval_scored_its_cached_activations(tuned):
+    from retdmctl.data.loaders import decode
+    from retdmctl.training.common import build_model, image_source, predict_scores, restore_image_model
+
     ws, cfg, _ = tuned
     with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
         rows, scores = h5["rows"][()], h5["scores"][()]
     predictor = load_predictor(ws.root, "joint", device="cpu")
     info, reader = read_dataset(ws.dataset), ImageReader(ws.lmdb)
-    from retdmctl.data.loaders import decode
-
     tf = eval_transform(cfg.model.image_size, (0.5,) * 3, (0.5,) * 3)
     x = torch.stack([tf(decode(reader.get(info.ids[r]))) for r in rows])
+    reader.close()
     with torch.no_grad():
         _, probs = predictor.classifier(x)
-    # the cache holds float16 activations: equal up to that rounding
-    np.testing.assert_allclose(probs.numpy(), scores, atol=2e-3)
+        f = predictor.net.embed_images(x)
+        plain = torch.sigmoid(predictor.net.classify(f)).numpy()
+    # the classifier alone on cached activations (eval's path): the cache holds float16
+    # activations, so pixels give the same scores up to that rounding
+    model, spec = build_model(cfg, info.num_classes, pretrained=False)
+    ckpt = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")
+    restore_image_model(model, ckpt, cfg, "joint")
+    source = image_source(ws, cfg, info, spec)
+    cached_plain, _ = predict_scores(model, source, rows, torch.device("cpu"))  # cached: no image store opened
+    np.testing.assert_allclose(plain, cached_plain, atol=2e-3)
+    if predictor.vote is None:  # validation chose no vote: eval's scores are the plain ones
+        np.testing.assert_allclose(probs.numpy(), scores, atol=2e-3)
+        return
+    # fused with the neighbour vote: the same up to that rounding, except where it swaps a
+    # near-tied k-th neighbour, which moves a score by at most w
+    diff = np.abs(probs.numpy() - scores)
+    assert (diff < 2e-3).mean() > 0.9 and diff.max() <= predictor.vote.w + 1e-5
 
 
 def test_changing_the_views_reruns_from_the_classifier(tuned):
