@@ -291,14 +291,12 @@ def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, 
         raise RetdmError(f"checkpoint {path} has no backbone weights but was not trained with a frozen backbone")
     net.backbone = backbone
 
-    vote = None
-    if fusion:
-        vote = fusion_mod.from_checkpoint(ckpt, str(path), embed_dim=int(model_cfg["embed_dim"]), num_classes=len(class_names))
+    saved_vote = fusion_mod.from_checkpoint(ckpt, str(path), embed_dim=int(model_cfg["embed_dim"]), num_classes=len(class_names))
+    vote = saved_vote if fusion else None
     # ckpt["thresholds"]: the per-class thresholds of the scores as the checkpoint scores by
     # default (fused where it has a vote); without its vote, those chosen for the plain ones
     thresholds = ckpt.get("thresholds")
-    if vote is None and fusion_mod.from_checkpoint(ckpt, str(path), embed_dim=int(model_cfg["embed_dim"]),
-                                                   num_classes=len(class_names)) is not None:
+    if saved_vote is not None and vote is None:
         thresholds = ckpt["threshold_choice"]["per_class"]
     source = "checkpoint"
     if thresholds is None:
