@@ -102,7 +102,7 @@ def run(ctx: Context) -> dict:
         "frozen_backbone": cfg.model.frozen_backbone,
         "tune_blocks": cfg.model.tune_blocks,
         # the neighbour vote and the thresholds, chosen on validation (retdmctl.fusion)
-        **choose_decision(model, source, info, device, train_features=features[train_rows]),
+        **choose_decision(model, source, info, device, train_features=features[train_rows], console=ctx.console, stage="classifier"),
     }
     return {**finish_training(stage_dir, state, history), **labels_summary}
 

@@ -129,7 +129,7 @@ def run(ctx: Context) -> dict:
         "tune_blocks": cfg.model.tune_blocks,
         "backbone_from": backbone_from,
         # the neighbour vote over this model's own embeddings, and the thresholds
-        **choose_decision(model, source, info, device),
+        **choose_decision(model, source, info, device, console=ctx.console, stage="joint"),
     }
     summary = finish_training(stage_dir, state, history)
     return {**summary, "backbone_from": backbone_from, **labels_summary}

@@ -108,7 +108,10 @@ def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
 
     distributed.on_main(write)
     last = history[-1] if history else {}
-    return {"epochs": len(history), **{k: last.get(k) for k in ("val_loss", "val_mAP") if k in last}}
+    summary = {"epochs": len(history), **{k: last.get(k) for k in ("val_loss", "val_mAP") if k in last}}
+    if (vote := state.get("fusion")) is not None:  # what validation chose (the manifest's summary)
+        summary["fusion"] = {k: vote[k] for k in ("k", "temp", "w", "val_mAP", "plain_val_mAP")}
+    return summary
 
 
 def backbone_cache_path(ws: Workspace, cfg: Config) -> Path:
@@ -345,8 +348,15 @@ def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
     return distributed.gather_rows(out)
 
 
+def describe_vote(vote: dict) -> str:
+    if vote["w"] == 0:
+        return f"neighbour vote: off (no (k, t, w) beat validation mAP {vote['plain_val_mAP']:.4f})"
+    return (f"neighbour vote: k {vote['k']}, t {vote['temp']:g}, w {vote['w']:g} "
+            f"(validation mAP {vote['plain_val_mAP']:.4f} -> {vote['val_mAP']:.4f})")
+
+
 def choose_decision(model: RETDM, source, info: DatasetInfo, device: torch.device,
-                    train_features: np.ndarray | None = None) -> dict:
+                    train_features: np.ndarray | None = None, console=None, stage: str = "") -> dict:
     """How this model decides, chosen on the validation split and saved in its checkpoint:
     the neighbour vote's (k, t, w) with its bank of training embeddings (``fusion``,
     :mod:`retdmctl.fusion`; w = 0 where the vote does not help validation mAP), the
@@ -364,6 +374,8 @@ def choose_decision(model: RETDM, source, info: DatasetInfo, device: torch.devic
                          val_f, scores, labels)
     plain = thresholds.choose(labels, scores)
     used = vote["threshold_choice"] if vote["w"] > 0 else plain
+    if console is not None:
+        console.print(f"{stage}: {describe_vote(vote)}" if stage else describe_vote(vote))
     return {"threshold_choice": plain, "fusion": vote, "thresholds": used["per_class"]}
 
 
