@@ -190,6 +190,8 @@ def test_the_choice_reads_training_and_validation_rows_only(trained):
     saved = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
     assert saved["fusion"]["rows"].tolist() == info.split("train").tolist()
     assert saved["thresholds"] == fusion.threshold_choice(saved, True)["per_class"]
+    summary = ws.read_manifest("classifier")["summary"]["fusion"]
+    assert summary == {k: saved["fusion"][k] for k in ("k", "temp", "w", "val_mAP", "plain_val_mAP")}
 
 
 @pytest.fixture(scope="module")
