@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -135,12 +134,10 @@ def test_a_vote_that_does_not_fit_the_model_is_refused():
 
 
 def tiny_config() -> Config:
-    cfg = Config()
-    cfg.ingest.source, cfg.ingest.demo_images, cfg.ingest.demo_classes, cfg.ingest.workers = "demo", 80, 5, 1
-    m = cfg.model
-    m.backbone, m.pretrained, m.frozen_backbone, m.image_size, m.batch_size = "tiny_cnn", False, False, 32, 16
-    cfg.runtime.workers, cfg.runtime.device = 0, "cpu"
-    cfg.classifier.epochs = 2
+    from test_predict import tiny_config as predict_config
+
+    cfg = predict_config()  # tiny CNN fine-tuned on the demo set, 2 epochs
+    cfg.ingest.demo_images = 80
     return cfg
 
 
