@@ -97,6 +97,8 @@ def choose(
     the thresholds chosen on those scores. w = 0 is tried first and kept on ties."""
     from retdmctl import thresholds
 
+    # the bank is saved as float16: choose with exactly the bank that eval and predict apply
+    train_f = np.asarray(train_f, dtype=np.float16).astype(np.float32)
     bank, labels = normalize(torch.from_numpy(train_f)), torch.from_numpy(train_y).float()
     ks = sorted({min(k, len(bank)) for k in GRID["k"]})
     top, idx = _top(normalize(torch.from_numpy(val_f)), bank, ks[-1])  # sorted: the first k are the k nearest

@@ -95,7 +95,7 @@ def test_choose_takes_the_vote_where_it_helps_validation():
     # the reported validation mAP and thresholds are those of the vote it returns
     vote = fusion.NeighbourVote(got["bank"].float(), got["labels"], got["rows"], got["k"], got["temp"], got["w"])
     fused = vote(torch.from_numpy(val_f).float(), torch.from_numpy(val_p)).numpy()
-    assert got["val_mAP"] == pytest.approx(mean_ap(val_y, fused), abs=1e-6)
+    assert got["val_mAP"] == mean_ap(val_y, fused)  # the saved (float16) bank reproduces the choice exactly
     assert got["threshold_choice"] == thresholds.choose(val_y, fused)
     # no grid point beats the one chosen
     for k in fusion.GRID["k"]:
