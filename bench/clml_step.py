@@ -7,9 +7,12 @@ Linear 1280->512 + heads, batch 64, BCE, Adam), (c) a step of the middle way
 (model.tune_blocks = 1: the last block of EfficientNet-Lite0, its head convolution and
 the same heads on cached trunk activations at 224 px) and (b) a full training step of
 EfficientNet-Lite0 + the same head at 224 px, batch 64 (a few steps only: seconds each
-on the CPU). Runs on the CPU with 2 threads, and on CUDA too when available.
+on the CPU). Runs on the CPU with 2 threads, and on CUDA too when available. (a) is also
+timed over blocks of ``--lazy-every`` k steps with the term on one step of each block
+(loss.clml_every = k, lazy regularisation): the last column of that row is the term's
+share of the block, min of each figure in the second place.
 
-    python bench/clml_step.py [--full-steps 3] [--no-full]
+    python bench/clml_step.py [--full-steps 3] [--no-full] [--lazy-every 16]
     (PYTHONPATH=. when the installed retdmctl is another checkout)
 
 Label density: 4 % per entry (COCO has 2.9 of 80 labels per image) plus one label present
@@ -90,6 +93,38 @@ def head_ms(device: str, runs: int) -> tuple[float, float]:
     return _median_ms(_train_step_fn(model, x, _labels(device)), device, runs)
 
 
+def head_lazy_block_ms(device: str, runs: int, every: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(a) measured over blocks of ``every`` steps, as loss.clml_every = k trains them:
+    (ms per block without the term, ms per block with it on the block's first step at
+    k times its weight). Blocks alternate, so load on the shared CPU hits both alike."""
+    model = RETDM(C, FEAT, D).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, y = torch.randn(N, FEAT, device=device), _labels(device)
+
+    def block(with_clml: bool) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        for i in range(every):
+            opt.zero_grad(set_to_none=True)
+            f, f_dropped = model.embed_pair(x)
+            logits = model.classify(f_dropped)
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            if with_clml and i == 0:
+                loss = loss + clml_loss(f, logits, y, epoch=2, lam=float(every))
+            loss.backward()
+            opt.step()
+        _sync(device)
+        return (time.perf_counter() - t) * 1e3
+
+    for _ in range(2):
+        block(False), block(True)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(runs):
+        times[False].append(block(False))
+        times[True].append(block(True))
+    return ((statistics.median(times[False]), min(times[False])), (statistics.median(times[True]), min(times[True])))
+
+
 def tune_ms(device: str, runs: int) -> tuple[float, float]:
     """The middle way (model.tune_blocks = 1, with --views the best CPU variant of
     docs/bench-scene-views.md): the last MBConv block, the head convolution and the heads
@@ -125,6 +160,7 @@ def main() -> None:
     ap.add_argument("--svd-runs", type=int, default=10, help="the SVD method is slow on the CPU")
     ap.add_argument("--full-steps", type=int, default=3)
     ap.add_argument("--no-full", action="store_true", help="skip the EfficientNet-Lite0 step")
+    ap.add_argument("--lazy-every", type=int, default=16, help="(a) also timed with loss.clml_every = K")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tune_allocator()  # as the CLI does
@@ -142,6 +178,12 @@ def main() -> None:
         rows = [("CLML term, gram/eigvalsh (default)", gram, None),
                 ("CLML term, batched svdvals (cross-check)", svd, None),
                 ("(a) head train step (1280->512 + heads)", head, _pct(gram, head))]
+        base_block, lazy_block = head_lazy_block_ms(device, args.runs, args.lazy_every)
+        k = args.lazy_every
+        lazy_share = (f"{100 * (lazy_block[0] - base_block[0]) / lazy_block[0]:.1f} %, "
+                      f"{100 * (lazy_block[1] - base_block[1]) / lazy_block[1]:.1f} %")
+        rows += [(f"(a) {k} head steps", base_block, None),
+                 (f"(a) {k} head steps, CLML on one (clml_every {k})", lazy_block, lazy_share)]
         tune = tune_ms(device, args.runs)
         rows.append(("(c) tune_blocks=1 step (last block + heads)", tune, _pct(gram, tune)))
         if not args.no_full:

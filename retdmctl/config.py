@@ -122,6 +122,9 @@ class LossConfig:
     clml_tau: float = 0.75  # an unobserved entry with p > tau counts as positive for the term
     clml_start_epoch: int = 1  # that correction applies from this epoch (1-based) on
     clml_delta: float = 1.0  # floor of each label's nuclear norm
+    # lazy regularisation: the term runs on every k-th training step, weighted k times
+    # (the same expected gradient at 1/k of the cost; 1 = every step, as the paper)
+    clml_every: int = 1
 
 
 @dataclass
@@ -370,6 +373,7 @@ _RULES: dict[str, Any] = {
     "loss.clml_tau": _open_unit,
     "loss.clml_start_epoch": _at_least(1),
     "loss.clml_delta": _at_least(0),
+    "loss.clml_every": _at_least(1),
     "labels.protocol": _one_of("full", "keep", "single", "hide"),
     "labels.fraction": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "labels.unknown": _one_of("negative", "ignore"),

@@ -57,7 +57,7 @@ def run(ctx: Context) -> dict:
     source = image_source(ws, cfg, info, spec, device, ctx.console)
     train_rows, val_rows = info.split("train"), info.split("val")
 
-    counter = EpochCounter()
+    counter = EpochCounter(source.num_batches(train_rows))
     classification = Classification(cfg, observed, counter, device)
 
     def step(x, y, rows, rng):
@@ -111,7 +111,7 @@ STAGE = Stage(
     name="classifier",
     command="retdmctl train --stage classifier",
     sections=("model", "classifier", "loss.base", "loss.clml", "loss.clml_tau", "loss.clml_start_epoch",
-              "loss.clml_delta", "labels"),
+              "loss.clml_delta", "loss.clml_every", "labels"),
     inputs=_inputs,
     outputs=_outputs,
     run=run,

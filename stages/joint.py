@@ -78,7 +78,7 @@ def run(ctx: Context) -> dict:
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
 
     clean = cfg.loss.metric_on == "clean"
-    counter = EpochCounter()
+    counter = EpochCounter(source.num_batches(train_rows))
     classification = Classification(cfg, observed, counter, device)
 
     class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)

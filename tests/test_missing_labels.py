@@ -137,6 +137,51 @@ def test_clml_term_only_when_on():
     assert term is not None and torch.isfinite(term)
 
 
+def test_lazy_clml_runs_every_kth_step_at_k_times_the_weight():
+    from retdmctl.losses.clml import clml_loss
+
+    obs, y, rows = _observed_batch()
+    f, logits = torch.randn(3, 8), torch.randn(3, 4)
+    cfg = labels_cfg()
+    cfg.loss.clml, cfg.loss.clml_every = 0.5, 3
+    once = float(clml_loss(f, logits, y, epoch=1, lam=0.5))
+    counter = EpochCounter(steps_per_epoch=4)
+    loss = Classification(cfg, obs, counter, "cpu")
+
+    def epoch(e: int) -> list:
+        counter(e)
+        return [loss(logits, y, rows, f)[1] for _ in range(4)]
+
+    # global steps 0-3, then 4-7: the term on 0, 3 and 6, weighted 3x
+    first, second = epoch(1), epoch(2)
+    assert [t is not None for t in first + second] == [True, False, False, True, False, False, True, False]
+    assert float(first[0]) == pytest.approx(3 * once, rel=1e-6)
+    # a run resumed at epoch 2 runs the term on the same steps
+    resumed = Classification(cfg, obs, EpochCounter(steps_per_epoch=4), "cpu")
+    resumed.counter(2)
+    assert [resumed(logits, y, rows, f)[1] is not None for _ in range(4)] == [t is not None for t in second]
+
+
+def test_lazy_clml_through_the_classifier_stage(tmp_path, monkeypatch):
+    import retdmctl.training.labels as labels
+
+    calls = []
+    original = labels.clml_loss
+    monkeypatch.setattr(labels, "clml_loss", lambda *a, **k: (calls.append(k["lam"]), original(*a, **k))[1])
+    ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
+    cfg.classifier.epochs, cfg.loss.clml, cfg.loss.clml_every = 2, 0.1, 2
+    ctx = Context(ws, cfg, Console(file=io.StringIO()))
+    for name in ("ingest", "classifier"):
+        run_stage(ctx, BY_NAME[name], PIPELINE)
+    info = read_dataset(ws.dataset)
+    steps = -(-len(info.split("train")) // cfg.model.batch_size)
+    assert steps > 1 and len(calls) == (2 * steps + 1) // 2 and all(lam == pytest.approx(0.2) for lam in calls)
+    assert ws.read_manifest("classifier")["config"]["loss"]["clml_every"] == 2
+    cfg.loss.clml_every = 1  # a different schedule is a different model: the stage runs again
+    assert run_stage(Context(ws, cfg, Console(file=io.StringIO())), BY_NAME["classifier"], PIPELINE)
+    assert len(calls) == (2 * steps + 1) // 2 + 2 * steps
+
+
 def test_fit_passes_the_epoch(tmp_path, monkeypatch):
     ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
     cfg.classifier.epochs = 3
@@ -174,6 +219,9 @@ def test_every_training_stage_records_the_protocol(keep_run):
     info = read_dataset(ws.dataset)
     expected = int(info.labels[info.split("train")].sum() - (observed_labels(info, cfg)[info.split("train")] == 1).sum())
     assert hidden == {expected} and expected > 0
+    page = (ws.stage_dir("eval") / "report.html").read_text()
+    train_positives = int(info.labels[info.split("train")].sum())
+    assert f"keep 0.5 (seed 1): {expected} of {train_positives} training positives hidden" in page
 
 
 def test_knn_graph_is_built_from_the_observed_training_sets(keep_run):
@@ -248,6 +296,7 @@ def test_llr_trains_end_to_end(tmp_path):
         ({"loss": {"clml_tau": 1}}, "loss.clml_tau must be in (0, 1), got 1.0"),
         ({"loss": {"clml_start_epoch": 0}}, "loss.clml_start_epoch must be >= 1, got 0"),
         ({"loss": {"clml_delta": -0.5}}, "loss.clml_delta must be >= 0, got -0.5"),
+        ({"loss": {"clml_every": 0}}, "loss.clml_every must be >= 1, got 0"),
     ],
 )
 def test_validation_messages(values, message):

@@ -87,6 +87,7 @@ def test_eval_writes_the_test_scores_and_their_metrics(finished):
     assert saved["checkpoint"] == "joint/checkpoint.pt" and set(saved["per_class_ap"]) == set(info.class_names)
     page = (ws.stage_dir("eval") / "report.html").read_text()
     assert all(name in page for name in info.class_names)
+    assert "every label (no protocol, no unknown entry)" in page  # the training labels row
 
 
 def test_leftovers_of_a_killed_writer_are_removed_on_the_next_run(tmp_path):

@@ -174,6 +174,20 @@ def _score_other(ws: Workspace, cfg: Config, info: DatasetInfo, stage: str, rows
     return scores, cut, None
 
 
+def _training_labels(ws: Workspace, stage: str) -> str:
+    """What the evaluated model was trained on, from its stage's manifest: every label,
+    or the protocol and how many training positives it hid (unknowns included)."""
+    from retdmctl.training.labels import describe
+
+    summary = (ws.read_manifest(stage) or {}).get("summary", {})
+    if "labels" not in summary:
+        return "(not recorded)"
+    s = summary["labels"]
+    if s["protocol"] == "full" and not s["unknown_entries"]:
+        return "every label (no protocol, no unknown entry)"
+    return describe(summary).removeprefix("labels: ")
+
+
 def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, Any], *, scores: np.ndarray,
            labels: np.ndarray, rows: np.ndarray, model=None, device=None, compare: bool = True) -> dict[str, Any]:
     """The report's data as plain Python values (see :func:`retdmctl.report.page.render_page`)."""
@@ -255,6 +269,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
             "image size": f"{m.image_size} px (resize shorter side to {round(m.image_size * 256 / 224)}, centre crop)",
             "embedding D": m.embed_dim,
             "threshold": result["thresholds"]["rule"] if result["thresholds"]["rule"] != "fixed" else f"fixed {cfg.eval.threshold}",
+            "training labels": _training_labels(ws, stage),
         },
         "config": cfg.to_dict(),
         "metrics": metrics,

@@ -88,13 +88,19 @@ def announce(console, summary: dict) -> None:
 
 
 class EpochCounter:
-    """Passed to ``fit(on_epoch=...)``: holds the 1-based epoch being trained."""
+    """Passed to ``fit(on_epoch=...)``: holds the 1-based epoch being trained and, for
+    ``loss.clml_every``, the 0-based index of the training step about to run. The index
+    is set from the epoch at each epoch's start (``steps_per_epoch`` batches an epoch),
+    so a resumed run runs the term on the same steps as an uninterrupted one."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps_per_epoch: int = 0) -> None:
         self.epoch = 1
+        self.step = 0
+        self.steps_per_epoch = steps_per_epoch
 
     def __call__(self, epoch: int) -> None:
         self.epoch = epoch
+        self.step = (epoch - 1) * self.steps_per_epoch
 
 
 class Classification:
@@ -129,15 +135,23 @@ class Classification:
             return self.base(logits, y, ~unknown)
         return self.base(logits, y)
 
-    def clml_term(self, f: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.cfg.loss
+    def clml_term(self, f: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The weighted term on this step, or None on a step that lazy regularisation
+        (``loss.clml_every`` = k > 1) skips: it runs on steps 0, k, 2k, ... with weight
+        k * ``loss.clml``, so its gradient summed over k steps is, in expectation, that of
+        running it on every step."""
+        loss, every = self.cfg.loss, self.cfg.loss.clml_every
+        if self.counter.step % every:
+            return None
         return clml_loss(
-            f.float(), logits.float(), y.float(), epoch=self.counter.epoch, lam=loss.clml,
+            f.float(), logits.float(), y.float(), epoch=self.counter.epoch, lam=loss.clml * every,
             tau=loss.clml_tau, delta=loss.clml_delta, start_epoch=loss.clml_start_epoch,
         )
 
     def __call__(self, logits, y, rows, f=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the base loss, the weighted CLML term or None when off or ``f`` is None)."""
+        """(the base loss, the weighted CLML term or None when off, skipped on this step,
+        or ``f`` is None). One call per training step: it advances the step counter."""
         cls = self.base_loss(logits, y, rows)
         term = self.clml_term(f, logits, y) if self.uses_clml and f is not None else None
+        self.counter.step += 1
         return cls, term
