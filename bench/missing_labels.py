@@ -11,6 +11,11 @@ every variant runs through the product's own stages:
     retdm       classifier -> metric -> joint (alpha = beta = lambda = 1), BCE
     retdm_clml  RETDM with the CLML term in the classifier and joint stages, at the
                 weight chosen for bce_clml (its stage 1 is bce_clml's chosen classifier)
+    llr_val     LL-R with its per-epoch rejection increment (loss.llr_delta_rel) chosen
+                per seed and protocol on validation from ``--llr-grid`` (its published
+                0.2 % included; asked for by name)
+    llr_clml    LL-R at llr_val's chosen rate plus the CLML term, its weight chosen on
+                validation from the CLML grid (asked for by name, with llr_val)
     bce_clml_lazy  bce_clml with lazy regularisation: the term on every k-th step at k
                 times its weight (``--lazy-every`` k, default 16; loss.clml_every), its
                 own weight chosen on validation from the same grid (asked for by name)
@@ -85,8 +90,8 @@ PROTOCOLS: dict[str, list[str]] = {
 }
 # run in this order: bce reuses retdm's classifier; bce_clml's grid leaves its chosen
 # classifier in place, and retdm_clml goes on from it
-ORDER = ("retdm", "bce", "llr", "bce_clml", "retdm_clml", "bce_clml_lazy")
-REPORTED = ("bce", "llr", "bce_clml", "retdm", "retdm_clml", "bce_clml_lazy")
+ORDER = ("retdm", "bce", "llr", "llr_val", "llr_clml", "bce_clml", "retdm_clml", "bce_clml_lazy")
+REPORTED = ("bce", "llr", "llr_val", "llr_clml", "bce_clml", "retdm", "retdm_clml", "bce_clml_lazy")
 DEFAULT_VARIANTS = ["bce", "llr", "bce_clml", "retdm", "retdm_clml"]
 # with --merge ... --widen: bce_clml with its weight chosen on validation over the union of
 # the grids of the main run and of the widening runs (retdm_clml keeps the main choice)
@@ -99,6 +104,8 @@ def variants(lazy_every: int = 16) -> dict[str, dict]:
     return {
         "bce": {"stage": "classifier", "set": ["loss.base=bce", "loss.clml=0"]},
         "llr": {"stage": "classifier", "set": ["loss.base=llr", "loss.clml=0"]},
+        "llr_val": {"stage": "classifier", "set": ["loss.base=llr", "loss.clml=0"], "grid": True, "pick": "llr"},
+        "llr_clml": {"stage": "classifier", "set": ["loss.base=llr"], "grid": True, "pick": "llr_clml", "on": "llr"},
         "bce_clml": {"stage": "classifier", "set": ["loss.base=bce"], "grid": True, "pick": "clml"},
         "retdm": {"stage": "joint", "set": ["loss.base=bce", "loss.clml=0"]},
         "retdm_clml": {"stage": "joint", "set": ["loss.base=bce"], "grid": True, "pick": "clml"},
@@ -107,7 +114,9 @@ def variants(lazy_every: int = 16) -> dict[str, dict]:
     }
 
 
-def grid_points(args) -> list[list[str]]:
+def grid_points(args, pick: str = "clml") -> list[list[str]]:
+    if pick == "llr":
+        return [[f"loss.llr_delta_rel={v:g}"] for v in args.llr_grid]
     return [[f"loss.clml={lam:g}", f"loss.clml_tau={tau:g}"] for lam in args.clml_grid for tau in args.tau_grid]
 
 
@@ -125,11 +134,12 @@ def restore(ws: Workspace, stage: str, src: Path) -> None:
     shutil.copy2(src / "manifest.json", ws.manifest_path(stage))
 
 
-def choose_on_val(ws: Workspace, base: Config, settings: list[str], args, keep: Path) -> tuple[list[str], list[dict]]:
+def choose_on_val(ws: Workspace, base: Config, settings: list[str], args, keep: Path,
+                  pick: str = "clml") -> tuple[list[str], list[dict]]:
     """Train stage 1 at every grid point; leave the best (kept validation mAP) in the
     workspace. Returns its settings and every point's validation mAP."""
     tried, best = [], None
-    for point in grid_points(args):
+    for point in grid_points(args, pick):
         cfg = configure(base, settings + point)
         run_until(ws, cfg, "classifier")
         score = kept_val_map(ws, cfg, "classifier")
@@ -288,9 +298,11 @@ def tables(results: dict, args, timing: dict, chosen: dict) -> list[str]:
             md.append("")
         md += ["### Against assume-negative BCE", ""] + reading(dataset, per_seed, protocols) + [""]
         picks = chosen.get(dataset, {})
-        grid_protocols = [q for p in protocols for q in (p, f"{p}:lazy") if any(picks.get(s, {}).get(q) for s in seeds)]
+        grid_protocols = [q for p in protocols for q in (p, f"{p}:lazy", f"{p}:llr", f"{p}:llr_clml")
+                          if any(picks.get(s, {}).get(q) for s in seeds)]
         if grid_protocols:
-            md += ["### CLML weight chosen on validation (loss.clml in bold; [each value tried: kept validation mAP])", "",
+            md += ["### Chosen on validation (in bold; [each value tried: kept validation mAP]): loss.clml, "
+                   "or loss.llr_delta_rel in the :llr columns", "",
                    "| seed | " + " | ".join(grid_protocols) + " |", "|---|" + "---|" * len(grid_protocols)]
             for s in seeds:
                 row = []
@@ -301,7 +313,8 @@ def tables(results: dict, args, timing: dict, chosen: dict) -> list[str]:
                         continue
                     best = max(c["tried"], key=lambda t: t["val_mAP"])
                     tried = ", ".join(f"{t['set'][0].split('=')[1]}: {t['val_mAP']:.4f}" for t in c["tried"])
-                    tau = f" (tau {best['set'][1].split('=')[1]})" if len({t['set'][1] for t in c["tried"]}) > 1 else ""
+                    taus = {t["set"][1] for t in c["tried"] if len(t["set"]) > 1}
+                    tau = f" (tau {best['set'][1].split('=')[1]})" if len(taus) > 1 else ""
                     row.append(f"**{best['set'][0].split('=')[1]}**{tau} [{tried}]")
                 md.append(f"| {s} | " + " | ".join(row) + " |")
             md.append("")
@@ -350,6 +363,8 @@ def command(args) -> str:
         cmd += " --clml-protocols " + " ".join(args.clml_protocols)
     if args.variants != DEFAULT_VARIANTS:
         cmd += " --variants " + " ".join(args.variants)
+    if getattr(args, "llr_grid", [0.002, 0.005, 0.01, 0.02]) != [0.002, 0.005, 0.01, 0.02]:
+        cmd += " --llr-grid " + " ".join(f"{v:g}" for v in args.llr_grid)
     if getattr(args, "lazy_every", 16) != 16:
         cmd += f" --lazy-every {args.lazy_every}"
     if args.clml_grid != [0.01, 0.03, 0.1, 0.3]:
@@ -464,6 +479,8 @@ def main() -> None:
                         help="protocols that run the CLML variants (full is the ceiling: bce and retdm)")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(REPORTED))
     parser.add_argument("--lazy-every", type=int, default=16, help="bce_clml_lazy: the term on every k-th step")
+    parser.add_argument("--llr-grid", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02],
+                        help="llr_val: loss.llr_delta_rel values tried on validation")
     parser.add_argument("--clml-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
                         help="loss.clml values tried on validation (stage 1)")
     parser.add_argument("--tau-grid", type=float, nargs="+", default=[0.75], help="loss.clml_tau values tried")
@@ -532,13 +549,14 @@ def main() -> None:
                     if spec.get("grid"):
                         if protocol not in args.clml_protocols:
                             continue
+                        fixed = spec["set"] + (picks[spec["on"]]["set"] if "on" in spec else [])  # llr_clml: llr_val's rate
                         if spec["pick"] not in picks:  # stage 1 at every grid point; the best is left in place
-                            point, tried = choose_on_val(ws, base, spec["set"] + PROTOCOLS[protocol], args, keep)
+                            point, tried = choose_on_val(ws, base, fixed + PROTOCOLS[protocol], args, keep, spec["pick"])
                             picks[spec["pick"]] = {"set": point, "tried": tried, "seconds": time.perf_counter() - t0}
                             key = protocol if spec["pick"] == "clml" else f"{protocol}:{spec['pick']}"
                             chosen[dataset][seed][key] = picks[spec["pick"]]
                         pick = picks[spec["pick"]]
-                        settings = spec["set"] + pick["set"]
+                        settings = fixed + pick["set"]
                     else:
                         settings = spec["set"]
                     r = run_one(ws, base, settings + PROTOCOLS[protocol], spec["stage"], t0)

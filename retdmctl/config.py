@@ -125,6 +125,10 @@ class LossConfig:
     # lazy regularisation: the term runs on every k-th training step, weighted k times
     # (the same expected gradient at 1/k of the cost; 1 = every step, as the paper)
     clml_every: int = 1
+    # loss.base = llr: the rejection rate grows by this fraction of a batch's entries each
+    # epoch (LL-R's delta_rel; 0.002 = its published 0.2 %, tuned for COCO's 2.9 of 80
+    # labels: a denser label set hides more positives and may want more)
+    llr_delta_rel: float = 0.002
 
 
 @dataclass
@@ -374,6 +378,7 @@ _RULES: dict[str, Any] = {
     "loss.clml_start_epoch": _at_least(1),
     "loss.clml_delta": _at_least(0),
     "loss.clml_every": _at_least(1),
+    "loss.llr_delta_rel": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     "labels.protocol": _one_of("full", "keep", "single", "hide"),
     "labels.fraction": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "labels.unknown": _one_of("negative", "ignore"),

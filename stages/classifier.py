@@ -111,7 +111,7 @@ STAGE = Stage(
     name="classifier",
     command="retdmctl train --stage classifier",
     sections=("model", "classifier", "loss.base", "loss.clml", "loss.clml_tau", "loss.clml_start_epoch",
-              "loss.clml_delta", "loss.clml_every", "labels"),
+              "loss.clml_delta", "loss.clml_every", "loss.llr_delta_rel", "labels"),
     inputs=_inputs,
     outputs=_outputs,
     run=run,

@@ -125,6 +125,11 @@ def test_llr_follows_the_epoch_and_rejects_only_unknown_entries():
     counter(60)  # rate 0.118: ceil(12 * 0.118) = 2 rejected
     assert float(loss(logits, y, rows)[0]) == pytest.approx(float(llr_loss(logits, y, 60, mask_unobserved=unknown)))
     assert float(loss(logits, y, rows)[0]) != pytest.approx(float(llr_loss(logits, y, 1)))
+    cfg.loss.llr_delta_rel = 0.05  # a faster schedule: epoch 3 rejects ceil(12 * 0.1) = 2
+    counter(3)
+    faster = float(loss(logits, y, rows)[0])
+    assert faster == pytest.approx(float(llr_loss(logits, y, 3, 0.05, mask_unobserved=unknown)))
+    assert faster != pytest.approx(float(llr_loss(logits, y, 3, mask_unobserved=unknown)))
 
 
 def test_clml_term_only_when_on():
@@ -297,6 +302,7 @@ def test_llr_trains_end_to_end(tmp_path):
         ({"loss": {"clml_start_epoch": 0}}, "loss.clml_start_epoch must be >= 1, got 0"),
         ({"loss": {"clml_delta": -0.5}}, "loss.clml_delta must be >= 0, got -0.5"),
         ({"loss": {"clml_every": 0}}, "loss.clml_every must be >= 1, got 0"),
+        ({"loss": {"llr_delta_rel": 1}}, "loss.llr_delta_rel must be in [0, 1), got 1.0"),
     ],
 )
 def test_validation_messages(values, message):

@@ -109,8 +109,8 @@ class Classification:
     * ``loss.base`` bce/asl: unknown entries assumed negative (``labels.unknown =
       negative``: the targets y already read them as 0) or masked out (``ignore``).
     * ``loss.base = llr``: BCE with unknowns as negatives, the largest-loss unknown
-      entries rejected on LL-R's schedule (needs the epoch); observed negatives are never
-      rejected. ``labels.unknown`` does not apply.
+      entries rejected on LL-R's schedule (needs the epoch; ``loss.llr_delta_rel`` more
+      of the batch's entries each epoch); observed negatives are never rejected. ``labels.unknown`` does not apply.
     * plus ``loss.clml`` * the CLML term on ``f`` (the clean embedding) when > 0.
 
     Rows outside the training split (none are trained on) count as fully observed.
@@ -130,7 +130,7 @@ class Classification:
     def base_loss(self, logits: torch.Tensor, y: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         unknown = self.unknown[torch.from_numpy(np.asarray(rows)).to(self.unknown.device)]
         if self.base is None:
-            return llr_loss(logits, y, self.counter.epoch, mask_unobserved=unknown)
+            return llr_loss(logits, y, self.counter.epoch, self.cfg.loss.llr_delta_rel, mask_unobserved=unknown)
         if self.ignore and bool(unknown.any()):
             return self.base(logits, y, ~unknown)
         return self.base(logits, y)
