@@ -318,7 +318,13 @@ def status(workdir: Workdir = None) -> None:
     if cfg.labels.protocol != "full":  # the training stages learn from incomplete labels
         lab = cfg.labels
         fraction = f" {lab.fraction:g}" if lab.protocol in ("keep", "hide") else ""
-        console.print(f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), unknown read as {lab.unknown}")
+        loss = cfg.loss
+        if loss.base == "llr":  # labels.unknown does not apply: LL-R rejects some of them
+            reading = f"unknown read as negative, the largest-loss ones rejected (LL-R, {100 * loss.llr_delta_rel:g} % more each epoch)"
+        else:
+            reading = f"unknown read as {lab.unknown}"
+        clml = f"; CLML weight {loss.clml:g}" + (f", every {loss.clml_every} steps" if loss.clml_every > 1 else "") if loss.clml > 0 else ""
+        console.print(f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), {reading}{clml}")
 
 
 QUICKSTART_WORKDIR = Path("retdm-quickstart")

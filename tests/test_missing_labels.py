@@ -338,8 +338,13 @@ def test_train_flags_set_the_protocol_and_status_shows_it(tmp_path):
     ws = Workspace(tmp_path)
     assert ws.read_manifest("classifier")["summary"]["labels"]["protocol"] == "keep"
     assert "train_clml" in load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["history"][0]
-    status = invoke("status")
-    assert "training labels: protocol keep 0.5 (seed 0), unknown read as negative" in status.output
+    status = " ".join(invoke("status").output.split())  # the console may wrap the line
+    assert "training labels: protocol keep 0.5 (seed 0), unknown read as negative; CLML weight 0.5" in status
+    assert invoke("train", "--stage", "classifier", "--epochs", "1", "--set", "loss.base=llr", "--set",
+                  "loss.llr_delta_rel=0.01", "--clml-every", "4").exit_code == 0
+    status = " ".join(invoke("status").output.split())
+    assert ("training labels: protocol keep 0.5 (seed 0), unknown read as negative, the largest-loss ones rejected "
+            "(LL-R, 1 % more each epoch); CLML weight 0.5, every 4 steps") in status
     result = invoke("train", "--stage", "classifier", "--labels-fraction", "1.5")
     assert result.exit_code != 0 and "labels.fraction must be in (0, 1], got 1.5" in result.output
 
