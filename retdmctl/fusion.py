@@ -73,10 +73,10 @@ class NeighbourVote(nn.Module):
 # --- choosing (k, t, w) on validation ----------------------------------------------------
 
 
-def _mean_ap(y: np.ndarray, s: np.ndarray) -> float:
+def _mean_ap(y: np.ndarray, s: np.ndarray, known: np.ndarray | None = None) -> float:
     from retdmctl.metrics import per_class_average_precision
 
-    ap = per_class_average_precision(y, s)
+    ap = per_class_average_precision(y, s, known)
     return float(np.nanmean(ap)) if not np.isnan(ap).all() else float("nan")
 
 
@@ -91,10 +91,11 @@ def _top(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor,
 
 def choose(
     train_f: np.ndarray, train_y: np.ndarray, train_rows: np.ndarray,
-    val_f: np.ndarray, val_p: np.ndarray, val_y: np.ndarray,
+    val_f: np.ndarray, val_p: np.ndarray, val_y: np.ndarray, val_known: np.ndarray | None = None,
 ) -> dict:
     """The (k, t, w) of :data:`GRID` with the best validation mAP of the fused scores, and
-    the thresholds chosen on those scores. w = 0 is tried first and kept on ties."""
+    the thresholds chosen on those scores. w = 0 is tried first and kept on ties.
+    ``val_known``: False where a validation label is unknown (left out of both choices)."""
     from retdmctl import thresholds
 
     # the bank is saved as float16: choose with exactly the bank that eval and predict apply
@@ -103,7 +104,7 @@ def choose(
     ks = sorted({min(k, len(bank)) for k in GRID["k"]})
     top, idx = _top(normalize(torch.from_numpy(val_f)), bank, ks[-1])  # sorted: the first k are the k nearest
     p = torch.from_numpy(val_p).float()
-    plain = _mean_ap(val_y, val_p)
+    plain = _mean_ap(val_y, val_p, val_known)
     best = (plain, ks[0], GRID["temp"][0], 0.0)
     for k in ks:
         for temp in GRID["temp"]:
@@ -111,7 +112,7 @@ def choose(
             for w in GRID["w"]:
                 if w == 0.0:
                     continue
-                score = _mean_ap(val_y, ((1 - w) * p + w * vote).numpy())
+                score = _mean_ap(val_y, ((1 - w) * p + w * vote).numpy(), val_known)
                 if score > best[0]:
                     best = (score, k, temp, w)
     score, k, temp, w = best
@@ -124,7 +125,7 @@ def choose(
         "bank": torch.from_numpy(train_f).to(torch.float16),
         "labels": torch.from_numpy(train_y).to(torch.uint8),
         "rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)),
-        "threshold_choice": thresholds.choose(val_y, fused),
+        "threshold_choice": thresholds.choose(val_y, fused, val_known),
     }
 
 

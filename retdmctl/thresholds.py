@@ -9,7 +9,9 @@ predict:
   a class without a positive in validation keeps the global one.
 
 Thresholds are searched on a fixed grid (0.01 .. 0.99) so that a choice never hangs on
-one validation image's exact score; ties go to the threshold closest to 0.5.
+one validation image's exact score; ties go to the threshold closest to 0.5. Unknown
+validation labels (``known`` False, ``?name`` in a csv file) count as neither positive
+nor negative, as in :mod:`retdmctl.metrics`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
 RULES = ("per_class", "global", "fixed")
 
 
-def _counts(y: np.ndarray, s: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(G, L) true positives, false positives and false negatives per grid threshold."""
+def _counts(y: np.ndarray, s: np.ndarray, grid: np.ndarray, known: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(G, L) true positives, false positives and false negatives per grid threshold,
+    over the known entries."""
     y = y.astype(bool)
+    if known is not None:
+        y = y & known
     tp = np.empty((len(grid), y.shape[1]))
     fp = np.empty_like(tp)
     for g, t in enumerate(grid):  # G small steps of (N, L) work: no (N, L, G) blow-up
         pred = s >= t
+        if known is not None:
+            pred &= known
         tp[g] = (pred & y).sum(axis=0)
         fp[g] = (pred & ~y).sum(axis=0)
     fn = y.sum(axis=0)[None, :] - tp
@@ -40,10 +48,11 @@ def _argbest(values: np.ndarray, grid: np.ndarray) -> int:
     return int(ties[np.argmin(np.abs(grid[ties] - 0.5))])
 
 
-def best_global_threshold(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID) -> float:
-    """The one threshold that maximises C-F1 over the classes with a positive."""
-    tp, fp, fn = _counts(y, s, grid)
-    present = y.astype(bool).any(axis=0)
+def best_global_threshold(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID,
+                          known: np.ndarray | None = None) -> float:
+    """The one threshold that maximises C-F1 over the classes with a (known) positive."""
+    tp, fp, fn = _counts(y, s, grid, known)
+    present = (tp + fn)[0] > 0
     if not present.any():
         return 0.5
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -53,19 +62,22 @@ def best_global_threshold(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID)
     return float(grid[_argbest(f1, grid)])
 
 
-def best_class_thresholds(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
-    """Each class's F1-optimal threshold; the global one for a class without a positive."""
-    tp, fp, fn = _counts(y, s, grid)
+def best_class_thresholds(y: np.ndarray, s: np.ndarray, grid: np.ndarray = GRID,
+                          known: np.ndarray | None = None) -> np.ndarray:
+    """Each class's F1-optimal threshold; the global one for a class without a (known) positive."""
+    tp, fp, fn = _counts(y, s, grid, known)
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-    fallback = best_global_threshold(y, s, grid)
-    present = y.astype(bool).any(axis=0)
+    fallback = best_global_threshold(y, s, grid, known)
+    present = (tp + fn)[0] > 0
     return np.array([grid[_argbest(f1[:, c], grid)] if present[c] else fallback for c in range(y.shape[1])])
 
 
-def choose(y: np.ndarray, s: np.ndarray) -> dict:
-    """Both rules' thresholds for a model's validation scores, to save with it."""
-    return {"global": best_global_threshold(y, s), "per_class": [float(t) for t in best_class_thresholds(y, s)]}
+def choose(y: np.ndarray, s: np.ndarray, known: np.ndarray | None = None) -> dict:
+    """Both rules' thresholds for a model's validation scores (``known``: False where a
+    label is unknown), to save with it."""
+    return {"global": best_global_threshold(y, s, known=known),
+            "per_class": [float(t) for t in best_class_thresholds(y, s, known=known)]}
 
 
 def resolve(choice: dict | None, rule: str, fixed: float, num_classes: int) -> np.ndarray:

@@ -81,7 +81,7 @@ def run(ctx: Context) -> dict:
         source=source,
         train_rows=train_rows,
         step=step,
-        validate=lambda: val_bce_and_map(model, source, val_rows, device),
+        validate=lambda: val_bce_and_map(model, source, val_rows, device, info.known_at(val_rows)),
         device=device,
         resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
         console=ctx.console,

@@ -1,6 +1,6 @@
 """Stage ``eval``: score a split with a checkpoint's classification module and report.
 
-Writes ``eval/scores.h5`` (scores, labels, ids), ``eval/metrics.json`` (the 12 metrics
+Writes ``eval/scores.h5`` (scores, labels, ids; ``known`` where a label is unknown), ``eval/metrics.json`` (the 12 metrics
 of DESIGN.md section 4 plus per-class AP) and ``eval/report.html``.
 """
 
@@ -89,14 +89,23 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
     ws, cfg, e = ctx.ws, ctx.cfg, ctx.cfg.eval
     choice = fusion.threshold_choice(ckpt, vote is not None)
     cut = thresholds.resolve(choice, e.thresholds, e.threshold, info.num_classes)
-    metrics = compute_metrics(labels, scores, threshold=cut)
-    ap = per_class_average_precision(labels, scores)
+    # Unknown labels (?name in a csv file) are neither positive nor negative: every metric
+    # leaves them out rather than reading them as negative.
+    known = info.known_at(rows)
+    unknown, unknown_images = info.unknown_count(rows)
+    if unknown:
+        ctx.console.print(f"eval: {unknown} unknown labels (?name) in {unknown_images} {e.split} images: "
+                          "left out of every metric")
+    metrics = compute_metrics(labels, scores, threshold=cut, known=known)
+    ap = per_class_average_precision(labels, scores, known)
 
     out = ws.stage_dir("eval")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "scores.h5") as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("scores", data=scores.astype(np.float32))
         h5.create_dataset("labels", data=labels.astype(np.uint8))
+        if known is not None:  # False = unknown (its label reads 0 above)
+            h5.create_dataset("known", data=known)
         h5.create_dataset("rows", data=rows)
         h5.create_dataset("ids", data=np.array([info.ids[r] for r in rows], dtype=object), dtype=h5py.string_dtype())
         h5.create_dataset("class_names", data=np.array(info.class_names, dtype=object), dtype=h5py.string_dtype())
@@ -108,6 +117,7 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
         "checkpoint": ws.rel(ckpt_path),
         "split": e.split,
         "images": int(len(rows)),
+        "unknown_labels": {"entries": unknown, "images": unknown_images},  # left out of every metric
         "thresholds": {"rule": e.thresholds, "values": dict(zip(info.class_names, map(float, cut)))},
         # the neighbour vote fused into the scores (k, temp, w, bank size), or null
         "fusion": None if vote is None else vote.describe(),

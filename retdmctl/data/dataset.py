@@ -47,6 +47,21 @@ class DatasetInfo:
             out[~self.known] = -1
         return out
 
+    def known_at(self, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), L) bool, False where a label of that row is unknown; None when
+        every one of them is known. Metrics and thresholds leave unknown entries out."""
+        if self.known is None:
+            return None
+        known = self.known[np.asarray(rows)]
+        return None if known.all() else known
+
+    def unknown_count(self, rows: np.ndarray) -> tuple[int, int]:
+        """(unknown label entries, images with one) among ``rows``."""
+        known = self.known_at(rows)
+        if known is None:
+            return 0, 0
+        return int((~known).sum()), int((~known).any(axis=1).sum())
+
     def require_nonempty(self, *names: str) -> None:
         """Raise InputError naming the first of the given splits (default: all three)
         that holds no image, and how to fix it."""

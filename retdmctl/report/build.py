@@ -46,16 +46,18 @@ PAPER_NOTE = ("Paper columns: RETDM paper, Table I (scene): VGG-16 fine-tuned, r
               "stated; it reports no mAP. Compare with care: different backbone, split and protocol.")
 
 
-def per_class_table(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> list[dict[str, Any]]:
+def per_class_table(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
+                    known: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per class: positives, threshold, precision, recall, F1 (class) and AP (class).
     Precision is 0 with no predicted positive (as in C-P); recall, F1 and AP are None
-    for a class without positives."""
-    y = labels.astype(bool)
-    pred = scores >= thresholds[None, :]
+    for a class without positives. Unknown entries (``known`` False) are left out."""
+    known = np.ones(labels.shape, dtype=bool) if known is None else known
+    y = labels.astype(bool) & known
+    pred = (scores >= thresholds[None, :]) & known
     tp = (pred & y).sum(0)
     fp = (pred & ~y).sum(0)
     pos = y.sum(0)
-    ap = per_class_average_precision(labels, scores)
+    ap = per_class_average_precision(labels, scores, known)
     out = []
     for c in range(labels.shape[1]):
         p = float(tp[c] / (tp[c] + fp[c])) if tp[c] + fp[c] else 0.0
@@ -66,16 +68,19 @@ def per_class_table(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
     return out
 
 
-def pr_curves(labels: np.ndarray, scores: np.ndarray, points: int = 150) -> list[dict[str, Any] | None]:
-    """Per class the precision-recall curve (None without positives), at most ``points`` points."""
-    ap = per_class_average_precision(labels, scores)
+def pr_curves(labels: np.ndarray, scores: np.ndarray, points: int = 150,
+              known: np.ndarray | None = None) -> list[dict[str, Any] | None]:
+    """Per class the precision-recall curve over the images where the class is known (None
+    without positives), at most ``points`` points."""
+    ap = per_class_average_precision(labels, scores, known)
     curves: list[dict[str, Any] | None] = []
     for c in range(labels.shape[1]):
-        y = labels[:, c].astype(bool)
+        at = slice(None) if known is None else known[:, c]
+        y, s = labels[at, c].astype(bool), scores[at, c]
         if not y.any():
             curves.append(None)
             continue
-        order = np.argsort(-scores[:, c], kind="stable")
+        order = np.argsort(-s, kind="stable")
         tp = np.cumsum(y[order])
         k = np.arange(1, len(order) + 1)
         precision, recall = tp / k, tp / y.sum()
@@ -96,15 +101,19 @@ def thumbnail_uri(data: bytes, side: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def worst_first(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Image order, worst first: wrong decisions first, then by the summed |y - p|."""
-    wrong = ((scores >= thresholds[None, :]) != labels.astype(bool)).sum(1)
-    severity = np.abs(labels - scores).sum(1)
+def worst_first(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
+                known: np.ndarray | None = None) -> np.ndarray:
+    """Image order, worst first: wrong decisions first, then by the summed |y - p|, over
+    the known labels."""
+    known = np.ones(labels.shape, dtype=bool) if known is None else known
+    wrong = (((scores >= thresholds[None, :]) != labels.astype(bool)) & known).sum(1)
+    severity = (np.abs(labels - scores) * known).sum(1)
     return np.lexsort((-severity, -wrong))
 
 
 def thumbnails(ws: Workspace, info: DatasetInfo, rows: np.ndarray, labels: np.ndarray, scores: np.ndarray,
                thresholds: np.ndarray, limit: int = MAX_THUMBNAILS) -> list[dict[str, Any]]:
+    known = info.known_at(rows)
     from retdmctl.data.store import ImageReader
 
     if not ws.lmdb.exists():
@@ -113,7 +122,7 @@ def thumbnails(ws: Workspace, info: DatasetInfo, rows: np.ndarray, labels: np.nd
     names = info.class_names
     out = []
     try:
-        for i in worst_first(labels, scores, thresholds)[:limit]:
+        for i in worst_first(labels, scores, thresholds, known)[:limit]:
             key = info.ids[int(rows[i])]
             try:
                 uri = thumbnail_uri(reader.get(key))
@@ -188,6 +197,13 @@ def _training_labels(ws: Workspace, stage: str) -> str:
     return describe(summary).removeprefix("labels: ")
 
 
+def _evaluation_labels(info: DatasetInfo, rows: np.ndarray) -> str:
+    entries, images = info.unknown_count(rows)
+    if not entries:
+        return "every label known"
+    return f"{entries} unknown (?name) in {images} images, left out of every metric"
+
+
 def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, Any], *, scores: np.ndarray,
            labels: np.ndarray, rows: np.ndarray, model=None, device=None, compare: bool = True) -> dict[str, Any]:
     """The report's data as plain Python values (see :func:`retdmctl.report.page.render_page`)."""
@@ -196,6 +212,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
 
     stage, split = cfg.eval.checkpoint, result.get("split", cfg.eval.split)
     names = list(info.class_names)
+    known = info.known_at(rows)  # None: every label of the split is known
     thr_value = result["thresholds"]["values"]
     thresholds = np.array([thr_value[n] for n in names], dtype=np.float64)
     threshold_note = (f"Thresholded metrics at {float(thresholds[0]):g} for every class" if np.ptp(thresholds) == 0
@@ -214,7 +231,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
         other = "classifier"
         other_scores, other_cut, why = _score_other(ws, cfg, info, other, rows, device or torch.device("cpu"))
         if other_scores is not None:
-            metrics[f"{other} (ours)"] = compute_metrics(labels, other_scores, threshold=other_cut)
+            metrics[f"{other} (ours)"] = compute_metrics(labels, other_scores, threshold=other_cut, known=known)
             metrics = {k: metrics[k] for k in sorted(metrics, key=lambda k: not k.startswith("classifier"))}
         compare_note = why or ""
 
@@ -270,6 +287,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
             "embedding D": m.embed_dim,
             "threshold": result["thresholds"]["rule"] if result["thresholds"]["rule"] != "fixed" else f"fixed {cfg.eval.threshold}",
             "training labels": _training_labels(ws, stage),
+            f"{split} labels": _evaluation_labels(info, rows),
         },
         "config": cfg.to_dict(),
         "metrics": metrics,
@@ -277,11 +295,11 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
         "paper_note": PAPER_NOTE,
         "threshold_note": threshold_note,
         "class_names": names,
-        "per_class": per_class_table(labels, scores, thresholds),
+        "per_class": per_class_table(labels, scores, thresholds, known),
         "per_class_note": (f"{stage} model, {split} split. AP (class): average precision of one class over the "
                            "images; mAP is their mean. Not to be confused with the avg. precision (label ranking) "
                            "metric, an average over images."),
-        "pr_curves": pr_curves(labels, scores),
+        "pr_curves": pr_curves(labels, scores, known=known),
         "cooccurrence": cooc,
         "cooccurrence_note": f"Training split ({len(train_rows)} images)",
         "history": history,

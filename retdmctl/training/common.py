@@ -370,21 +370,25 @@ def choose_decision(model: RETDM, source, info: DatasetInfo, device: torch.devic
     scores, labels, val_f = predict_with_embeddings(model, source, val_rows, device)
     if train_features is None:
         _, _, train_features = predict_with_embeddings(model, source, train_rows, device)
+    known = info.known_at(val_rows)  # unknown validation labels take no part in any choice
     vote = fusion.choose(train_features, (info.labels[train_rows] > 0).astype(np.uint8), train_rows,
-                         val_f, scores, labels)
-    plain = thresholds.choose(labels, scores)
+                         val_f, scores, labels, known)
+    plain = thresholds.choose(labels, scores, known)
     used = vote["threshold_choice"] if vote["w"] > 0 else plain
     if console is not None:
         console.print(f"{stage}: {describe_vote(vote)}" if stage else describe_vote(vote))
     return {"threshold_choice": plain, "fusion": vote, "thresholds": used["per_class"]}
 
 
-def val_bce_and_map(model: RETDM, source, rows: np.ndarray, device: torch.device) -> dict[str, float]:
+def val_bce_and_map(model: RETDM, source, rows: np.ndarray, device: torch.device,
+                    known: np.ndarray | None = None) -> dict[str, float]:
+    """Validation BCE and mAP over the known entries (``known``: ``info.known_at(rows)``)."""
     scores, labels = predict_scores(model, source, rows, device)
     eps = 1e-7
     p = np.clip(scores, eps, 1 - eps)
-    bce = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
-    return {"val_loss": bce, "val_mAP": compute_metrics(labels, scores)["mAP"]}
+    bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    bce = float(bce.mean() if known is None else bce[known].mean())
+    return {"val_loss": bce, "val_mAP": compute_metrics(labels, scores, known=known)["mAP"]}
 
 
 @dataclass

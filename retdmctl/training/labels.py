@@ -5,7 +5,8 @@ that reads it (DESIGN.md section 3).
 the protocol (``labels.protocol``, ``labels.fraction``, ``labels.seed``) applied to the
 training split, combined with the dataset's own unknowns (``?label`` in a csv file).
 Validation and test rows keep the dataset's labels: model selection, thresholds and
-evaluation are always scored on full labels.
+evaluation are scored on every label the dataset has, and leave its own unknowns out
+(:mod:`retdmctl.metrics`, ``known``).
 
 :func:`training_view` gives the stages a copy of the dataset whose ``labels`` are, on the
 training rows, the observed positives (unknown read as 0): the sources, the kNN graph and
