@@ -315,17 +315,32 @@ def status(workdir: Workdir = None) -> None:
         color = {"done": "green", "stale": "yellow", "missing": "red"}[state]
         table.add_row(stage.name, f"[{color}]{state}[/]", reason, stage.command)
     console.print(table)
-    if cfg.labels.protocol != "full":  # the training stages learn from incomplete labels
-        lab = cfg.labels
-        fraction = f" {lab.fraction:g}" if lab.protocol in ("keep", "hide") else ""
-        loss = cfg.loss
-        if loss.base == "llr":  # labels.unknown does not apply: LL-R rejects some of them
-            reading = f"unknown read as negative, the largest-loss ones rejected (LL-R, {100 * loss.llr_delta_rel:g} % more each epoch)"
-        else:
-            reading = f"unknown read as {lab.unknown}"
-        clml = f"; CLML weight {loss.clml:g}" + (f", every {loss.clml_every} steps" if loss.clml_every > 1 else "") if loss.clml > 0 else ""
-        console.print(f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), {reading}{clml}")
+    if (line := _labels_line(ws, cfg)) is not None:
+        console.print(line)
 
+
+def _labels_line(ws, cfg) -> str | None:
+    """How the training stages read the labels, when not every label is there: a
+    protocol hides some, or the dataset has unknown (?name) ones. None otherwise."""
+    import h5py
+
+    unknown = 0
+    if ws.dataset.exists():
+        with h5py.File(ws.dataset, "r") as h5:
+            unknown = int((~h5["known"][()]).sum()) if "known" in h5 else 0
+    lab, loss = cfg.labels, cfg.loss
+    if lab.protocol == "full" and not unknown:
+        return None
+    fraction = f" {lab.fraction:g}" if lab.protocol in ("keep", "hide") else ""
+    if loss.base == "llr":  # labels.unknown does not apply: LL-R rejects some of them
+        reading = f"unknown read as negative, the largest-loss ones rejected (LL-R, {100 * loss.llr_delta_rel:g} % more each epoch)"
+    else:
+        reading = f"unknown read as {lab.unknown}"
+    clml = ""
+    if loss.clml > 0:
+        clml = f"; CLML weight {loss.clml:g}" + (f", every {loss.clml_every} steps" if loss.clml_every > 1 else "")
+    dataset = f"; the dataset has {unknown} unknown labels (?name), left out of validation and test metrics" if unknown else ""
+    return f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), {reading}{clml}{dataset}"
 
 QUICKSTART_WORKDIR = Path("retdm-quickstart")
 

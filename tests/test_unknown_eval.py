@@ -201,3 +201,16 @@ def test_training_validation_reads_the_known_entries(unknown_run, monkeypatch):
     assert len(seen["metrics"]) == cfg.classifier.epochs and len(seen["vote"]) == 1 and len(seen["thresholds"]) == 2
     for known in seen["metrics"] + seen["thresholds"] + seen["vote"]:
         assert np.array_equal(known, want)
+
+
+def test_status_names_the_datasets_unknown_labels(unknown_run):
+    from typer.testing import CliRunner
+
+    from retdmctl.cli import app
+
+    ws, _, _ = unknown_run
+    unknown = int((~read_dataset(ws.dataset).known).sum())
+    result = CliRunner().invoke(app, ["--workdir", str(ws.root), "status"])
+    assert result.exit_code == 0, result.output
+    assert (f"training labels: protocol full (seed 0), unknown read as negative; the dataset has {unknown} unknown "
+            "labels (?name), left out of validation and test metrics") in " ".join(result.output.split())
