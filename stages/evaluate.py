@@ -13,6 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from retdmctl import __version__, distributed, fusion, thresholds
+from retdmctl.atomic import after_commit, remove
 from retdmctl.config import Config
 from retdmctl.data.dataset import read_dataset
 from retdmctl.metrics import (
@@ -51,6 +52,16 @@ def _blocked(cfg: Config) -> str | None:
     if cfg.eval.report not in ("html", "none"):
         return f"eval.report must be 'html' or 'none', got {cfg.eval.report!r}"
     return None
+
+
+def split_note(cfg: Config, ckpt: dict) -> str | None:
+    """Why figures on the validation split are no test result (None on train and test)."""
+    if cfg.eval.split != "val":
+        return None
+    chose = ["the epoch"] + (["the thresholds"] if cfg.eval.thresholds != "fixed" else [])
+    chose += ["the neighbour vote"] if cfg.eval.fusion and ckpt.get("fusion") is not None else []
+    listed = ", ".join(chose[:-1]) + " and " + chose[-1] if len(chose) > 1 else chose[0]
+    return f"validation chose {listed}: figures on the val split are optimistic, not a test result"
 
 
 def metrics_table(metrics: dict[str, float], title: str) -> Table:
@@ -96,6 +107,8 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
     if unknown:
         ctx.console.print(f"eval: {unknown} unknown labels (?name) in {unknown_images} {e.split} images: "
                           "left out of every metric")
+    if note := split_note(cfg, ckpt):
+        ctx.console.print(f"eval: {note}", soft_wrap=True)  # one line, however narrow the terminal
     metrics = compute_metrics(labels, scores, threshold=cut, known=known)
     ap = per_class_average_precision(labels, scores, known)
 
@@ -116,6 +129,7 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
         "per_class_ap": per_class,
         "checkpoint": ws.rel(ckpt_path),
         "split": e.split,
+        "split_note": split_note(cfg, ckpt),  # on val: the figures are optimistic
         "images": int(len(rows)),
         "unknown_labels": {"entries": unknown, "images": unknown_images},  # left out of every metric
         "thresholds": {"rule": e.thresholds, "values": dict(zip(info.class_names, map(float, cut)))},
@@ -131,6 +145,14 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
     if e.report == "html":
         page = build_report(ws, cfg, info, result, scores=scores, labels=labels, rows=rows, model=model, device=device)
         write_text_atomic(out / "report.html", page)
+    elif (old := out / "report.html").exists():
+        # An earlier eval's report would look current: removed once this eval has committed.
+        def drop_old_report() -> None:
+            remove(old)
+            ctx.console.print(f"eval: removed {ws.rel(old)}, an earlier evaluation's report (report = none)",
+                              soft_wrap=True)
+
+        after_commit(drop_old_report)
     return {"mAP": metrics["mAP"], "C-F1": metrics["C-F1"], "O-F1": metrics["O-F1"]}
 
 

@@ -147,3 +147,59 @@ def test_tune_blocks_and_views_need_a_frozen_backbone(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == "error: model.tune_blocks must be <= 16 for efficientnet_lite0, got 17"
     assert not (tmp_path / "retdm.toml").exists()  # nothing saved
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory):
+    """ingest (demo) + classifier, through the stages: a workspace eval can score."""
+    from tests.test_predict import make_workspace
+
+    return make_workspace(tmp_path_factory.mktemp("eval"))
+
+
+def test_eval_report_none_removes_an_earlier_report_once_it_succeeded(trained_classifier, monkeypatch):
+    ws, _ = trained_classifier
+    w, report = str(ws.root), ws.stage_dir("eval") / "report.html"
+    result = invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--report", "html")
+    assert result.exit_code == 0, result.output
+    assert report.exists() and "removed" not in result.output
+    # an eval that fails leaves the earlier report (and its manifest) as they were
+    import stages.evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stages.evaluate, "compute_metrics", broken)
+    assert invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--report", "none").exit_code != 0
+    assert report.exists() and ws.read_manifest("eval")["config"]["eval"]["report"] == "html"
+    monkeypatch.undo()
+    result = invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--report", "none")
+    assert result.exit_code == 0, result.output
+    assert "eval: removed eval/report.html, an earlier evaluation's report (report = none)\n" in result.output
+    assert not report.exists() and not list(report.parent.glob(".report.html*"))
+    assert (report.parent / "metrics.json").exists() and "eval/report.html" not in ws.read_manifest("eval")["outputs"]
+    # nothing to remove, nothing said
+    result = invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--report", "none", "--force")
+    assert result.exit_code == 0 and "removed" not in result.output
+
+
+def test_eval_on_val_says_validation_made_the_choices(trained_classifier):
+    ws, _ = trained_classifier
+    w = str(ws.root)
+    note = "validation chose the epoch, the thresholds and the neighbour vote: figures on the val split are " \
+           "optimistic, not a test result"
+    result = invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--split", "val", "--report", "html")
+    assert result.exit_code == 0, result.output
+    assert f"eval: {note}\n" in result.output
+    saved = json.loads((ws.stage_dir("eval") / "metrics.json").read_text())
+    assert saved["split"] == "val" and saved["split_note"] == note
+    page = (ws.stage_dir("eval") / "report.html").read_text()
+    assert f'<div class="note">{note[0].upper() + note[1:]}.</div>' in page
+    # a fixed threshold was not chosen on validation; the test split gets no such note
+    result = invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--split", "val", "--threshold", "0.5",
+                    "--report", "none")
+    assert "eval: validation chose the epoch and the neighbour vote: figures on the val split are optimistic, " \
+           "not a test result\n" in result.output
+    result = invoke("--workdir", w, "eval", "--checkpoint", "classifier", "--split", "test", "--report", "none")
+    assert result.exit_code == 0 and "validation chose" not in result.output
+    assert json.loads((ws.stage_dir("eval") / "metrics.json").read_text())["split_note"] is None

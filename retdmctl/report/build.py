@@ -294,6 +294,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
         "paper": PAPER.get(cfg.ingest.source),
         "paper_note": PAPER_NOTE,
         "threshold_note": threshold_note,
+        "split_note": result.get("split_note"),  # on val: validation made the model's choices
         "class_names": names,
         "per_class": per_class_table(labels, scores, thresholds, known),
         "per_class_note": (f"{stage} model, {split} split. AP (class): average precision of one class over the "

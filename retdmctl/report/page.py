@@ -275,6 +275,8 @@ def _metrics_section(d: Mapping[str, Any]) -> str:
     note = ""
     if paper:
         note = f'<p class="sub paper">{_esc(d.get("paper_note", ""))}</p>'
+    if split_note := d.get("split_note"):
+        note += f'<div class="note">{_esc(split_note[0].upper() + split_note[1:])}.</div>'
     thr = d.get("threshold_note", "")
     return (f'<section><h2>Metrics</h2><p class="sub">{_esc(thr)}</p>{note}<table><thead><tr><th>metric</th>{head}'
             f'<th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
