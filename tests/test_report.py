@@ -130,7 +130,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from retdmctl.report.build import PAPER, gather, per_class_table, pca_2d, pr_curves, worst_first  # noqa: E402
+from retdmctl.report import paper  # noqa: E402
+from retdmctl.report.build import gather, per_class_table, pca_2d, pr_curves, worst_first  # noqa: E402
 from retdmctl.report.page import render_page  # noqa: E402
 
 NAMES = ["sea", EVIL, '"&\'', "sun<set>", "empty"]
@@ -161,8 +162,8 @@ def sample_data(source: str = "scene") -> dict:
         "config": {"model": {"backbone": "efficientnet_lite0", "image_size": 128, "lr_note": EVIL},
                    "joint": {"epochs": 10, "lr": 0.001, "way2": "bank"}, "ingest": {"classes": ""}},
         "metrics": {"classifier (ours)": metrics, "joint (ours)": {k: v + 0.01 for k, v in metrics.items()}},
-        "paper": PAPER.get(source),
-        "paper_note": "paper note",
+        "paper": paper.columns(source),
+        "paper_note": paper.note(source),
         "threshold_note": "at 0.5",
         "class_names": NAMES,
         "per_class": per_class_table(labels, scores, thr),
@@ -222,6 +223,65 @@ def test_no_paper_column_for_other_datasets():
     assert "RETDM (paper)" not in page
 
 
+def test_report_shows_only_checked_paper_figures():
+    shown = {source: {col: set(figures) for col, figures in paper.columns(source).items()} for source in paper.TABLES}
+    f1_block = {"C-P", "C-R", "C-F1", "O-P", "O-R", "O-F1"}
+    assert shown == {
+        "scene": {"RETDM (paper)": f1_block | {"coverage", "one_error", "average_precision"},
+                  "BCE (paper)": f1_block - {"O-F1"} | {"coverage", "one_error", "average_precision"}},
+        "mirflickr": dict.fromkeys(["RETDM (paper)", "BCE (paper)"], f1_block | {"average_precision"}),
+        "coco": dict.fromkeys(["RETDM (paper)", "BCE (paper)"], f1_block),
+    }
+    for source, table in paper.TABLES.items():
+        for column, figures in paper.columns(source).items():
+            method = column.removesuffix(" (paper)")
+            for metric, value in figures.items():  # each one is the paper's figure, for our metric
+                assert metric in METRIC_NAMES and value == table["rows"][method][metric], (source, column, metric)
+            for metric in set(table["rows"][method]) - set(figures):  # each figure left out says why
+                assert paper.excluded(source, method, metric) is not None, (source, method, metric)
+    for source in ("voc", "nuswide", "csv", "demo", ""):  # the paper has no table for them
+        assert paper.columns(source) is None and paper.note(source) == ""
+
+
+def _hamming_from(row: dict, density: float, classes: int) -> float:
+    """The per-entry hamming loss that O-P, O-R and the labels per image imply: missed
+    positives (1 - O-R) and false positives (O-R (1 - O-P) / O-P) per image, over the classes."""
+    recall, precision = row["O-R"], row["O-P"]
+    return density * ((1 - recall) + recall * (1 - precision) / precision) / classes
+
+
+def test_paper_figures_shown_are_plausible():
+    hamming_checked = 0
+    for source, table in paper.TABLES.items():
+        for method, row in table["rows"].items():
+            figures = paper.columns(source)[f"{method} (paper)"]
+            implied = _hamming_from(row, table["density"], table["classes"])
+            if "hamming_loss" in figures:
+                assert figures["hamming_loss"] == pytest.approx(implied, abs=0.005)
+                hamming_checked += 1
+            else:  # left out because it is far from what O-P, O-R and the density imply
+                assert abs(row["hamming_loss"] - implied) > 0.05, (source, method)
+            for f1, p, r in (("C-F1", "C-P", "C-R"), ("O-F1", "O-P", "O-R")):  # F1 of the rounded P and R
+                harmonic = 2 * row[p] * row[r] / (row[p] + row[r])
+                assert (f1 in figures) == (abs(row[f1] - harmonic) <= 0.0011), (source, method, f1)
+            if "coverage" in figures:  # 0-based beyond doubt: a 1-based coverage is at least 1
+                assert table["density"] - 1 <= figures["coverage"] < 1
+            assert all(0 <= figures[m] <= 1 for m in ("one_error", "average_precision") if m in figures)
+    assert hamming_checked == 0  # no table's hamming loss is per entry
+    assert _hamming_from(paper.TABLES["scene"]["rows"]["RETDM"], 1.24, 5) == pytest.approx(0.0568, abs=1e-4)
+
+
+def test_scene_paper_columns_leave_out_hamming_and_name_their_source():
+    page = render_page(sample_data("scene"))
+    assert "0.1217" not in page and "0.1331" not in page  # the paper's hamming loss
+    assert '<td class="num paper">0.5850</td>' in page and '<td class="num paper">0.9285</td>' in page
+    note = paper.note("scene")
+    assert note.startswith("Paper columns: RETDM paper, Table I (scene): VGG-16 fine-tuned, random 80/20 split")
+    assert "Not shown: hamming loss (not per entry" in note and "BCE's O-F1 (0.883 does not follow" in note
+    assert f'<p class="sub paper">{html.escape(note, quote=True)}</p>' in page
+    assert paper.note("coco").startswith("Paper columns: RETDM paper, Table III (coco):")
+
+
 def test_per_class_table_counts():
     y = np.array([[1, 0], [1, 0], [0, 0]])
     s = np.array([[0.9, 0.6], [0.2, 0.1], [0.7, 0.0]])
@@ -256,7 +316,10 @@ def test_gather_on_a_trained_workspace(tmp_path):
     result = {"metrics": compute_metrics(labels, scores), "split": "test",
               "thresholds": {"rule": "fixed", "values": dict.fromkeys(info.class_names, 0.5)},
               "checkpoint": "classifier/checkpoint.pt"}
+    cfg.ingest.source = "scene"  # the paper's columns: checked figures only, with their source
     d = gather(ws, cfg, info, result, scores=scores, labels=labels, rows=rows, model=model, device=torch.device("cpu"))
+    assert d["paper"]["RETDM (paper)"]["coverage"] == 0.585 and "hamming_loss" not in d["paper"]["RETDM (paper)"]
+    assert "O-F1" not in d["paper"]["BCE (paper)"] and d["paper_note"].startswith("Paper columns: RETDM paper, Table I")
     assert d["dataset"]["splits"]["test"] == len(rows) and d["dataset"]["fingerprint"]
     assert len(d["thumbnails"]) == min(36, len(rows)) and d["thumbnails"][0]["uri"].startswith("data:image/jpeg")
     assert len(d["projection"]["points"]) == len(rows)

@@ -21,6 +21,7 @@ from retdmctl import __version__
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo
 from retdmctl.metrics import compute_metrics, per_class_average_precision
+from retdmctl.report import paper
 from retdmctl.report.page import render_page
 from retdmctl.workspace import Workspace, now_iso
 
@@ -29,21 +30,6 @@ TRAINED = ("classifier", "metric", "joint")
 MAX_THUMBNAILS = 36
 MAX_PROJECTED = 1500
 MAX_COMPARE_IMAGES = 5000  # beyond this, scoring the other checkpoint with a CNN pass is too slow to do silently
-
-# The RETDM paper's Table I (scene; VGG-16; random 80/20 split). Its coverage column
-# matches the 0-based convention used here (0.585 is below the 1.24 labels per image).
-PAPER = {
-    "scene": {
-        "RETDM (paper)": {"C-P": 0.893, "C-R": 0.879, "C-F1": 0.885, "O-P": 0.892, "O-R": 0.877, "O-F1": 0.884,
-                          "hamming_loss": 0.1217, "ranking_loss": 0.0580, "coverage": 0.5850, "one_error": 0.0425,
-                          "average_precision": 0.9285},
-        "BCE (paper)": {"C-P": 0.906, "C-R": 0.861, "C-F1": 0.883, "O-P": 0.906, "O-R": 0.869, "O-F1": 0.883,
-                        "hamming_loss": 0.1331, "ranking_loss": 0.0580, "coverage": 0.6200, "one_error": 0.0475,
-                        "average_precision": 0.9223},
-    },
-}
-PAPER_NOTE = ("Paper columns: RETDM paper, Table I (scene): VGG-16 fine-tuned, random 80/20 split, threshold not "
-              "stated; it reports no mAP. Compare with care: different backbone, split and protocol.")
 
 
 def per_class_table(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
@@ -291,8 +277,8 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
         },
         "config": cfg.to_dict(),
         "metrics": metrics,
-        "paper": PAPER.get(cfg.ingest.source),
-        "paper_note": PAPER_NOTE,
+        "paper": paper.columns(cfg.ingest.source),  # checked figures only (report/paper.py)
+        "paper_note": paper.note(cfg.ingest.source),
         "threshold_note": threshold_note,
         "split_note": result.get("split_note"),  # on val: validation made the model's choices
         "class_names": names,
