@@ -1,7 +1,8 @@
 """Stage ``eval``: score a split with a checkpoint's classification module and report.
 
 Writes ``eval/scores.h5`` (scores, labels, ids; ``known`` where a label is unknown), ``eval/metrics.json`` (the 12 metrics
-of DESIGN.md section 4 plus per-class AP) and ``eval/report.html``.
+of DESIGN.md section 4 plus per-class AP) and ``eval/report.html`` (with report = none, an earlier
+report.html is removed once the stage has committed).
 """
 
 from __future__ import annotations
