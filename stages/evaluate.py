@@ -78,7 +78,8 @@ def run(ctx: Context) -> dict:
 
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
-    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(ckpt_path), ids=info.ids_digest)  # None: the classifier's scores alone
+    # None: the classifier's scores alone; a vote built for other dataset rows is an error
+    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(ckpt_path), ids=info.ids_digest)
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device, vote)
     # Under torchrun every rank scored its shard and holds all the scores; rank 0 writes.
     return distributed.on_main(lambda: _write(ctx, info, ckpt, ckpt_path, backbone_from, model, device, rows, scores,

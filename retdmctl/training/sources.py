@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from retdmctl import __version__
 from retdmctl.data.dataset import DatasetInfo
-from retdmctl.errors import InputError
 from retdmctl.data.prefetch import in_background
 from retdmctl.data.loaders import (
     LmdbImages,
@@ -32,6 +31,7 @@ from retdmctl.data.loaders import (
     worker_init,
 )
 from retdmctl.data.store import ImageReader
+from retdmctl.errors import InputError
 from retdmctl.models.backbones import BackboneSpec
 from retdmctl.progress import make_progress
 from retdmctl.training.runtime import prepare_model, to_device
