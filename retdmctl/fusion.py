@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from retdmctl.data.dataset import ids_mismatch
 from retdmctl.errors import CheckpointError
 
 GRID = {"k": (5, 10, 20, 40), "temp": (0.05, 0.1, 1.0), "w": (0.0, 0.1, 0.2, 0.3, 0.5)}
@@ -157,9 +158,8 @@ def from_checkpoint(ckpt: dict, source: str, *, embed_dim: int, num_classes: int
         raise CheckpointError(f"{source}: its neighbour vote has k = {saved['k']} for {n} bank images")
     if ids is None:
         rows = torch.zeros(0, dtype=torch.int64)
-    elif saved.get("ids_digest") != ids:
-        raise CheckpointError(f"{source}: its neighbour vote was built for another image list than the dataset's "
-                              "(re-ingested since?): train again")
+    elif why := ids_mismatch(saved.get("ids_digest"), ids):
+        raise CheckpointError(f"{source}: its neighbour vote {why}: train again")
     else:
         rows = saved["rows"]
     return NeighbourVote(bank, labels, rows, saved["k"], saved["temp"], saved["w"])

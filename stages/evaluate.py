@@ -14,7 +14,7 @@ from rich.table import Table
 
 from retdmctl import __version__, distributed, fusion, thresholds
 from retdmctl.config import Config
-from retdmctl.data.dataset import read_dataset
+from retdmctl.data.dataset import ids_mismatch, read_dataset
 from retdmctl.errors import InputError
 from retdmctl.metrics import (
     HIGHER_IS_BETTER,
@@ -141,9 +141,8 @@ def read_scores(path, info) -> dict[str, np.ndarray]:
     """``scores.h5``'s arrays (``rows`` are dataset rows), only where it was written for
     ``info``'s ordered ids; else an InputError naming the file (re-run eval)."""
     with h5py.File(path, "r") as h5:
-        if h5.attrs.get("ids_digest") != info.ids_digest:
-            raise InputError(f"{path} was written for another image list than the dataset's "
-                             "(re-ingested since?): re-run retdmctl eval")
+        if why := ids_mismatch(h5.attrs.get("ids_digest"), info.ids_digest):
+            raise InputError(f"{path} {why}: re-run retdmctl eval")
         return {name: h5[name][()] for name in h5}
 
 

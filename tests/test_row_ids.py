@@ -175,6 +175,17 @@ def test_features_h5_of_another_image_list_is_an_error(reordered, stage):
                               "(re-ingested since?): re-run retdmctl train --stage classifier")
 
 
+def test_features_h5_that_records_no_image_list_is_an_error(done, tmp_path):
+    shutil.copytree(done, tmp_path / "w")
+    ws = Workspace(tmp_path / "w")
+    with h5py.File(ws.stage_dir("classifier") / "features.h5", "a") as h5:
+        del h5.attrs["ids_digest"]  # as written before the hash was recorded
+    with pytest.raises(InputError) as err:
+        run_directly(ws, "metric")
+    assert str(err.value) == ("classifier/features.h5 records no image list (written by an older version): "
+                              "re-run retdmctl train --stage classifier")
+
+
 def test_the_vote_bank_of_another_image_list_is_an_error(reordered):
     path = reordered.stage_dir("joint") / "checkpoint.pt"
     ckpt = load_checkpoint(path)
@@ -182,7 +193,7 @@ def test_the_vote_bank_of_another_image_list_is_an_error(reordered):
     save_checkpoint(path, ckpt)
     with pytest.raises(CheckpointError) as err:
         run_directly(reordered, "eval")
-    assert str(err.value) == ("joint/checkpoint.pt: its neighbour vote was built for another image list than the "
+    assert str(err.value) == ("joint/checkpoint.pt: its neighbour vote was written for another image list than the "
                               "dataset's (re-ingested since?): train again")
 
 

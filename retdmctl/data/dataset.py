@@ -87,6 +87,16 @@ def ids_digest(ids: list[str]) -> str:
     return "sha256:" + hashlib.sha256("\0".join(ids).encode("utf-8")).hexdigest()
 
 
+def ids_mismatch(stored: str | None, ids: str) -> str | None:
+    """Why a file that recorded the :func:`ids_digest` ``stored`` cannot be read as the
+    rows of the dataset whose digest is ``ids`` (the words after its name), or None."""
+    if stored == ids:
+        return None
+    if stored is None:
+        return "records no image list (written by an older version)"
+    return "was written for another image list than the dataset's (re-ingested since?)"
+
+
 def write_dataset(path: Path, info: DatasetInfo, *, source: str, config: dict) -> None:
     str_dt = h5py.string_dtype("utf-8")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from retdmctl import __version__
-from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.dataset import DatasetInfo, ids_mismatch
 from retdmctl.data.prefetch import in_background
 from retdmctl.data.loaders import (
     LmdbImages,
@@ -344,7 +344,6 @@ def read_row_features(path: Path, info: DatasetInfo, source: str, fix: str) -> n
     """``features.h5`` as float32, only where it was written for ``info``'s ordered ids
     (else an InputError naming ``source`` and ``fix``): its rows are read as the dataset's."""
     with h5py.File(path, "r") as h5:
-        if h5.attrs.get("ids_digest") != info.ids_digest or len(h5["features"]) != len(info.ids):
-            raise InputError(f"{source} was written for another image list than the dataset's "
-                             f"(re-ingested since?): {fix}")
+        if why := ids_mismatch(h5.attrs.get("ids_digest"), info.ids_digest):
+            raise InputError(f"{source} {why}: {fix}")
         return h5["features"][()].astype(np.float32)
