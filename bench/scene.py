@@ -55,7 +55,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 from rich.console import Console
 
@@ -64,11 +63,13 @@ os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 from retdmctl import fusion, thresholds  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
 from retdmctl.config import Config, apply, parse_set, validate  # noqa: E402
+from retdmctl.data.dataset import read_dataset  # noqa: E402
 from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics  # noqa: E402
 from retdmctl.pipeline import Context, run_stage  # noqa: E402
 from retdmctl.training.runtime import load_checkpoint  # noqa: E402
 from retdmctl.workspace import Workspace  # noqa: E402
 from stages import BY_NAME, PIPELINE  # noqa: E402
+from stages.evaluate import read_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE_SCHEDULE = ["classifier.epochs=10", "classifier.stop_after=3"]
@@ -133,8 +134,8 @@ def test_metrics(ws: Workspace, cfg: Config, stage: str) -> tuple[dict[str, dict
     the neighbour vote eval applied (empty: none)."""
     cfg.eval.checkpoint, cfg.eval.report, cfg.eval.split = stage, "none", "test"
     run_stage(Context(ws, cfg, Console(file=io.StringIO())), BY_NAME["eval"], PIPELINE)
-    with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
-        labels, scores = h5["labels"][()], h5["scores"][()]
+    saved = read_scores(ws.stage_dir("eval") / "scores.h5", read_dataset(ws.dataset))
+    labels, scores = saved["labels"], saved["scores"]
     applied = json.loads((ws.stage_dir("eval") / "metrics.json").read_text()).get("fusion") or {}
     choice = fusion.threshold_choice(load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt"), bool(applied))
     return {

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from retdmctl.data.dataset import ids_mismatch
 from retdmctl.errors import CheckpointError
 
 GRID = {"k": (5, 10, 20, 40), "temp": (0.05, 0.1, 1.0), "w": (0.0, 0.1, 0.2, 0.3, 0.5)}
@@ -92,10 +93,13 @@ def _top(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor,
 def choose(
     train_f: np.ndarray, train_y: np.ndarray, train_rows: np.ndarray,
     val_f: np.ndarray, val_p: np.ndarray, val_y: np.ndarray, val_known: np.ndarray | None = None,
+    ids: str | None = None,
 ) -> dict:
     """The (k, t, w) of :data:`GRID` with the best validation mAP of the fused scores, and
     the thresholds chosen on those scores. w = 0 is tried first and kept on ties.
-    ``val_known``: False where a validation label is unknown (left out of both choices)."""
+    ``val_known``: False where a validation label is unknown (left out of both choices).
+    ``ids``: the :func:`~retdmctl.data.dataset.ids_digest` of the dataset whose rows
+    ``train_rows`` are, saved with them (see :func:`from_checkpoint`)."""
     from retdmctl import thresholds
 
     # the bank is saved as float16: choose with exactly the bank that eval and predict apply
@@ -125,6 +129,7 @@ def choose(
         "bank": torch.from_numpy(train_f).to(torch.float16),
         "labels": torch.from_numpy(train_y).to(torch.uint8),
         "rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)),
+        "ids_digest": ids,  # the dataset those rows are rows of
         "threshold_choice": thresholds.choose(val_y, fused, val_known),
     }
 
@@ -132,8 +137,15 @@ def choose(
 # --- reading it back -------------------------------------------------------------------
 
 
-def from_checkpoint(ckpt: dict, source: str, *, embed_dim: int, num_classes: int) -> NeighbourVote | None:
-    """The checkpoint's vote, or None where it has none or validation chose w = 0."""
+def from_checkpoint(ckpt: dict, source: str, *, embed_dim: int, num_classes: int,
+                    ids: str | None = None) -> NeighbourVote | None:
+    """The checkpoint's vote, or None where it has none or validation chose w = 0.
+
+    Its bank knows the dataset rows it was made of, to leave an image out of its own
+    vote. Scoring dataset rows (eval, the report) passes ``ids``, the dataset's
+    :func:`~retdmctl.data.dataset.ids_digest`: a bank made for another image list is a
+    CheckpointError, never a mapping to the wrong images. Without ``ids`` (images that
+    are not dataset rows: predict) the vote knows no rows."""
     saved = ckpt.get("fusion")
     if saved is None or float(saved["w"]) == 0.0:
         return None
@@ -144,14 +156,21 @@ def from_checkpoint(ckpt: dict, source: str, *, embed_dim: int, num_classes: int
                               f"labels {tuple(labels.shape)}, embedding {embed_dim}, {num_classes} classes)")
     if not 1 <= int(saved["k"]) <= n:
         raise CheckpointError(f"{source}: its neighbour vote has k = {saved['k']} for {n} bank images")
-    return NeighbourVote(bank, labels, saved["rows"], saved["k"], saved["temp"], saved["w"])
+    if ids is None:
+        rows = torch.zeros(0, dtype=torch.int64)
+    elif why := ids_mismatch(saved.get("ids_digest"), ids):
+        raise CheckpointError(f"{source}: its neighbour vote {why}: train again")
+    else:
+        rows = saved["rows"]
+    return NeighbourVote(bank, labels, rows, saved["k"], saved["temp"], saved["w"])
 
 
-def for_eval(ckpt: dict, cfg, num_classes: int, source: str) -> NeighbourVote | None:
-    """The vote eval applies to this checkpoint: None with ``eval.fusion`` off."""
+def for_eval(ckpt: dict, cfg, num_classes: int, source: str, *, ids: str) -> NeighbourVote | None:
+    """The vote eval applies to this checkpoint, on the rows of the dataset whose
+    :func:`~retdmctl.data.dataset.ids_digest` is ``ids``: None with ``eval.fusion`` off."""
     if not cfg.eval.fusion:
         return None
-    return from_checkpoint(ckpt, source, embed_dim=cfg.model.embed_dim, num_classes=num_classes)
+    return from_checkpoint(ckpt, source, embed_dim=cfg.model.embed_dim, num_classes=num_classes, ids=ids)
 
 
 def threshold_choice(ckpt: dict, fused: bool) -> dict | None:

@@ -90,7 +90,7 @@ def run(ctx: Context) -> dict:
 
     features = embed_all(model, source, len(info.ids), device)  # every rank, sharded
     config = cfg.sections(STAGE.sections)
-    distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config))
+    distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config, info.ids_digest))
     weights = model.state_dict() if model.backbone is not None else model.heads_state()  # a tuned model: all
     state = {
         "stage": "classifier",

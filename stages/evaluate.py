@@ -16,7 +16,8 @@ from rich.table import Table
 from retdmctl import __version__, distributed, fusion, thresholds
 from retdmctl.atomic import after_commit, remove
 from retdmctl.config import Config
-from retdmctl.data.dataset import read_dataset
+from retdmctl.data.dataset import ids_mismatch, read_dataset
+from retdmctl.errors import InputError
 from retdmctl.metrics import (
     HIGHER_IS_BETTER,
     METRIC_NAMES,
@@ -89,7 +90,8 @@ def run(ctx: Context) -> dict:
 
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
-    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(ckpt_path))  # None: the classifier's scores alone
+    # None: the classifier's scores alone; a vote built for other dataset rows is an error
+    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(ckpt_path), ids=info.ids_digest)
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device, vote)
     # Under torchrun every rank scored its shard and holds all the scores; rank 0 writes.
     return distributed.on_main(lambda: _write(ctx, info, ckpt, ckpt_path, backbone_from, model, device, rows, scores,
@@ -123,7 +125,8 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
         h5.create_dataset("rows", data=rows)
         h5.create_dataset("ids", data=np.array([info.ids[r] for r in rows], dtype=object), dtype=h5py.string_dtype())
         h5.create_dataset("class_names", data=np.array(info.class_names, dtype=object), dtype=h5py.string_dtype())
-        h5.attrs.update({"checkpoint": ws.rel(ckpt_path), "split": e.split, "version": __version__})
+        h5.attrs.update({"checkpoint": ws.rel(ckpt_path), "split": e.split, "ids_digest": info.ids_digest,
+                         "version": __version__})
     per_class = {name: (None if np.isnan(v) else float(v)) for name, v in zip(info.class_names, ap)}
     result = {
         "metrics": metrics,
@@ -155,6 +158,15 @@ def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model,
 
         after_commit(drop_old_report)
     return {"mAP": metrics["mAP"], "C-F1": metrics["C-F1"], "O-F1": metrics["O-F1"]}
+
+
+def read_scores(path, info) -> dict[str, np.ndarray]:
+    """``scores.h5``'s arrays (``rows`` are dataset rows), only where it was written for
+    ``info``'s ordered ids; else an InputError naming the file (re-run eval)."""
+    with h5py.File(path, "r") as h5:
+        if why := ids_mismatch(h5.attrs.get("ids_digest"), info.ids_digest):
+            raise InputError(f"{path} {why}: re-run retdmctl eval")
+        return {name: h5[name][()] for name in h5}
 
 
 def _inputs(ws, cfg: Config) -> list:

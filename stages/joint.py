@@ -42,7 +42,7 @@ from retdmctl.training.runtime import (
     load_checkpoint,
     prepare_model,
 )
-from retdmctl.training.sources import read_features
+from retdmctl.training.sources import read_row_features
 
 
 def _blocked(cfg: Config) -> str | None:
@@ -72,7 +72,9 @@ def run(ctx: Context) -> dict:
     prepare_model(model, device)
 
     source = image_source(ws, cfg, info, spec, device, ctx.console)
-    bank = torch.from_numpy(read_features(ws.stage_dir("classifier") / "features.h5")).to(device)
+    features_path = ws.stage_dir("classifier") / "features.h5"
+    bank = torch.from_numpy(read_row_features(features_path, info, ws.rel(features_path),
+                                              "re-run retdmctl train --stage classifier")).to(device)
     cached = source.centre().to(device) if cfg.joint.way2 == "forward" else None
     train_rows, val_rows = info.split("train"), info.split("val")
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))

@@ -23,7 +23,7 @@ from retdmctl.training.common import (
 from retdmctl.training.labels import announce, training_view
 from retdmctl.training.loop import fit
 from retdmctl.training.runtime import derive_seed, load_checkpoint
-from retdmctl.training.sources import CachedSource, read_features
+from retdmctl.training.sources import CachedSource, read_row_features
 
 
 def run(ctx: Context) -> dict:
@@ -47,7 +47,8 @@ def run(ctx: Context) -> dict:
     load_state(model, heads, ws.rel(clf_path))
     model.to(device)
 
-    features = read_features(ws.stage_dir("classifier") / "features.h5")
+    features_path = ws.stage_dir("classifier") / "features.h5"
+    features = read_row_features(features_path, info, ws.rel(features_path), "re-run retdmctl train --stage classifier")
     f_bank = torch.from_numpy(features).to(device)
     source = CachedSource(features, info, cfg.metric.batch_size)
     train_rows, val_rows = info.split("train"), info.split("val")

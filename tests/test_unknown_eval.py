@@ -196,7 +196,7 @@ def test_training_validation_reads_the_known_entries(unknown_run, monkeypatch):
     metrics, choose, vote = common.compute_metrics, thresholds.choose, fusion.choose
     monkeypatch.setattr(common, "compute_metrics", lambda *a, **k: (seen["metrics"].append(k["known"]), metrics(*a, **k))[1])
     monkeypatch.setattr(thresholds, "choose", lambda y, s, known=None: (seen["thresholds"].append(known), choose(y, s, known))[1])
-    monkeypatch.setattr(fusion, "choose", lambda *a: (seen["vote"].append(a[-1]), vote(*a))[1])
+    monkeypatch.setattr(fusion, "choose", lambda *a, **k: (seen["vote"].append(a[-1]), vote(*a, **k))[1])
     assert run_stage(Context(ws, cfg, Console(file=io.StringIO()), force=True), BY_NAME["classifier"], PIPELINE)
     assert len(seen["metrics"]) == cfg.classifier.epochs and len(seen["vote"]) == 1 and len(seen["thresholds"]) == 2
     for known in seen["metrics"] + seen["thresholds"] + seen["vote"]:

@@ -162,7 +162,8 @@ def _score_other(ws: Workspace, cfg: Config, info: DatasetInfo, stage: str, rows
     ckpt = load_checkpoint(path)
     restore_image_model(model, ckpt, cfg, ws.rel(path))
     prepare_model(model, device)
-    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(path))  # scored as eval scores the evaluated model
+    # scored as eval scores the evaluated model
+    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(path), ids=info.ids_digest)
     scores, _ = predict_scores(model, image_source(ws, cfg, info, spec, device), rows, device, vote)
     choice = fusion.threshold_choice(ckpt, vote is not None)
     cut = thresholds.resolve(choice, cfg.eval.thresholds, cfg.eval.threshold, info.num_classes)

@@ -32,6 +32,7 @@ from retdmctl.training.runtime import (
     decode_threads,
     derive_seed,
     pick_device,
+    precision,
     prepare_model,
     save_checkpoint,
     seed_everything,
@@ -107,18 +108,33 @@ def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
         after_commit(lambda: (stage_dir / "resume.pt").unlink(missing_ok=True))
 
     distributed.on_main(write)
-    last = history[-1] if history else {}
-    summary = {"epochs": len(history), **{k: last.get(k) for k in ("val_loss", "val_mAP") if k in last}}
+    # the figures of the epoch whose weights were kept (fit marks it), not of the last one
+    kept = next((h for h in history if h.get("kept")), history[-1] if history else {})
+    summary = {"epochs": len(history), **{k: kept.get(k) for k in ("val_loss", "val_mAP") if k in kept}}
+    if "epoch" in kept:
+        summary["kept_epoch"] = kept["epoch"]
     if (vote := state.get("fusion")) is not None:  # what validation chose (the manifest's summary)
         summary["fusion"] = {k: vote[k] for k in ("k", "temp", "w", "val_mAP", "plain_val_mAP")}
     return summary
 
 
-def backbone_cache_path(ws: Workspace, cfg: Config) -> Path:
+def backbone_cache_key(ws: Workspace, cfg: Config, info: DatasetInfo, device: torch.device) -> dict:
+    """Everything the frozen backbone's cached features depend on: backbone, weights,
+    input size, the image store, the order of the dataset's rows (their ids' hash) and
+    the precision they are computed in on ``device``."""
+    return views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb),
+                           _weights_fp(ws, cfg), ids=info.ids_digest, precision=precision(device))
+
+
+def backbone_cache_path(ws: Workspace, cfg: Config, info: DatasetInfo | None = None,
+                        device: torch.device | None = None) -> Path:
     """Where the frozen backbone's features for this config live: named by the hash of
-    everything they depend on (backbone, weights, input size, the image store), so a
-    cache is never replaced, only added, and never read for another config."""
-    key = views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
+    :func:`backbone_cache_key`, so a cache is never replaced, only added, and never read
+    for another config, image order or precision. ``info``: dataset.h5's by default;
+    ``device``: ``runtime.device``'s by default."""
+    info = info if info is not None else read_dataset(ws.dataset)
+    device = device if device is not None else pick_device(cfg.runtime.device)
+    key = backbone_cache_key(ws, cfg, info, device)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return ws.cache_dir / "backbone" / f"{cfg.model.backbone}-{digest}.h5"
 
@@ -130,8 +146,8 @@ def _weights_fp(ws: Workspace, cfg: Config) -> str | None:
 def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device, console) -> Path:
     """Extract the frozen backbone's features once; reuse them while their key matches."""
     m = cfg.model
-    path = backbone_cache_path(ws, cfg)
-    key = views_cache_key(m, get_backbone_spec(m.backbone), ws.fingerprint(ws.lmdb), _weights_fp(ws, cfg))
+    path = backbone_cache_path(ws, cfg, info, device)
+    key = backbone_cache_key(ws, cfg, info, device)  # also in the file: a cache of other rows is never read
     if distributed.on_main(lambda: read_cache_key(path) == key):
         console.print(f"reusing cached {m.backbone} features ({ws.rel(path)})")
         return path
@@ -372,7 +388,7 @@ def choose_decision(model: RETDM, source, info: DatasetInfo, device: torch.devic
         _, _, train_features = predict_with_embeddings(model, source, train_rows, device)
     known = info.known_at(val_rows)  # unknown validation labels take no part in any choice
     vote = fusion.choose(train_features, (info.labels[train_rows] > 0).astype(np.uint8), train_rows,
-                         val_f, scores, labels, known)
+                         val_f, scores, labels, known, ids=info.ids_digest)
     plain = thresholds.choose(labels, scores, known)
     used = vote["threshold_choice"] if vote["w"] > 0 else plain
     if console is not None:

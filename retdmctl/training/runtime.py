@@ -40,6 +40,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def precision(device: torch.device) -> str:
+    """The dtype :func:`autocast` computes in on ``device``: part of every backbone cache
+    key, as features made in bfloat16 are not the float32 ones."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a batch; image batches go channels-last, the fast layout for convolutions."""
     if x.dim() == 4:

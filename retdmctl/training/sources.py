@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from retdmctl import __version__
-from retdmctl.data.dataset import DatasetInfo
+from retdmctl.data.dataset import DatasetInfo, ids_mismatch
 from retdmctl.data.prefetch import in_background
 from retdmctl.data.loaders import (
     LmdbImages,
@@ -31,6 +31,7 @@ from retdmctl.data.loaders import (
     worker_init,
 )
 from retdmctl.data.store import ImageReader
+from retdmctl.errors import InputError
 from retdmctl.models.backbones import BackboneSpec
 from retdmctl.progress import make_progress
 from retdmctl.training.runtime import prepare_model, to_device
@@ -210,22 +211,28 @@ class CachedSource:
         return -(-len(rows) // self.batch_size)
 
 
-def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: str | None = None) -> dict:
-    """Everything the cached backbone features depend on."""
+def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: str | None = None, *,
+              ids: str, precision: str) -> dict:
+    """Everything the cached backbone features depend on: with ``ids`` (the dataset's
+    :func:`~retdmctl.data.dataset.ids_digest`) the order of its rows, and ``precision``
+    the dtype they were computed in (:func:`~retdmctl.training.runtime.precision`)."""
     return {
         "backbone": spec.name,
         "pretrained": model_cfg.pretrained,
         "weights_file": weights_fp,
         "image_size": model_cfg.image_size,
         "images": images_fp,
+        "ids": ids,
+        "precision": precision,
         "version": 2,  # 2: a randomly initialised backbone is drawn from a fixed seed
     }
 
 
-def views_cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: str | None = None) -> dict:
+def views_cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: str | None = None, *,
+                    ids: str, precision: str) -> dict:
     """The key of a cache of several views, or of trunk activations (model.views,
     model.tune_blocks); with one view of pooled features it is :func:`cache_key`."""
-    key = cache_key(model_cfg, spec, images_fp, weights_fp)
+    key = cache_key(model_cfg, spec, images_fp, weights_fp, ids=ids, precision=precision)
     if model_cfg.views > 1 or model_cfg.tune_blocks:
         key.update(views=model_cfg.views, tune_blocks=model_cfg.tune_blocks, version=3)
     return key
@@ -326,7 +333,17 @@ def read_cached(path: Path) -> np.ndarray:
         return h5["features"][()]
 
 
-def write_features(path: Path, features: np.ndarray, config: dict) -> None:
+def write_features(path: Path, features: np.ndarray, config: dict, ids: str) -> None:
+    """``features.h5``: row i is the image ``ids[i]`` of the dataset whose ids hash to ``ids``."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("features", data=features.astype(np.float16))
-        h5.attrs.update({"config": json.dumps(config), "version": __version__, "created": now_iso()})
+        h5.attrs.update({"config": json.dumps(config), "ids_digest": ids, "version": __version__, "created": now_iso()})
+
+
+def read_row_features(path: Path, info: DatasetInfo, source: str, fix: str) -> np.ndarray:
+    """``features.h5`` as float32, only where it was written for ``info``'s ordered ids
+    (else an InputError naming ``source`` and ``fix``): its rows are read as the dataset's."""
+    with h5py.File(path, "r") as h5:
+        if why := ids_mismatch(h5.attrs.get("ids_digest"), info.ids_digest):
+            raise InputError(f"{source} {why}: {fix}")
+        return h5["features"][()].astype(np.float32)
