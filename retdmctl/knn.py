@@ -39,6 +39,8 @@ import h5py
 import numpy as np
 
 from retdmctl import __version__
+from retdmctl.data.dataset import ids_mismatch
+from retdmctl.errors import InputError
 from retdmctl.workspace import atomic_path, now_iso
 
 INDEX_KINDS = ("exact", "ivf", "hnsw", "auto")
@@ -305,16 +307,24 @@ def build_graph(labels: np.ndarray, train_idx: np.ndarray, k: int, index: str = 
     )
 
 
-def write_graph(path: Path, graph: KnnGraph, config: dict) -> None:
+def write_graph(path: Path, graph: KnnGraph, config: dict, ids: str | None = None) -> None:
+    """``ids``: the :func:`~retdmctl.data.dataset.ids_digest` of the dataset whose rows
+    ``image_set`` and ``set_members`` index."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         for name in _ARRAYS:
             h5.create_dataset(name, data=getattr(graph, name), compression="gzip")
         h5.attrs.update(
             {"config": json.dumps(config), "index": json.dumps(graph.index), "version": __version__, "created": now_iso()}
         )
+        if ids is not None:
+            h5.attrs["ids_digest"] = ids
 
 
-def read_graph(path: Path) -> KnnGraph:
+def read_graph(path: Path, ids: str | None = None, source: str | None = None) -> KnnGraph:
+    """The graph; with ``ids`` (the dataset's ids digest) only where it was built for
+    that ordered image list, else an InputError naming ``source`` (its rows index images)."""
     with h5py.File(path, "r") as h5:
+        if ids is not None and (why := ids_mismatch(h5.attrs.get("ids_digest"), ids)):
+            raise InputError(f"{source or path} {why}: re-run retdmctl knn")
         index = json.loads(h5.attrs["index"]) if "index" in h5.attrs else {"kind": "exact"}
         return KnnGraph(**{name: h5[name][()] for name in _ARRAYS}, index=index)

@@ -60,7 +60,7 @@ def run(ctx: Context) -> dict:
     device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
     info, observed, labels_summary = training_view(info, cfg)  # val/test rows keep full labels
     announce(ctx.console, labels_summary)
-    graph = read_graph(ws.knn)
+    graph = read_graph(ws.knn, ids=info.ids_digest, source=ws.rel(ws.knn))
 
     # Start from stage 1 (phi, W_c) and stage 2 (psi, W_r), every key loaded strictly.
     model, spec = build_model(cfg, info.num_classes, pretrained=False, seed=cfg.joint.seed)

@@ -27,7 +27,7 @@ def run(ctx: Context) -> dict:
         graph = build_graph(info.labels, info.split("train"), cfg.knn.k, cfg.knn.index)
     except ValueError as exc:
         raise InputError(f"{ws.rel(ws.dataset)}: {exc}") from None
-    write_graph(ws.knn, graph, cfg.sections(STAGE.sections))
+    write_graph(ws.knn, graph, cfg.sections(STAGE.sections), ids=info.ids_digest)
     sizes = graph.set_ptr[1:] - graph.set_ptr[:-1]
     ctx.console.print(
         f"{len(graph.label_sets)} distinct training label sets, k = {graph.k}"

@@ -33,7 +33,7 @@ def run(ctx: Context) -> dict:
     # apply: this stage does not train the classifier
     info, _, labels_summary = training_view(info, cfg)
     announce(ctx.console, labels_summary)
-    graph = read_graph(ws.knn)
+    graph = read_graph(ws.knn, ids=info.ids_digest, source=ws.rel(ws.knn))
 
     # The classifier's checkpoint gives phi's head and W_c (kept as they are) and shapes.
     # This stage never runs the CNN: a fine-tuned backbone in the checkpoint is left out

@@ -169,10 +169,19 @@ def run_directly(ws: Workspace, stage: str) -> None:
 
 @pytest.mark.parametrize("stage", ["metric", "joint"])
 def test_features_h5_of_another_image_list_is_an_error(reordered, stage):
+    run_directly(reordered, "knn")  # the graph rebuilt for the new order: features.h5 is what is left
     with pytest.raises(InputError) as err:
         run_directly(reordered, stage)
     assert str(err.value) == ("classifier/features.h5 was written for another image list than the dataset's "
                               "(re-ingested since?): re-run retdmctl train --stage classifier")
+
+
+@pytest.mark.parametrize("stage", ["metric", "joint"])
+def test_knn_h5_of_another_image_list_is_an_error(reordered, stage):
+    with pytest.raises(InputError) as err:
+        run_directly(reordered, stage)
+    assert str(err.value) == ("knn.h5 was written for another image list than the dataset's "
+                              "(re-ingested since?): re-run retdmctl knn")
 
 
 def test_features_h5_that_records_no_image_list_is_an_error(done, tmp_path):
