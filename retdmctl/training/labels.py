@@ -30,9 +30,11 @@ import dataclasses
 import numpy as np
 import torch
 
+from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo
 from retdmctl.data.protocols import apply_protocol
+from retdmctl.errors import ConfigError
 from retdmctl.losses.base import base_loss
 from retdmctl.losses.clml import clml_loss
 from retdmctl.losses.llr import llr_loss
@@ -108,6 +110,26 @@ def describe(summary: dict) -> str:
     elif s.get("val_protocol") == "full" and s["protocol"] != "full":
         line += "; validation on full labels"
     return line
+
+
+def batch_terms_problem(cfg: Config, world: int) -> str | None:
+    """Why ``cfg`` cannot train on ``world`` processes, or None. LL-R ranks the unknown
+    entries of the batch and CLML compares the batch's rows with each other; under
+    torchrun each process holds only its share of the global batch, so N processes would
+    not train as one (:mod:`retdmctl.training.parallel`): refused, not gathered."""
+    terms = [t for t, on in (("loss.base = llr", cfg.loss.base == "llr"), ("loss.clml > 0", cfg.loss.clml > 0)) if on]
+    if world <= 1 or not terms:
+        return None
+    return (f"{' and '.join(terms)} read the whole batch, but each of the {world} processes sees only its share: "
+            "train without torchrun (one process)")
+
+
+def refuse_batch_terms_across_processes(cfg: Config) -> None:
+    """Raise, at a classifier or joint stage's start, when :func:`batch_terms_problem`
+    finds one: rank 0 prints the line, the other ranks exit 1 silently."""
+    if (problem := batch_terms_problem(cfg, distributed.world_size())) is not None:
+        distributed.barrier()  # every rank here before any leaves the process group
+        raise ConfigError(problem) if distributed.is_main() else distributed.PeerError(problem)
 
 
 _ANNOUNCED: set[tuple[int, str]] = set()
