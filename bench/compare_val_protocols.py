@@ -30,7 +30,7 @@ def gap_share(results: dict, seeds: list[str], protocol: str, variant: str) -> s
     """The share of (full-label bce − protocol bce) that ``variant`` closes, paired by seed."""
     gap = statistics.mean(results[s]["full"]["bce"]["mAP"] - results[s][protocol]["bce"]["mAP"] for s in seeds)
     gain = statistics.mean(results[s][protocol][variant]["mAP"] - results[s][protocol]["bce"]["mAP"] for s in seeds)
-    return f"{100 * gain / gap:.0f} %".replace("-", "−") if gap > 0 else "n/a"
+    return f"{round(100 * gain / gap) + 0:d} %".replace("-", "−") if gap > 0 else "n/a"
 
 
 def gap_size(results: dict, seeds: list[str], protocol: str) -> str:
