@@ -65,7 +65,7 @@ def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
     refuse_batch_terms_across_processes(cfg)  # LL-R and CLML: one process only
     device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
-    info, observed, labels_summary = training_view(info, cfg)  # val/test rows keep full labels
+    info, observed, labels_summary = training_view(info, cfg)  # test rows keep full labels; val: labels.val_protocol
     announce(ctx.console, labels_summary)
     graph = read_graph(ws.knn)
 
