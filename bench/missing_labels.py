@@ -21,15 +21,18 @@ every variant runs through the product's own stages:
                 own weight chosen on validation from the same grid (asked for by name)
 
 The grid: every (loss.clml, loss.clml_tau) point trains stage 1; the one with the best
-kept validation mAP (validation labels are always full) is kept, its classifier
+kept validation mAP (on the validation labels of ``labels.val_protocol``) is kept, its classifier
 restored, and only then is test read (once per final variant). The full protocol is the
 ceiling: it runs bce and retdm only (--clml-protocols), and LL-R there is BCE exactly
 (no unknown entry to reject), so llr's full cell is bce's.
 
 Protocols: ``full`` (every label), ``keep0.75`` / ``keep0.4`` (that fraction of each
 training image's positives kept, the rest unknown), ``single`` (one positive per
-training image). Validation and test keep their full labels: the epoch kept and the
-per-class thresholds are chosen on validation, test is read once per variant.
+training image). Test keeps its full labels and is read once per variant; validation
+(the epoch kept, the per-class thresholds, the grid choices) reads the labels of
+``labels.val_protocol``: ``same`` (the product's default: the protocol hides validation
+labels too, hidden read as negative, what a user has) or ``full`` (``--set
+labels.val_protocol=full``: every validation label, the tables of earlier runs).
 
 Datasets: ``scene`` (MIML scene, 2,000 images, 5 classes, 1.24 labels per image, frozen
 EfficientNet-Lite0 at 224 px) and ``demo`` (the built-in generator, dense:
@@ -351,6 +354,11 @@ def header(cmds: list[str], ref: Config, args, wall: str) -> list[str]:
         f"stage 1 from {{{', '.join(f'{v:g}' for v in args.clml_grid)}}}, tau from "
         f"{{{', '.join(f'{v:g}' for v in args.tau_grid)}}} (delta 1, from epoch 1), retdm_clml uses bce_clml's choice; "
         f"LL-R at its published schedule (0.2 %/epoch); mean ± std over seeds; {wall}.",
+        "",
+        "Validation labels (epoch kept, thresholds, every choice on validation): "
+        + ("the same protocol as training, its own draw, hidden labels read as negative (labels.val_protocol = same)"
+           if ref.labels.val_protocol == "same" else "full, every label (labels.val_protocol = full)")
+        + "; test: full labels.",
         "",
     ]
 

@@ -339,8 +339,12 @@ def _labels_line(ws, cfg) -> str | None:
     clml = ""
     if loss.clml > 0:
         clml = f"; CLML weight {loss.clml:g}" + (f", every {loss.clml_every} steps" if loss.clml_every > 1 else "")
+    validation = ""
+    if lab.protocol != "full":
+        validation = ("; validation under the same protocol (hidden read as negative): epoch, thresholds and vote "
+                      "chosen on it" if lab.val_protocol == "same" else "; validation on full labels")
     dataset = f"; the dataset has {unknown} unknown labels (?name), left out of validation and test metrics" if unknown else ""
-    return f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), {reading}{clml}{dataset}"
+    return f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), {reading}{clml}{validation}{dataset}"
 
 QUICKSTART_WORKDIR = Path("retdm-quickstart")
 

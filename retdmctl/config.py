@@ -190,8 +190,8 @@ class EvalConfig:
 
 @dataclass
 class LabelsConfig:
-    """Which training labels the models see (missing-label protocols; val and test always
-    keep their full labels)."""
+    """Which training labels the models see (missing-label protocols; the test split
+    always keeps its full labels, validation under ``val_protocol``)."""
 
     protocol: str = "full"  # full | keep (a fraction of each image's positives) | single | hide
     fraction: float = 1.0  # keep: fraction of positives kept; hide: fraction of entries hidden
@@ -199,6 +199,10 @@ class LabelsConfig:
     # how bce/asl read an unknown training label: "negative" (assume negative) or
     # "ignore" (masked out of the loss); llr always reads them as rejectable negatives
     unknown: str = "negative"
+    # the labels everything chosen on validation reads (epoch, thresholds, vote): "same"
+    # (the protocol hides validation labels too, its own draw from seed, hidden read as
+    # negative: what a user with incomplete labels has) or "full" (every validation label)
+    val_protocol: str = "same"
 
 
 @dataclass
@@ -382,6 +386,7 @@ _RULES: dict[str, Any] = {
     "labels.protocol": _one_of("full", "keep", "single", "hide"),
     "labels.fraction": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
     "labels.unknown": _one_of("negative", "ignore"),
+    "labels.val_protocol": _one_of("same", "full"),
     "loss.metric_on": _one_of("clean", "dropout"),
     "eval.thresholds": _one_of("per_class", "global", "fixed"),
     "eval.checkpoint": _one_of("classifier", "joint"),
@@ -418,6 +423,11 @@ def validate(cfg: Config) -> None:
         problem = rule(value)
         if problem:
             raise ConfigError(f"{name} {problem}, got {value!r}")
+    lab = cfg.labels
+    if lab.protocol in ("keep", "single") and lab.unknown == "ignore" and cfg.loss.base != "llr":
+        raise ConfigError(f"labels.unknown = ignore with labels.protocol = {lab.protocol} trains on positives only: "
+                          "every entry not kept is unknown, true negatives included; use labels.unknown = negative "
+                          "or loss.base = llr")
     spec = get_backbone_spec(cfg.model.backbone)  # BackboneError names the known ones
     m = cfg.model
     if (m.tune_blocks > 0 or m.views > 1) and not m.frozen_backbone:

@@ -25,7 +25,13 @@ from retdmctl.training.common import (
     model_inputs,
     val_bce_and_map,
 )
-from retdmctl.training.labels import Classification, EpochCounter, announce, training_view
+from retdmctl.training.labels import (
+    Classification,
+    EpochCounter,
+    announce,
+    refuse_batch_terms_across_processes,
+    training_view,
+)
 from retdmctl.training.loop import fit
 from retdmctl.training.runtime import prepare_model
 from retdmctl.training.sources import write_features
@@ -43,8 +49,9 @@ def _inputs(ws: Workspace, cfg: Config) -> list:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
+    refuse_batch_terms_across_processes(cfg)  # LL-R and CLML: one process only
     device, info, stage_dir = begin_training(ctx, "classifier", cfg.classifier.seed)
-    info, observed, labels_summary = training_view(info, cfg)  # val/test rows keep full labels
+    info, observed, labels_summary = training_view(info, cfg)  # test rows keep full labels; val: labels.val_protocol
     announce(ctx.console, labels_summary)
 
     if not cfg.model.frozen_backbone and device.type == "cpu":

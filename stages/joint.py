@@ -35,7 +35,13 @@ from retdmctl.training.common import (
     restore_image_model,
     val_bce_and_map,
 )
-from retdmctl.training.labels import Classification, EpochCounter, announce, training_view
+from retdmctl.training.labels import (
+    Classification,
+    EpochCounter,
+    announce,
+    refuse_batch_terms_across_processes,
+    training_view,
+)
 from retdmctl.training.loop import fit
 from retdmctl.training.parallel import refresh_bank
 from retdmctl.training.runtime import (
@@ -57,8 +63,9 @@ def _blocked(cfg: Config) -> str | None:
 
 def run(ctx: Context) -> dict:
     ws, cfg = ctx.ws, ctx.cfg
+    refuse_batch_terms_across_processes(cfg)  # LL-R and CLML: one process only
     device, info, stage_dir = begin_training(ctx, "joint", cfg.joint.seed)
-    info, observed, labels_summary = training_view(info, cfg)  # val/test rows keep full labels
+    info, observed, labels_summary = training_view(info, cfg)  # test rows keep full labels; val: labels.val_protocol
     announce(ctx.console, labels_summary)
     graph = read_graph(ws.knn, ids=info.ids_digest, source=ws.rel(ws.knn))
 

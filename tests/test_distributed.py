@@ -223,3 +223,38 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # the number of processes never makes a stage stale: one process skips them all
     again = runner.invoke(app, ["-w", str(two), "run"])
     assert again.exit_code == 0 and again.output.count("up to date, skipped") == 6, again.output
+
+
+# --- LL-R and CLML read the whole batch: one process only --------------------------------
+def test_batch_terms_problem_names_what_is_refused():
+    from retdmctl.config import Config
+    from retdmctl.training.labels import batch_terms_problem
+
+    cfg = Config()
+    assert batch_terms_problem(cfg, 2) is None  # bce: the per-row mean is weighted exactly
+    cfg.loss.clml = 0.5
+    assert batch_terms_problem(cfg, 1) is None
+    assert batch_terms_problem(cfg, 2) == ("loss.clml > 0 read the whole batch, but each of the 2 processes sees only "
+                                           "its share: train without torchrun (one process)")
+    cfg.loss.base = "llr"
+    assert batch_terms_problem(cfg, 3) == ("loss.base = llr and loss.clml > 0 read the whole batch, but each of the 3 "
+                                           "processes sees only its share: train without torchrun (one process)")
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_llr_and_clml_with_one_line(tmp_path):
+    (tmp_path / "retdm.toml").write_text(TINY)
+    assert runner.invoke(app, ["-w", str(tmp_path), "ingest", "demo"]).exit_code == 0
+    env = {**os.environ, "RETDM_NO_PROGRESS": "1", "RETDM_DIST_TIMEOUT": "120",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "retdmctl", "-w", str(tmp_path), "train", "--stage", "classifier", "--set", "loss.base=llr"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert errors == ["error: loss.base = llr read the whole batch, but each of the 2 processes sees only its share: "
+                      "train without torchrun (one process)"]
+    # each process exits 1 (torchrun then prints its own ChildFailedError), none aborts
+    assert "(exitcode: 1)" in done.stderr and "terminate called" not in done.stderr and "SIGABRT" not in done.stderr
+    assert "retdmctl/" not in done.stderr  # no traceback from the product's code
+    assert not (tmp_path / "classifier" / "checkpoint.pt").exists()

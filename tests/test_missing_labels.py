@@ -71,7 +71,9 @@ def test_full_protocol_keeps_everything_and_the_datasets_own_unknowns():
 
 def test_training_view_changes_only_the_training_rows():
     info = toy_info()
-    view, obs, summary = training_view(info, labels_cfg("single"))
+    cfg = labels_cfg("single")
+    cfg.labels.val_protocol = "full"  # validation under "same": test_val_protocol_same_...
+    view, obs, summary = training_view(info, cfg)
     train = info.split("train")
     assert np.array_equal(view.labels[train], (obs[train] == 1).astype(np.uint8))
     assert (view.labels[train].sum(axis=1) == 1).all()
@@ -80,6 +82,64 @@ def test_training_view_changes_only_the_training_rows():
     s = summary["labels"]
     assert s["protocol"] == "single" and s["train_positives"] == int(info.labels[train].sum())
     assert s["hidden_positives"] == s["train_positives"] - len(train)
+
+
+@pytest.mark.parametrize("protocol,fraction", [("keep", 0.5), ("single", 1.0), ("hide", 0.3)])
+def test_val_protocol_same_hides_validation_labels_as_negatives_and_keeps_test_full(protocol, fraction):
+    from retdmctl.training.labels import validation_labels
+
+    info = toy_info(n=200)
+    train, val, test = info.split("train"), info.split("val"), info.split("test")
+    cfg = labels_cfg(protocol, fraction, seed=3)
+    assert cfg.labels.val_protocol == "same"  # the default once a protocol is set
+    view, obs, summary = training_view(info, cfg)
+    seen = validation_labels(info, cfg)
+    assert np.array_equal(view.labels[val], seen) and set(np.unique(seen)) <= {0, 1}
+    assert (seen <= info.labels[val]).all() and seen.sum() < info.labels[val].sum()  # hidden positives read as 0
+    if protocol != "hide":
+        assert (seen.sum(axis=1) >= 1).all()  # a row keeps at least one positive, as training rows do
+    assert np.array_equal(view.labels[test], info.labels[test])  # test: always full
+    assert np.array_equal(view.labels[train], (obs[train] == 1).astype(np.uint8))  # training draw unchanged
+    assert np.array_equal(seen, validation_labels(info, cfg))  # deterministic
+    assert not np.array_equal(seen, validation_labels(info, labels_cfg(protocol, fraction, seed=4)))
+    s = summary["labels"]
+    assert s["val_protocol"] == "same" and s["val_hidden_positives"] == int(info.labels[val].sum() - seen.sum()) > 0
+    cfg.labels.val_protocol = "full"
+    view, _, summary = training_view(info, cfg)
+    assert np.array_equal(view.labels[val], info.labels[val]) and summary["labels"]["val_hidden_positives"] == 0
+
+
+def test_val_protocol_is_what_the_kept_epoch_and_thresholds_are_chosen_on(tmp_path):
+    """The classifier's validation mAP (the epoch kept) and its thresholds are scored on
+    the validation labels of ``labels.val_protocol``: under ``same`` the protocol's draw,
+    under ``full`` every label; training is the same either way."""
+    from retdmctl import thresholds
+    from retdmctl.metrics import compute_metrics
+    from retdmctl.training.labels import validation_labels
+
+    runs = {}
+    for val_protocol in ("same", "full"):
+        ws, cfg = Workspace(tmp_path / val_protocol), tiny_config(frozen=True)
+        cfg.classifier.epochs, cfg.classifier.select = 2, "last"
+        cfg.labels.protocol, cfg.labels.val_protocol = "single", val_protocol
+        cfg.eval.checkpoint, cfg.eval.split, cfg.eval.fusion, cfg.eval.report = "classifier", "val", False, "none"
+        ctx = Context(ws, cfg, Console(file=io.StringIO()))
+        for name in ("ingest", "classifier", "eval"):
+            run_stage(ctx, BY_NAME[name], PIPELINE)
+        ckpt = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
+        with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
+            scores = h5["scores"][()]
+        info = read_dataset(ws.dataset)
+        runs[val_protocol] = (ckpt, scores, validation_labels(info, cfg), info.labels[info.split("val")])
+    same, full = runs["same"], runs["full"]
+    assert [r["train_total"] for r in same[0]["history"]] == pytest.approx([r["train_total"] for r in full[0]["history"]])
+    assert np.allclose(same[1], full[1], atol=1e-6)  # the same model
+    assert not np.array_equal(same[2], same[3])  # single hides validation positives
+    for ckpt, scores, labels, _ in (same, full):
+        kept = ckpt["history"][-1]
+        assert kept["val_mAP"] == pytest.approx(compute_metrics(labels, scores)["mAP"], abs=1e-5)
+        assert ckpt["threshold_choice"] == thresholds.choose(labels, scores, None)
+    assert same[0]["history"][-1]["val_mAP"] != pytest.approx(full[0]["history"][-1]["val_mAP"], abs=1e-4)
 
 
 # --- the losses -------------------------------------------------------------------------
@@ -217,7 +277,8 @@ def test_every_training_stage_records_the_protocol(keep_run):
     hidden = set()
     for name in TRAINING:
         manifest = ws.read_manifest(name)
-        assert manifest["config"]["labels"] == {"protocol": "keep", "fraction": 0.5, "seed": 1, "unknown": "negative"}
+        assert manifest["config"]["labels"] == {"protocol": "keep", "fraction": 0.5, "seed": 1, "unknown": "negative",
+                                                "val_protocol": "same"}
         summary = manifest["summary"]["labels"]
         assert summary["protocol"] == "keep" and summary["fraction"] == 0.5
         hidden.add(summary["hidden_positives"])
@@ -227,6 +288,10 @@ def test_every_training_stage_records_the_protocol(keep_run):
     page = (ws.stage_dir("eval") / "report.html").read_text()
     train_positives = int(info.labels[info.split("train")].sum())
     assert f"keep 0.5 (seed 1): {expected} of {train_positives} training positives hidden" in page
+    s = ws.read_manifest("classifier")["summary"]["labels"]
+    assert s["val_protocol"] == "same" and 0 < s["val_hidden_positives"] < s["val_positives"]
+    assert (f"validation under the same protocol: {s['val_hidden_positives']} of {s['val_positives']} positives "
+            "hidden, read as negative") in page
 
 
 def test_knn_graph_is_built_from_the_observed_training_sets(keep_run):
@@ -303,6 +368,13 @@ def test_llr_trains_end_to_end(tmp_path):
         ({"loss": {"clml_delta": -0.5}}, "loss.clml_delta must be >= 0, got -0.5"),
         ({"loss": {"clml_every": 0}}, "loss.clml_every must be >= 1, got 0"),
         ({"loss": {"llr_delta_rel": 1}}, "loss.llr_delta_rel must be in [0, 1), got 1.0"),
+        ({"labels": {"val_protocol": "half"}}, "labels.val_protocol must be one of same, full, got 'half'"),
+        ({"labels": {"protocol": "keep", "fraction": 0.5, "unknown": "ignore"}},
+         "labels.unknown = ignore with labels.protocol = keep trains on positives only: every entry not kept is "
+         "unknown, true negatives included; use labels.unknown = negative or loss.base = llr"),
+        ({"labels": {"protocol": "single", "unknown": "ignore"}},
+         "labels.unknown = ignore with labels.protocol = single trains on positives only: every entry not kept is "
+         "unknown, true negatives included; use labels.unknown = negative or loss.base = llr"),
     ],
 )
 def test_validation_messages(values, message):
@@ -317,6 +389,10 @@ def test_defaults_are_valid_and_off():
     cfg = Config()
     validate(cfg)
     assert (cfg.labels.protocol, cfg.labels.fraction, cfg.labels.seed, cfg.labels.unknown) == ("full", 1.0, 0, "negative")
+    assert cfg.labels.val_protocol == "same"
+    for protocol, base in (("hide", "bce"), ("single", "llr")):  # ignore is meaningful there, or does not apply
+        cfg.labels.protocol, cfg.labels.fraction, cfg.labels.unknown, cfg.loss.base = protocol, 0.5, "ignore", base
+        validate(cfg)
     assert (cfg.loss.clml, cfg.loss.clml_tau, cfg.loss.clml_start_epoch, cfg.loss.clml_delta) == (0.0, 0.75, 1, 1.0)
 
 
@@ -339,14 +415,25 @@ def test_train_flags_set_the_protocol_and_status_shows_it(tmp_path):
     assert ws.read_manifest("classifier")["summary"]["labels"]["protocol"] == "keep"
     assert "train_clml" in load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["history"][0]
     status = " ".join(invoke("status").output.split())  # the console may wrap the line
-    assert "training labels: protocol keep 0.5 (seed 0), unknown read as negative; CLML weight 0.5" in status
+    assert ("training labels: protocol keep 0.5 (seed 0), unknown read as negative; CLML weight 0.5; validation under "
+            "the same protocol (hidden read as negative): epoch, thresholds and vote chosen on it") in status
     assert invoke("train", "--stage", "classifier", "--epochs", "1", "--set", "loss.base=llr", "--set",
                   "loss.llr_delta_rel=0.01", "--clml-every", "4").exit_code == 0
     status = " ".join(invoke("status").output.split())
     assert ("training labels: protocol keep 0.5 (seed 0), unknown read as negative, the largest-loss ones rejected "
-            "(LL-R, 1 % more each epoch); CLML weight 0.5, every 4 steps") in status
+            "(LL-R, 1 % more each epoch); CLML weight 0.5, every 4 steps; validation under the same protocol") in status
+    assert invoke("train", "--stage", "classifier", "--epochs", "1", "--set", "labels.val_protocol=full").exit_code == 0
+    assert "summary" in ws.read_manifest("classifier")
+    assert ws.read_manifest("classifier")["summary"]["labels"]["val_protocol"] == "full"
+    status = " ".join(invoke("status").output.split())
+    assert "every 4 steps; validation on full labels" in status
     result = invoke("train", "--stage", "classifier", "--labels-fraction", "1.5")
     assert result.exit_code != 0 and "labels.fraction must be in (0, 1], got 1.5" in result.output
+    result = invoke("train", "--stage", "classifier", "--set", "loss.base=bce", "--set", "labels.unknown=ignore")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        "error: labels.unknown = ignore with labels.protocol = keep trains on positives only: every entry not kept is "
+        "unknown, true negatives included; use labels.unknown = negative or loss.base = llr")
 
 
 def test_the_protocol_is_printed_once_per_run(tmp_path):

@@ -3,8 +3,9 @@
 Each protocol takes the full 0/1 label matrix ``labels`` (N, L), the indices ``rows`` of
 the training rows, and a seed, and returns the int8 *observed* matrix (N, L) with
 1 = observed positive, 0 = observed negative, -1 = unknown. Rows outside ``rows`` are
-returned fully observed (a copy of ``labels``): validation and test always use the full
-labels (DESIGN.md section 3).
+returned fully observed (a copy of ``labels``): the test split always keeps the full
+labels (DESIGN.md section 3); validation rows get a draw of their own under
+``labels.val_protocol = same`` (:mod:`retdmctl.training.labels`).
 
 * ``keep_positives(labels, rows, p, seed)``: keep ``round(p * k)`` of each training row's
   k positives (at least one when k > 0), chosen uniformly; everything else in that row
@@ -21,7 +22,9 @@ negative" reads -1 as 0 itself. A training row with no positive at all becomes a
 
 Determinism: each protocol draws from its own generator,
 ``np.random.default_rng([seed, PROTOCOL_ID])``, so the same seed gives the same matrix
-whatever else used that seed, and protocols do not share a stream. Rows are processed in
+whatever else used that seed, and protocols do not share a stream. A nonzero ``stream``
+(the validation rows' draw, ``labels.val_protocol = same``) makes it
+``default_rng([seed, PROTOCOL_ID, stream])``: a draw of its own. Rows are processed in
 ascending order of ``rows`` (the order ``rows`` is given in does not matter). ``round``
 is numpy's round-half-to-even (2.5 -> 2).
 """
@@ -63,28 +66,32 @@ def _keep_per_row(observed: np.ndarray, rows: np.ndarray, counts: np.ndarray, rn
     return observed
 
 
-def keep_positives(labels: np.ndarray, rows: np.ndarray, p: float, seed: int) -> np.ndarray:
+def _rng(seed: int, protocol_id: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, protocol_id, stream] if stream else [seed, protocol_id])
+
+
+def keep_positives(labels: np.ndarray, rows: np.ndarray, p: float, seed: int, stream: int = 0) -> np.ndarray:
     """Keep a fraction ``p`` of each training row's positives (``round(p*k)``, at least
     one when k > 0); every other entry of a training row becomes -1."""
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"keep fraction must be in [0, 1], got {p}")
     observed, rows = _prepare(labels, rows)
-    rng = np.random.default_rng([seed, _ID_KEEP])
+    rng = _rng(seed, _ID_KEEP, stream)
     k = (observed[rows] == 1).sum(axis=1)
     counts = np.minimum(k, np.maximum(1, np.round(p * k).astype(np.int64)))
     return _keep_per_row(observed, rows, counts, rng)
 
 
-def single_positive(labels: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
+def single_positive(labels: np.ndarray, rows: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
     """Keep one positive per training row, chosen uniformly; every other entry of a
     training row becomes -1."""
     observed, rows = _prepare(labels, rows)
-    rng = np.random.default_rng([seed, _ID_SINGLE])
+    rng = _rng(seed, _ID_SINGLE, stream)
     k = (observed[rows] == 1).sum(axis=1)
     return _keep_per_row(observed, rows, np.minimum(k, 1), rng)
 
 
-def hide_entries(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def hide_entries(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int, stream: int = 0) -> np.ndarray:
     """Hide ``round(fraction * len(rows) * L)`` entries of the training rows, uniformly
     without replacement over positives and negatives alike; they become -1."""
     if not 0.0 <= fraction <= 1.0:
@@ -93,13 +100,13 @@ def hide_entries(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: in
     n_labels = observed.shape[1]
     total = rows.size * n_labels
     n_hide = int(np.round(fraction * total))
-    rng = np.random.default_rng([seed, _ID_HIDE])
+    rng = _rng(seed, _ID_HIDE, stream)
     flat = rng.choice(total, size=n_hide, replace=False)
     observed[rows[flat // n_labels], flat % n_labels] = -1
     return observed
 
 
-def apply_protocol(labels: np.ndarray, rows: np.ndarray, name: str, p: float, seed: int) -> np.ndarray:
+def apply_protocol(labels: np.ndarray, rows: np.ndarray, name: str, p: float, seed: int, stream: int = 0) -> np.ndarray:
     """Dispatch on ``name``: "full" (everything observed; p ignored), "keep"
     (:func:`keep_positives` with fraction p), "single" (:func:`single_positive`; p
     ignored), "hide" (:func:`hide_entries` with fraction p). ConfigError otherwise."""
@@ -107,9 +114,9 @@ def apply_protocol(labels: np.ndarray, rows: np.ndarray, name: str, p: float, se
         observed, _ = _prepare(labels, rows)
         return observed
     if name == "keep":
-        return keep_positives(labels, rows, p, seed)
+        return keep_positives(labels, rows, p, seed, stream)
     if name == "single":
-        return single_positive(labels, rows, seed)
+        return single_positive(labels, rows, seed, stream)
     if name == "hide":
-        return hide_entries(labels, rows, p, seed)
+        return hide_entries(labels, rows, p, seed, stream)
     raise ConfigError(f"unknown missing-label protocol {name!r}; known: {', '.join(PROTOCOLS)}")

@@ -4,13 +4,20 @@ that reads it (DESIGN.md section 3).
 :func:`observed_labels` is the one place that decides which training labels a model sees:
 the protocol (``labels.protocol``, ``labels.fraction``, ``labels.seed``) applied to the
 training split, combined with the dataset's own unknowns (``?label`` in a csv file).
-Validation and test rows keep the dataset's labels: model selection, thresholds and
-evaluation are scored on every label the dataset has, and leave its own unknowns out
-(:mod:`retdmctl.metrics`, ``known``).
+Test rows keep the dataset's labels: evaluation is scored on every label the dataset
+has, and leaves its own unknowns out (:mod:`retdmctl.metrics`, ``known``).
+
+Validation rows follow ``labels.val_protocol``: ``same`` (the default) hides their labels
+under the same protocol, a draw of its own from ``labels.seed`` (:data:`VAL_STREAM`), and
+reads the hidden ones as negatives (assume-negative), as a user whose labels are
+incomplete has them; ``full`` keeps every validation label (a ceiling a user cannot
+measure). Everything chosen on validation (the epoch kept, the thresholds, the neighbour
+vote) reads these labels: they are ``info.labels`` of the view.
 
 :func:`training_view` gives the stages a copy of the dataset whose ``labels`` are, on the
-training rows, the observed positives (unknown read as 0): the sources, the kNN graph and
-the metric losses all read ``info.labels``, so they all see the observed label sets.
+training rows, the observed positives (unknown read as 0), and on the validation rows
+the validation labels above: the sources, the kNN graph, the metric losses and the
+validation choices all read ``info.labels``, so they all see the observed label sets.
 :class:`Classification` is the classifier's loss on a batch: the base loss with the
 unknown entries assumed negative or masked out (``labels.unknown``), or LL-R, plus the
 CLML term when ``loss.clml`` > 0.
@@ -23,12 +30,18 @@ import dataclasses
 import numpy as np
 import torch
 
+from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo
 from retdmctl.data.protocols import apply_protocol
+from retdmctl.errors import ConfigError
 from retdmctl.losses.base import base_loss
 from retdmctl.losses.clml import clml_loss
 from retdmctl.losses.llr import llr_loss
+
+#: the protocol's generator stream for the validation rows (``labels.val_protocol = same``):
+#: a draw of their own, the training rows' draw unchanged (part of the seed: never change)
+VAL_STREAM = 1
 
 
 def observed_labels(info: DatasetInfo, cfg: Config) -> np.ndarray:
@@ -42,16 +55,30 @@ def observed_labels(info: DatasetInfo, cfg: Config) -> np.ndarray:
     return observed
 
 
+def validation_labels(info: DatasetInfo, cfg: Config) -> np.ndarray:
+    """The 0/1 labels of the validation rows (in the order of ``info.split("val")``) that
+    everything chosen on validation reads: under ``labels.val_protocol = same`` the
+    protocol's own draw for them, hidden positives read as 0; else the dataset's."""
+    lab, val = cfg.labels, info.split("val")
+    if lab.val_protocol == "full" or lab.protocol == "full":
+        return info.labels[val].copy()
+    seen = apply_protocol(info.labels, val, lab.protocol, lab.fraction, lab.seed, stream=VAL_STREAM)
+    return (seen[val] == 1).astype(info.labels.dtype)
+
+
 def training_view(info: DatasetInfo, cfg: Config) -> tuple[DatasetInfo, np.ndarray, dict]:
-    """(a copy of ``info`` whose training rows' labels are the observed positives, the
-    observed matrix, a summary for the stage's manifest)."""
+    """(a copy of ``info`` whose training rows' labels are the observed positives and
+    whose validation rows' are :func:`validation_labels`, the observed matrix, a summary
+    for the stage's manifest)."""
     observed = observed_labels(info, cfg)
-    train = info.split("train")
+    train, val = info.split("train"), info.split("val")
     labels = info.labels.copy()
     labels[train] = (observed[train] == 1).astype(labels.dtype)
+    labels[val] = validation_labels(info, cfg)
     view = dataclasses.replace(info, labels=labels)
     positives = int((info.labels[train] > 0).sum())
     kept = int((observed[train] == 1).sum())
+    val_positives = int((info.labels[val] > 0).sum())
     lab = cfg.labels
     summary = {
         "labels": {
@@ -62,6 +89,9 @@ def training_view(info: DatasetInfo, cfg: Config) -> tuple[DatasetInfo, np.ndarr
             "train_positives": positives,
             "hidden_positives": positives - kept,
             "unknown_entries": int((observed[train] == -1).sum()),
+            "val_protocol": "full" if lab.protocol == "full" else lab.val_protocol,
+            "val_positives": val_positives,
+            "val_hidden_positives": val_positives - int((labels[val] > 0).sum()),
         }
     }
     return view, observed, summary
@@ -70,10 +100,36 @@ def training_view(info: DatasetInfo, cfg: Config) -> tuple[DatasetInfo, np.ndarr
 def describe(summary: dict) -> str:
     s = summary["labels"]
     p = f" {s['fraction']:g}" if "fraction" in s else ""
-    return (
+    line = (
         f"labels: {s['protocol']}{p} (seed {s['seed']}): {s['hidden_positives']} of {s['train_positives']} "
         f"training positives hidden, {s['unknown_entries']} unknown entries read as {s['unknown']}"
     )
+    if s.get("val_protocol") == "same":
+        line += (f"; validation under the same protocol: {s['val_hidden_positives']} of {s['val_positives']} "
+                 "positives hidden, read as negative")
+    elif s.get("val_protocol") == "full" and s["protocol"] != "full":
+        line += "; validation on full labels"
+    return line
+
+
+def batch_terms_problem(cfg: Config, world: int) -> str | None:
+    """Why ``cfg`` cannot train on ``world`` processes, or None. LL-R ranks the unknown
+    entries of the batch and CLML compares the batch's rows with each other; under
+    torchrun each process holds only its share of the global batch, so N processes would
+    not train as one (:mod:`retdmctl.training.parallel`): refused, not gathered."""
+    terms = [t for t, on in (("loss.base = llr", cfg.loss.base == "llr"), ("loss.clml > 0", cfg.loss.clml > 0)) if on]
+    if world <= 1 or not terms:
+        return None
+    return (f"{' and '.join(terms)} read the whole batch, but each of the {world} processes sees only its share: "
+            "train without torchrun (one process)")
+
+
+def refuse_batch_terms_across_processes(cfg: Config) -> None:
+    """Raise, at a classifier or joint stage's start, when :func:`batch_terms_problem`
+    finds one: rank 0 prints the line, the other ranks exit 1 silently."""
+    if (problem := batch_terms_problem(cfg, distributed.world_size())) is not None:
+        distributed.barrier()  # every rank here before any leaves the process group
+        raise ConfigError(problem) if distributed.is_main() else distributed.PeerError(problem)
 
 
 _ANNOUNCED: set[tuple[int, str]] = set()

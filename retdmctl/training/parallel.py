@@ -10,7 +10,10 @@ the start of the permutation, so that no rank ever gets an empty batch (a DDP st
 every rank). DDP averages the ranks' gradients; each rank's loss (a mean over its rows)
 is weighted by its share of the global batch, so that the average is the global batch's
 mean gradient even when the parts differ in size: N processes with the same global batch
-train as one does, up to float rounding (and dropout and crops, drawn per rank).
+train as one does, up to float rounding (and dropout and crops, drawn per rank). Losses
+that read the whole batch (LL-R's ranking, the CLML term) would see only a rank's share:
+the classifier and joint stages refuse them under torchrun
+(:func:`retdmctl.training.labels.batch_terms_problem`).
 """
 
 from __future__ import annotations
