@@ -49,6 +49,9 @@ class Stage:
     run: Callable[[Context], dict[str, Any]]  # does the work, returns a summary
     # raw files outside the workspace (a dataset's own folder), fingerprinted by stat
     sources: Callable[[Workspace, Config], list[Path]] = field(default=lambda ws, cfg: [])
+    # when given, replaces the stat walk of ``sources``: one fingerprint of exactly what
+    # the stage reads (ingest: the parsed labels and the stat of the images they name)
+    source_fingerprint: Callable[[Workspace, Config], str | None] | None = None
     # a one-line reason the stage cannot run with this config, or None
     blocked: Callable[[Config], str | None] = field(default=lambda cfg: None)
     # runs on every rank under torchrun (trains or scores); else on rank 0 only
@@ -63,7 +66,10 @@ class Status:
 
 def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage) -> dict[str, str | None]:
     fps = {ws.rel(p): ws.fingerprint(p) for p in stage.inputs(ws, cfg)}
-    fps.update({f"source:{p}": ws.fingerprint(p, content=False) for p in stage.sources(ws, cfg)})
+    if stage.source_fingerprint is not None:
+        fps["sources"] = stage.source_fingerprint(ws, cfg)
+    else:
+        fps.update({f"source:{p}": ws.fingerprint(p, content=False) for p in stage.sources(ws, cfg)})
     return fps
 
 

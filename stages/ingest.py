@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from retdmctl.config import Config
-from retdmctl.data.ingest import SourceData, run_ingest
-from retdmctl.errors import ConfigError
+from retdmctl.data.ingest import SourceData, run_ingest, source_fingerprint
+from retdmctl.errors import ConfigError, RetdmError
 from retdmctl.pipeline import Context, Stage
 
 READERS = ("demo", "scene", "csv", "coco", "voc", "mirflickr", "nuswide")
@@ -90,6 +90,19 @@ def _sources(ws, cfg: Config) -> list[Path]:
     return [Path(p) for p in dict.fromkeys(paths)]
 
 
+def _fingerprint(ws, cfg: Config) -> str | None:
+    """The fingerprint of what ingest reads (see ``source_fingerprint``), never of the
+    folders around it: a workspace inside the image folder (``--images .``) must not make
+    ingest stale by its own artifacts. None when the source cannot be read: the stage is
+    stale and its run says why."""
+    if cfg.ingest.source == "demo":
+        return None  # drawn from the config alone
+    try:
+        return source_fingerprint(read_source(cfg))
+    except (RetdmError, OSError, ValueError):
+        return None
+
+
 def run(ctx: Context) -> dict:
     return run_ingest(read_source(ctx.cfg), ctx.ws, ctx.cfg.ingest, ctx.console)
 
@@ -102,5 +115,6 @@ STAGE = Stage(
     outputs=lambda ws, cfg: [ws.lmdb, ws.dataset],
     run=run,
     sources=_sources,
+    source_fingerprint=_fingerprint,
     blocked=_blocked,
 )

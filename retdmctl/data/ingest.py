@@ -188,6 +188,20 @@ def source_stamp(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(source: SourceData) -> str:
+    """What ingest reads, and nothing else: the classes, each record's id, labels and split,
+    what the reader skipped or dropped, and the stat (size, mtime) of each image a record
+    names. Files the labels do not list (a workspace or a log inside the image folder)
+    never change it; no image is opened, so it costs a ``stat`` per image."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([source.name, source.class_names, source.skipped, source.dropped]).encode())
+    for rec in source.records:
+        known = b"" if rec.known is None else np.packbits(rec.known).tobytes()
+        digest.update(f"{rec.key}\0{rec.split}\0{rec.source}\0".encode() + rec.labels.tobytes() + b"\0" + known + b"\n")
+    digest.update(source_stamp(source.records).encode())
+    return "stat:" + digest.hexdigest()
+
+
 def _reusable(store: Path, signature: dict, stamp: str, records: list[Record]) -> dict[str, str] | None:
     """The decode failures recorded by a finished store that holds exactly the images
     these records need, encoded with these settings; None when it cannot be reused."""

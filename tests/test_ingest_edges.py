@@ -1,0 +1,77 @@
+"""Issue 19, items 1 and 8: ingest and CLI edges a new user meets first (a workspace
+inside the image folder, quickstart's workdir, one file under several spellings,
+duplicate class names, rich markup in user strings, CSV encodings, FIFOs, a wrong
+image folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retdmctl.cli import app
+from tests.test_ingest_formats import make_jpeg
+
+runner = CliRunner()
+PETS = ["cat|dog", "dog|car", "car|cat"]
+TINY = (
+    '[ingest]\nworkers = 1\n'
+    '[model]\nbackbone = "tiny_cnn"\npretrained = false\nimage_size = 32\nbatch_size = 16\n'
+    '[runtime]\nworkers = 0\ndevice = "cpu"\n'
+    '[classifier]\nepochs = 1\n'
+)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def photos(folder: Path, n: int = 30) -> Path:
+    """``n`` small JPEGs and ``l.csv`` listing each with two of cat/dog/car."""
+    for i in range(n):
+        make_jpeg(folder / f"n{i}.jpg", seed=i)
+    (folder / "l.csv").write_text("".join(f"n{i}.jpg,{PETS[i % 3]}\n" for i in range(n)))
+    return folder / "l.csv"
+
+
+@pytest.fixture
+def in_photos(tmp_path, monkeypatch):
+    """The current folder is a folder of photos with its l.csv; no RETDM_WORKDIR."""
+    folder = tmp_path / "photos"
+    photos(folder)
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("RETDM_WORKDIR", raising=False)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    return folder
+
+
+# --- item 1: a workspace inside the image folder ----------------------------------------
+@pytest.mark.slow
+def test_a_workspace_inside_the_image_folder_runs_and_then_skips(in_photos):
+    tiny = str(in_photos.parent / "tiny.toml")
+    result = invoke("--config", tiny, "ingest", "csv", "l.csv", "--images", ".")
+    assert result.exit_code == 0, result.output
+    assert (in_photos / "retdm-work" / "data" / "dataset.h5").is_file()
+    result = invoke("--config", tiny, "run", "--frozen-backbone", "--until", "classifier")
+    assert result.exit_code == 0, result.output
+    assert "ingest: up to date, skipped" in result.output
+    assert [line.split(":")[0] for line in result.output.splitlines() if ": running" in line] == ["knn", "classifier"]
+    (in_photos / "train.log").write_text("a log the user keeps next to the photos\n")
+    result = invoke("--config", tiny, "run", "--frozen-backbone", "--until", "classifier")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("up to date, skipped") == 3
+
+
+def test_ingest_is_stale_when_a_listed_image_or_the_labels_change_not_otherwise(in_photos):
+    assert invoke("ingest", "csv", "l.csv", "--images", ".", "--workers", "1").exit_code == 0
+    (in_photos / "notes.txt").write_text("not listed\n")
+    (in_photos / "unlisted.jpg").write_bytes((in_photos / "n0.jpg").read_bytes())
+    assert "ingest: up to date, skipped" in invoke("ingest", "csv", "l.csv", "--images", ".", "--workers", "1").output
+    make_jpeg(in_photos / "n3.jpg", size=(40, 40), seed=99)  # a listed image replaced
+    result = invoke("ingest", "csv", "l.csv", "--images", ".", "--workers", "1")
+    assert "ingest: running (input sources changed)" in result.output
+    with open(in_photos / "l.csv", "a") as fh:
+        fh.write("unlisted.jpg,cat\n")
+    result = invoke("ingest", "csv", "l.csv", "--images", ".", "--workers", "1")
+    assert "ingest: running (input sources changed)" in result.output and "stored 31 images" in result.output
