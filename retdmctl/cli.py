@@ -103,6 +103,7 @@ def main(
     STATE.workdir, STATE.config = workdir, config
     source = ctx.get_parameter_source("workdir")
     STATE.workdir_given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    STATE.workdir_from_env = source is not None and source.name == "ENVIRONMENT"
 
 
 # --- knn / train / eval -------------------------------------------------------
@@ -354,13 +355,15 @@ def quickstart(
     """Every stage on the built-in demo set (frozen EfficientNet-Lite0 on the CPU, pooled
     features: --tune-blocks 0 --views 1), then the metrics table. Takes about half a
     minute on a laptop. Uses its own workdir, ./retdm-quickstart, unless -w/--workdir is
-    given, so that the demo's settings (128 px images) never leak into your own datasets.
+    given ($RETDM_WORKDIR is ignored), so that the demo's settings (128 px images) never
+    leak into your own datasets; it refuses a workdir that holds another dataset.
 
     Example: retdmctl quickstart
     """
     set_workdir(workdir)
-    if not STATE.workdir_given:
+    if not STATE.workdir_given or (STATE.workdir_from_env and workdir is None):  # $RETDM_WORKDIR is not -w
         STATE.workdir = QUICKSTART_WORKDIR
+    _refuse_another_dataset(workspace())
     started = time.perf_counter()
     overrides = {
         "ingest": {"source": "demo", "path": "", "images": "", "demo_images": images},
@@ -375,6 +378,19 @@ def quickstart(
 
     ws = run_stages(cfg, [s.name for s in PIPELINE], force)
     console.print(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}")
+
+
+def _refuse_another_dataset(ws) -> None:
+    """Quickstart writes the demo's dataset, models and retdm.toml: never over a workspace
+    that holds another dataset."""
+    if not ws.root.is_dir():
+        return
+    source = ws.load_config().ingest.source
+    if source not in ("", "demo") or (not source and ws.dataset.exists()):
+        raise RetdmError(
+            f"{ws.root} holds another dataset ({source or 'data/dataset.h5'}): quickstart would replace it "
+            "with the demo's; give it an empty folder with -w DIR"
+        )
 
 
 def entry() -> None:

@@ -74,6 +74,7 @@ def _rank_prefix() -> str:
 class State:
     workdir: Path = Path("retdm-work")
     workdir_given: bool = False
+    workdir_from_env: bool = False  # $RETDM_WORKDIR, which quickstart ignores
     config: Path | None = None
 
 

@@ -75,3 +75,31 @@ def test_ingest_is_stale_when_a_listed_image_or_the_labels_change_not_otherwise(
         fh.write("unlisted.jpg,cat\n")
     result = invoke("ingest", "csv", "l.csv", "--images", ".", "--workers", "1")
     assert "ingest: running (input sources changed)" in result.output and "stored 31 images" in result.output
+
+
+# --- item 8: quickstart never writes over another dataset ---------------------------------
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_quickstart_ignores_retdm_workdir_and_refuses_a_workspace_with_another_dataset(tmp_path, monkeypatch):
+    labels = photos(tmp_path / "photos")
+    mine = tmp_path / "myproject"
+    result = invoke("-w", str(mine), "ingest", "csv", str(labels), "--images", str(labels.parent), "--workers", "1")
+    assert result.exit_code == 0, result.output
+    before = snapshot(mine)
+    monkeypatch.chdir(tmp_path)
+    # ./retdm-quickstart holds a dataset of its own too, so that no demo runs here
+    (tmp_path / "retdm-quickstart").mkdir()
+    (tmp_path / "retdm-quickstart" / "retdm.toml").write_text('[ingest]\nsource = "csv"\n')
+    monkeypatch.setenv("RETDM_WORKDIR", str(mine))
+    result = runner.invoke(app, ["quickstart"])
+    assert (result.exit_code, result.output) == (
+        1, f"error: {tmp_path / 'retdm-quickstart'} holds another dataset (csv): quickstart would replace it "
+           "with the demo's; give it an empty folder with -w DIR\n")
+    for args in (["-w", str(mine), "quickstart"], ["quickstart", "-w", str(mine)]):
+        result = runner.invoke(app, args)
+        assert (result.exit_code, result.output) == (
+            1, f"error: {mine} holds another dataset (csv): quickstart would replace it "
+               "with the demo's; give it an empty folder with -w DIR\n"), args
+    assert snapshot(mine) == before
