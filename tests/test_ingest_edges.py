@@ -27,6 +27,11 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
+def unwrapped(output: str) -> str:
+    """Rich wraps long lines at a space, which it keeps: join them again."""
+    return output.replace(" \n", " ")
+
+
 def photos(folder: Path, n: int = 30) -> Path:
     """``n`` small JPEGs and ``l.csv`` listing each with two of cat/dog/car."""
     for i in range(n):
@@ -103,3 +108,49 @@ def test_quickstart_ignores_retdm_workdir_and_refuses_a_workspace_with_another_d
             1, f"error: {mine} holds another dataset (csv): quickstart would replace it "
                "with the demo's; give it an empty folder with -w DIR\n"), args
     assert snapshot(mine) == before
+
+
+# --- item 8: one file under several spellings is one image -------------------------------
+SPELLINGS = ["n1.jpg", "./n1.jpg", ".//n1.jpg", "sub/../n1.jpg"]
+
+
+def test_one_file_under_several_spellings_is_one_image_and_the_others_are_named(tmp_path):
+    from retdmctl.data.readers.csvfile import read_csv_labels
+
+    folder = tmp_path / "photos"
+    photos(folder, n=9)
+    (folder / "sub").mkdir()
+    lines = [f"{name},{PETS[k % 3]}\n" for k, name in enumerate(SPELLINGS)]
+    (folder / "l.csv").write_text("".join(lines) + "".join(f"n{i}.jpg,{PETS[i % 3]}\n" for i in range(2, 9)))
+    src = read_csv_labels(folder / "l.csv", folder)
+    assert [r.key for r in src.records] == ["n1.jpg"] + [f"n{i}.jpg" for i in range(2, 9)]
+    assert src.skipped == [(s, "listed again (first as n1.jpg)") for s in SPELLINGS[1:]]
+    result = invoke("-w", str(tmp_path / "w"), "ingest", "csv", str(folder / "l.csv"), "--images", str(folder),
+                    "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "stored 8 images" in result.output
+    assert ("skipped 3 items (listed again: 3), first: ./n1.jpg: listed again (first as n1.jpg); .//n1.jpg: listed "
+            "again (first as n1.jpg); sub/../n1.jpg: listed again (first as n1.jpg)\n") in unwrapped(result.output)
+
+
+def test_every_reader_stores_one_file_once(tmp_path):
+    """COCO names one file as ``a.jpg`` and ``./a.jpg`` (two image ids); a symlink gives a
+    second name to a third: the shared check in ingest keeps the first of each."""
+    import json
+
+    from retdmctl.data.dataset import read_dataset
+    from retdmctl.data.readers.coco import read_coco
+    from tests.test_ingest_formats import coco_json, ingest
+
+    root = tmp_path / "coco"
+    for k, name in enumerate(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]):
+        make_jpeg(root / "train2017" / name, seed=k)
+    (root / "train2017" / "e.jpg").symlink_to(root / "train2017" / "d.jpg")
+    images = [(1, "a.jpg"), (2, "./a.jpg"), (3, "b.jpg"), (4, "c.jpg"), (5, "d.jpg"), (6, "e.jpg")]
+    ann = root / "annotations" / "instances_train2017.json"
+    ann.parent.mkdir(parents=True)
+    ann.write_text(json.dumps(coco_json(images, [(1, 1), (2, 3), (3, 1), (4, 17), (5, 1), (6, 3)])))
+    summary, ws = ingest(read_coco([ann], [root / "train2017"]), tmp_path)
+    assert sorted(read_dataset(ws.dataset).ids) == [f"train2017/{n}" for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")]
+    assert summary["skipped_first"] == [f"{root / 'train2017' / 'a.jpg'}: duplicate id",
+                                        "train2017/e.jpg: same file as train2017/d.jpg"]

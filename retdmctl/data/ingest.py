@@ -228,9 +228,13 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     skipped = list(source.skipped)
     records: list[Record] = []
     seen: set[str] = set()
+    files: dict[Path, str] = {}  # source file -> the id it was first stored under
     for rec in source.records:
         if rec.key in seen:
             skipped.append((_name(rec), "duplicate id"))
+            continue
+        if isinstance(rec.source, Path) and files.setdefault(rec.source, rec.key) != rec.key:
+            skipped.append((rec.key, f"same file as {files[rec.source]}"))  # one image, never in two splits
             continue
         seen.add(rec.key)
         records.append(rec)

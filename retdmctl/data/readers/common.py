@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 from retdmctl.errors import InputError
@@ -17,6 +18,13 @@ def safe_join(root: Path, relative: str) -> Path | None:
     if not candidate.is_relative_to(root.resolve()):
         return None
     return candidate
+
+
+def image_key(relative: str) -> str:
+    """The id of an image listed as ``relative``: its normalised path, so that one file
+    listed as ``n1.jpg``, ``./n1.jpg``, ``.//n1.jpg`` or ``sub/../n1.jpg`` is one image
+    (the duplicates are skipped by name), never several that may land in train and test."""
+    return posixpath.normpath(relative.strip())
 
 
 def require_dir(path: Path, what: str) -> Path:
