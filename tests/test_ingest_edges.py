@@ -154,3 +154,25 @@ def test_every_reader_stores_one_file_once(tmp_path):
     assert sorted(read_dataset(ws.dataset).ids) == [f"train2017/{n}" for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")]
     assert summary["skipped_first"] == [f"{root / 'train2017' / 'a.jpg'}: duplicate id",
                                         "train2017/e.jpg: same file as train2017/d.jpg"]
+
+
+# --- item 8: duplicate class names --------------------------------------------------------
+def test_duplicate_class_names_are_refused_for_every_reader(tmp_path):
+    import json
+
+    from tests.test_ingest_formats import make_coco
+
+    labels = photos(tmp_path / "photos")
+    result = invoke("-w", str(tmp_path / "w"), "ingest", "csv", str(labels), "--images", str(labels.parent),
+                    "--classes", "cat,cat,dog,car")
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        1, "error: csv: duplicate class names: cat; every class needs a name of its own")
+    assert not (tmp_path / "w" / "data").exists()
+    root = make_coco(tmp_path / "coco")
+    ann = root / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    data["categories"] = [{**c, "name": "person"} if c["id"] == 3 else c for c in data["categories"]]
+    ann.write_text(json.dumps(data))
+    result = invoke("-w", str(tmp_path / "w"), "ingest", "coco", str(ann), "--images", str(root / "train2017"))
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        1, "error: coco: duplicate class names: person; every class needs a name of its own")

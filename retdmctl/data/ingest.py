@@ -225,6 +225,7 @@ def _reusable(store: Path, signature: dict, stamp: str, records: list[Record]) -
 
 
 def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) -> dict:
+    check_class_names(source)
     skipped = list(source.skipped)
     records: list[Record] = []
     seen: set[str] = set()
@@ -289,6 +290,14 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     summary["store_reused"] = reused
     print_summary(console, summary)
     return summary
+
+
+def check_class_names(source: SourceData) -> None:
+    """Every class has a name of its own: two classes of one name would overwrite each
+    other's scores wherever a name is the key (predict's JSON, a CSV header)."""
+    twice = [name for name, n in Counter(source.class_names).items() if n > 1]
+    if twice:
+        raise InputError(f"{source.name}: duplicate class names: {', '.join(twice)}; every class needs a name of its own")
 
 
 def _nothing_readable(source: SourceData, cfg: IngestConfig) -> InputError:
