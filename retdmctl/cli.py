@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from retdmctl import __version__
@@ -301,7 +302,7 @@ def status(workdir: Workdir = None) -> None:
     set_workdir(workdir)
     ws = read_workspace()
     cfg = ws.load_config(STATE.config)
-    table = Table(title=f"retdmctl status ({ws.root})")
+    table = Table(title=escape(f"retdmctl status ({ws.root})"))
     for col in ("stage", "state", "reason", "command"):
         table.add_column(col)
     states: dict[str, str] = {}
@@ -314,10 +315,10 @@ def status(workdir: Workdir = None) -> None:
             state, reason = "stale", f"upstream {', '.join(behind)} not up to date"
         states[stage.name] = state
         color = {"done": "green", "stale": "yellow", "missing": "red"}[state]
-        table.add_row(stage.name, f"[{color}]{state}[/]", reason, stage.command)
+        table.add_row(stage.name, f"[{color}]{state}[/]", escape(reason), stage.command)
     console.print(table)
     if (line := _labels_line(ws, cfg)) is not None:
-        console.print(line)
+        console.print(escape(line))
 
 
 def _labels_line(ws, cfg) -> str | None:
@@ -377,7 +378,7 @@ def quickstart(
     from stages import PIPELINE
 
     ws = run_stages(cfg, [s.name for s in PIPELINE], force)
-    console.print(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}")
+    console.print(escape(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}"))
 
 
 def _refuse_another_dataset(ws) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from retdmctl import distributed
 from retdmctl.config import Config, concrete, config_hash
@@ -190,7 +191,7 @@ def _prepare(ctx: Context, stage: Stage, stages: list[Stage]) -> dict[str, str |
         ctx.console.print(f"[green]{stage.name}[/]: up to date, skipped")
         return None
     why = "forced" if ctx.force and st.state == "done" else st.reason
-    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({why})")
+    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({escape(why)})")
     inputs = input_fingerprints(ws, cfg, stage)
     for path in stage.outputs(ws, cfg):
         remove_stale_tmp(path)

@@ -176,3 +176,49 @@ def test_duplicate_class_names_are_refused_for_every_reader(tmp_path):
     result = invoke("-w", str(tmp_path / "w"), "ingest", "coco", str(ann), "--images", str(root / "train2017"))
     assert (result.exit_code, result.output.splitlines()[-1]) == (
         1, "error: coco: duplicate class names: person; every class needs a name of its own")
+
+
+# --- item 8: user strings are printed as they are, never read as rich markup ----------------
+def test_paths_labels_and_file_names_are_printed_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    folder = tmp_path / "photos [i]"
+    for i, name in enumerate(["a [b].jpg", "a [i].jpg", *(f"n{i}.jpg" for i in range(8))]):
+        make_jpeg(folder / name, seed=i)
+    names = ["a [b].jpg", "a [i].jpg", *(f"n{i}.jpg" for i in range(8))]
+    (folder / "l.csv").write_text("".join(f"{n},{PETS[k % 3]}|[red]x[/]\n" for k, n in enumerate(names))
+                                  + "gone [b].jpg,cat\n")
+    work = tmp_path / "exp[v2]" / "[" / "]w"  # -w 'exp[v2]/[/]w'
+    args = ["-w", str(work), "ingest", "csv", str(folder / "l.csv"), "--images", str(folder), "--workers", "1"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "most frequent: [red]x[/] (10), " in result.output
+    assert f"first: {folder / 'gone [b].jpg'}: missing file\n" in result.output
+    result = invoke("-w", str(work), "status")
+    assert result.exit_code == 0, result.output
+    nowhere = tmp_path / "exp[v3]" / "[" / "]w"
+    assert (invoke("-w", str(nowhere), "status").output ==
+            f"error: workspace {nowhere} does not exist: run `retdmctl ingest <format> PATH` first\n")
+    assert f"retdmctl status ({work})" in result.output
+    other = tmp_path / "m [b].csv"
+    other.write_text((folder / "l.csv").read_text())
+    args[args.index("csv") + 1] = str(other)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert f"ingest: running (config changed: ingest.path='{other}')\n" in result.output
+
+
+def test_the_prediction_table_prints_file_and_class_names_as_written():
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    from retdmctl.predict import Prediction, table
+
+    out = Console(file=io.StringIO(), width=200)
+    preds = [Prediction("a [b].jpg", np.array([0.9, 0.2]), [("[red]x[/]", 0.9)]),
+             Prediction("a [i].jpg", np.array([0.1, 0.8]), [("exp[v2]", 0.8)])]
+    out.print(table(preds, "2 images, joint model (exp[v2])"))
+    text = out.file.getvalue()
+    assert "2 images, joint model (exp[v2])" in text
+    assert "a [b].jpg" in text and "a [i].jpg" in text and "[red]x[/] (0.900)" in text and "exp[v2] (0.800)" in text
