@@ -222,3 +222,20 @@ def test_the_prediction_table_prints_file_and_class_names_as_written():
     text = out.file.getvalue()
     assert "2 images, joint model (exp[v2])" in text
     assert "a [b].jpg" in text and "a [i].jpg" in text and "[red]x[/] (0.900)" in text and "exp[v2] (0.800)" in text
+
+
+# --- item 8: what spreadsheet programs write ---------------------------------------------
+def test_a_latin1_csv_is_one_line_naming_the_line_and_a_utf16_csv_is_read(tmp_path):
+    from retdmctl.data.dataset import read_dataset
+
+    labels = photos(tmp_path / "photos", n=12)
+    text = labels.read_text().replace("n2.jpg,car|cat", "n2.jpg,car|café")
+    labels.write_bytes(text.encode("latin-1"))
+    args = ["ingest", "csv", str(labels), "--images", str(labels.parent), "--workers", "1"]
+    result = invoke("-w", str(tmp_path / "w1"), *args)
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        1, f"error: {labels}: line 3: not UTF-8 (byte 0xe9); save it as UTF-8 (e.g. Latin-1 is not read)")
+    labels.write_text(text, encoding="utf-16")  # with its byte order mark
+    result = invoke("-w", str(tmp_path / "w2"), *args)
+    assert result.exit_code == 0, result.output
+    assert read_dataset(tmp_path / "w2" / "data" / "dataset.h5").class_names == ["café", "car", "cat", "dog"]

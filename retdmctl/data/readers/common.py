@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import posixpath
 from pathlib import Path
 
@@ -25,6 +27,24 @@ def image_key(relative: str) -> str:
     listed as ``n1.jpg``, ``./n1.jpg``, ``.//n1.jpg`` or ``sub/../n1.jpg`` is one image
     (the duplicates are skipped by name), never several that may land in train and test."""
     return posixpath.normpath(relative.strip())
+
+
+def open_text(path: Path) -> io.StringIO:
+    """A label file's text, for ``csv.reader``: UTF-8 (a BOM is fine), or UTF-16 when it
+    starts with a UTF-16 BOM (what spreadsheet programs write as "Unicode text"). Any other
+    encoding (Latin-1, ...) is one error naming the line of the first byte that is not
+    UTF-8."""
+    raw = path.read_bytes()
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        return io.StringIO(raw.decode("utf-16" if utf16 else "utf-8-sig"), newline="")
+    except UnicodeDecodeError as exc:
+        if utf16:
+            raise InputError(f"{path}: not valid UTF-16 although it starts with a UTF-16 byte order mark") from None
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}: line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save it as UTF-8 (e.g. Latin-1 is not read)"
+        ) from None
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import image_key, require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, open_text, require_dir, require_file, safe_join
 from retdmctl.errors import InputError
 
 UNKNOWN = "?"  # prefix of a label that is unknown for the image
@@ -25,7 +25,7 @@ UNKNOWN = "?"  # prefix of a label that is unknown for the image
 def read_csv_labels(labels_csv: Path, image_root: Path, classes: list[str] | None = None) -> SourceData:
     require_file(labels_csv, "label file")
     require_dir(image_root, "image folder")
-    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
+    with open_text(labels_csv) as fh:
         rows = [(n, row) for n, row in enumerate(csv.reader(fh), start=1) if row and any(c.strip() for c in row)]
     if rows and [c.strip().lower() for c in rows[0][1]] == ["path", "labels"]:
         rows = rows[1:]

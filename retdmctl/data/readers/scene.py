@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import image_key, require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, open_text, require_dir, require_file, safe_join
 from retdmctl.errors import InputError
 
 
@@ -22,7 +22,7 @@ def read_scene(root: Path) -> SourceData:
 
 def read_wide_csv(labels_csv: Path, image_root: Path, *, name: str) -> SourceData:
     """A CSV whose first column names the image and whose other columns are 0/1 labels."""
-    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
+    with open_text(labels_csv) as fh:
         rows = list(csv.reader(fh))
     if not rows or len(rows[0]) < 2:
         raise InputError(f"{labels_csv}: expected a header 'filename,label1,label2,...'")
