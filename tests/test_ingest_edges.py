@@ -239,3 +239,20 @@ def test_a_latin1_csv_is_one_line_naming_the_line_and_a_utf16_csv_is_read(tmp_pa
     result = invoke("-w", str(tmp_path / "w2"), *args)
     assert result.exit_code == 0, result.output
     assert read_dataset(tmp_path / "w2" / "data" / "dataset.h5").class_names == ["café", "car", "cat", "dog"]
+
+
+# --- item 8: a FIFO listed as an image ------------------------------------------------------
+def test_a_fifo_listed_as_an_image_is_skipped_and_named(tmp_path):
+    import os
+
+    labels = photos(tmp_path / "photos", n=12)
+    os.mkfifo(labels.parent / "pipe.jpg")
+    with open(labels, "a") as fh:
+        fh.write("pipe.jpg,cat\n")
+    for workers in ("1", "2"):
+        result = invoke("-w", str(tmp_path / f"w{workers}"), "ingest", "csv", str(labels), "--images",
+                        str(labels.parent), "--workers", workers)
+        assert result.exit_code == 0, result.output
+        assert "stored 12 images" in result.output
+        assert (f"skipped 1 items (not a regular file: 1), first: {labels.parent / 'pipe.jpg'}: not a regular file "
+                "(a FIFO, socket or device)\n") in unwrapped(result.output)

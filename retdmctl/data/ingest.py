@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,10 @@ class EncodeSettings:
     quality: int
 
 
+class NotRegularFileError(OSError):
+    """A FIFO, socket or device where an image file was listed."""
+
+
 def encode_image(source: Path | Renderable, settings: EncodeSettings) -> bytes:
     """Decode (any PIL format; see ``retdmctl.data.decode`` for EXIF orientation, 16-bit,
     transparency, palette, CMYK), shrink the shorter side to ``short_side`` and re-encode
@@ -100,6 +105,9 @@ def encode_image(source: Path | Renderable, settings: EncodeSettings) -> bytes:
     decode: the loader applies the same conversion at read time. Raises on unreadable
     input."""
     if isinstance(source, Path):
+        mode = source.stat().st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise NotRegularFileError(source)  # reading a FIFO would wait for a writer forever
         raw = source.read_bytes()
         if not raw:
             raise ValueError("empty file")
@@ -135,6 +143,8 @@ def _encode_task(args: tuple[str, Path | Renderable, EncodeSettings]) -> tuple[s
         return key, None, "missing file"
     except IsADirectoryError:
         return key, None, "not a file"
+    except NotRegularFileError:
+        return key, None, "not a regular file (a FIFO, socket or device)"
     except UnidentifiedImageError:
         return key, None, "unreadable image (not an image format PIL knows)"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
