@@ -256,3 +256,21 @@ def test_a_fifo_listed_as_an_image_is_skipped_and_named(tmp_path):
         assert "stored 12 images" in result.output
         assert (f"skipped 1 items (not a regular file: 1), first: {labels.parent / 'pipe.jpg'}: not a regular file "
                 "(a FIFO, socket or device)\n") in unwrapped(result.output)
+
+
+# --- item 8: a wrong image folder, refused paths --------------------------------------------
+def test_a_wrong_image_folder_says_the_listed_files_are_not_there(tmp_path):
+    labels = photos(tmp_path / "photos", n=30)
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    result = invoke("-w", str(tmp_path / "w"), "ingest", "csv", str(labels), "--images", str(wrong), "--workers", "1")
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        1, f"error: {labels}: no readable image with labels found: 30 of 30 listed files not found under {wrong} "
+           "(first: n0.jpg, n1.jpg, n2.jpg)")
+    (tmp_path / "abs.csv").write_text("".join(f"{labels.parent / f'n{i}.jpg'},cat\n" for i in range(3))
+                                      + "../photos/n3.jpg,dog\n")
+    result = invoke("-w", str(tmp_path / "w"), "ingest", "csv", str(tmp_path / "abs.csv"), "--images", str(wrong))
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        1, f"error: {tmp_path / 'abs.csv'}: no readable image with labels found: 4 listed paths refused as absolute "
+           f"or outside the image folder (first: {labels.parent / 'n0.jpg'}, {labels.parent / 'n1.jpg'}, "
+           f"{labels.parent / 'n2.jpg'})")

@@ -260,7 +260,7 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
         make_splits([r.split for r in records], mode, **split_args)
     except InputError:
         if not any(_encode_task((r.key, r.source, settings))[1] is not None for r in records):
-            raise _nothing_readable(source, cfg) from None
+            raise _nothing_readable(source, cfg, records) from None
         raise
 
     partial = ws.lmdb.with_name(ws.lmdb.name + ".partial")
@@ -285,7 +285,7 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     skipped += [(_name(r), failed[r.key]) for r in records if r.key in failed]
     good = [r for r in records if store_key(r.key) in stored]
     if not good:
-        raise _nothing_readable(source, cfg)
+        raise _nothing_readable(source, cfg, records)
     splits = make_splits([r.split for r in good], mode, **split_args)
     info = _build_info(good, source.class_names, splits)
     config = {**signature, "split": {"mode": mode, **split_args}}
@@ -310,8 +310,21 @@ def check_class_names(source: SourceData) -> None:
         raise InputError(f"{source.name}: duplicate class names: {', '.join(twice)}; every class needs a name of its own")
 
 
-def _nothing_readable(source: SourceData, cfg: IngestConfig) -> InputError:
-    return InputError(f"{cfg.path or source.name}: no readable image with labels found")
+def _nothing_readable(source: SourceData, cfg: IngestConfig, records: list[Record]) -> InputError:
+    """Not one image: says when that is because the listed files are not there (a wrong
+    ``--images`` folder) or their paths were refused, naming a few."""
+    message = f"{cfg.path or source.name}: no readable image with labels found"
+    causes = []
+    missing = [r.key for r in records if isinstance(r.source, Path) and not os.path.lexists(r.source)]
+    if missing:
+        where = f" under {cfg.images}" if cfg.images else ""
+        causes.append(f"{len(missing)} of {len(records)} listed files not found{where} (first: {', '.join(missing[:3])})")
+    refused = [item for item, why in source.skipped if why.startswith("path escapes")]
+    if refused:
+        causes.append(
+            f"{len(refused)} listed paths refused as absolute or outside the image folder (first: {', '.join(refused[:3])})"
+        )
+    return InputError(message + (": " + "; ".join(causes) if causes else ""))
 
 
 def _encode_all(
