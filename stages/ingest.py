@@ -78,8 +78,9 @@ def _blocked(cfg: Config) -> str | None:
 
 
 def _sources(ws, cfg: Config) -> list[Path]:
-    """The dataset's own files and folders, fingerprinted by their listing (names, sizes,
-    mtimes): every annotation file and image folder of a multi-file COCO source."""
+    """The dataset's own files and folders: every annotation file and image folder of a
+    multi-file COCO source. Not what ingest's fingerprint walks (see ``_fingerprint``):
+    an image folder may hold the workspace itself."""
     i = cfg.ingest
     if i.source == "demo":
         return []
