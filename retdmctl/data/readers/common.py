@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import io
+import os
 import posixpath
 from pathlib import Path
 
 from retdmctl.errors import InputError
+
+
+@functools.lru_cache(maxsize=64)
+def _realpath(root: str) -> str:
+    """A dataset root's real path, once per root (it is asked once per listed image)."""
+    return os.path.realpath(root)
 
 
 def safe_join(root: Path, relative: str) -> Path | None:
@@ -16,10 +24,13 @@ def safe_join(root: Path, relative: str) -> Path | None:
     outside its dataset's root."""
     if not relative or relative.startswith(("/", "\\")) or Path(relative).is_absolute():
         return None
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root.resolve()):
+    # os.path on strings: this runs once per listed image, and ingest's up-to-date check
+    # reads the labels again (10^5 images: pathlib's resolve() took seconds)
+    base = _realpath(str(root))
+    candidate = os.path.realpath(os.path.join(base, relative))
+    if candidate != base and not candidate.startswith(base.rstrip(os.sep) + os.sep):
         return None
-    return candidate
+    return Path(candidate)
 
 
 def image_key(relative: str) -> str:
