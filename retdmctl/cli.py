@@ -100,7 +100,10 @@ def main(
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
 ) -> None:
+    from stages.ingest import forget_parsed
+
     tune_allocator()
+    forget_parsed()  # each command reads the dataset's labels afresh
     STATE.workdir, STATE.config = workdir, config
     source = ctx.get_parameter_source("workdir")
     STATE.workdir_given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")

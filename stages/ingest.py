@@ -13,6 +13,8 @@ file), ``ingest.coco_splits`` the split of each file; ``ingest.voc_years`` the V
 
 from __future__ import annotations
 
+import os
+from dataclasses import astuple
 from pathlib import Path
 
 from retdmctl.config import Config
@@ -99,9 +101,37 @@ def _fingerprint(ws, cfg: Config) -> str | None:
     if cfg.ingest.source == "demo":
         return None  # drawn from the config alone
     try:
-        return source_fingerprint(read_source(cfg))
+        return source_fingerprint(_read_once(cfg))
     except (RetdmError, OSError, ValueError):
         return None
+
+
+_PARSED: dict[tuple, SourceData] = {}  # emptied by every command (forget_parsed)
+
+
+def forget_parsed() -> None:
+    """A command starts from the files as they are now (an annotation file edited in
+    place inside a listed folder keeps the folder's mtime)."""
+    _PARSED.clear()
+
+
+def _read_once(cfg: Config) -> SourceData:
+    """The parsed labels, read once per command (each one calls ``forget_parsed``) while
+    the label files and the folders named in the config keep their size, mtime and inode:
+    ``run`` checks ingest before every later stage, and a COCO json takes seconds to
+    parse. The images are stat'ed anew each time (``source_fingerprint``)."""
+    stats = []
+    for path in _sources(None, cfg):
+        try:
+            st = os.stat(path)
+            stats.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stats.append((str(path), None))
+    key = (astuple(cfg.ingest), tuple(stats))
+    if key not in _PARSED:
+        _PARSED.clear()  # the latest source only
+        _PARSED[key] = read_source(cfg)
+    return _PARSED[key]
 
 
 def run(ctx: Context) -> dict:

@@ -274,3 +274,20 @@ def test_a_wrong_image_folder_says_the_listed_files_are_not_there(tmp_path):
         1, f"error: {tmp_path / 'abs.csv'}: no readable image with labels found: 4 listed paths refused as absolute "
            f"or outside the image folder (first: {labels.parent / 'n0.jpg'}, {labels.parent / 'n1.jpg'}, "
            f"{labels.parent / 'n2.jpg'})")
+
+
+def test_run_reads_the_labels_once_and_each_command_afresh(in_photos, monkeypatch):
+    import stages.ingest as ingest_stage
+
+    reads = []
+    real = ingest_stage.read_source
+    monkeypatch.setattr(ingest_stage, "read_source", lambda cfg: reads.append(1) or real(cfg))
+    tiny = str(in_photos.parent / "tiny.toml")
+    assert invoke("--config", tiny, "ingest", "csv", "l.csv", "--images", ".").exit_code == 0
+    reads.clear()
+    result = invoke("--config", tiny, "run", "--until", "knn")
+    assert result.exit_code == 0, result.output
+    assert len(reads) == 1  # ingest's up-to-date check before ingest and before knn
+    reads.clear()
+    assert "ingest: up to date, skipped" in invoke("--config", tiny, "run", "--until", "knn").output
+    assert len(reads) == 1
