@@ -235,6 +235,10 @@ def test_a_latin1_csv_is_one_line_naming_the_line_and_a_utf16_csv_is_read(tmp_pa
     result = invoke("-w", str(tmp_path / "w1"), *args)
     assert (result.exit_code, result.output.splitlines()[-1]) == (
         1, f"error: {labels}: line 3: not UTF-8 (byte 0xe9); save it as UTF-8 (e.g. Latin-1 is not read)")
+    labels.write_text(text, encoding="utf-16-le")  # without its byte order mark
+    result = invoke("-w", str(tmp_path / "w1"), *args)
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        1, f"error: {labels}: line 1: NUL bytes (UTF-16 without a byte order mark?); save it as UTF-8")
     labels.write_text(text, encoding="utf-16")  # with its byte order mark
     result = invoke("-w", str(tmp_path / "w2"), *args)
     assert result.exit_code == 0, result.output

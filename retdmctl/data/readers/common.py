@@ -47,6 +47,9 @@ def open_text(path: Path) -> io.StringIO:
     UTF-8."""
     raw = path.read_bytes()
     utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    if not utf16 and b"\0" in raw:  # csv refuses NUL: UTF-16 without its byte order mark
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: NUL bytes (UTF-16 without a byte order mark?); save it as UTF-8")
     try:
         return io.StringIO(raw.decode("utf-16" if utf16 else "utf-8-sig"), newline="")
     except UnicodeDecodeError as exc:
