@@ -65,9 +65,11 @@ class Status:
     reason: str
 
 
-def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage) -> dict[str, str | None]:
+def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage, *, walk: bool = False) -> dict[str, str | None]:
+    """``walk``: the sources as a manifest written before ``source_fingerprint`` has them
+    (a stat walk of each), so that such a workspace is not re-run by the upgrade alone."""
     fps = {ws.rel(p): ws.fingerprint(p) for p in stage.inputs(ws, cfg)}
-    if stage.source_fingerprint is not None:
+    if stage.source_fingerprint is not None and not walk:
         fps["sources"] = stage.source_fingerprint(ws, cfg)
     else:
         fps.update({f"source:{p}": ws.fingerprint(p, content=False) for p in stage.sources(ws, cfg)})
@@ -86,7 +88,8 @@ def status(ws: Workspace, cfg: Config, stage: Stage) -> Status:
     if manifest["config_hash"] != config_hash(cfg.sections(stage.sections)):
         changed = _changed_keys(manifest["config"], cfg.sections(stage.sections))
         return Status("stale", "config changed: " + ", ".join(changed))
-    current = input_fingerprints(ws, cfg, stage)
+    legacy = stage.source_fingerprint is not None and "sources" not in manifest["inputs"]
+    current = input_fingerprints(ws, cfg, stage, walk=legacy)
     for name, fp in current.items():
         if manifest["inputs"].get(name) != fp:
             return Status("stale", f"input {name} changed")

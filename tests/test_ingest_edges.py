@@ -295,3 +295,28 @@ def test_run_reads_the_labels_once_and_each_command_afresh(in_photos, monkeypatc
     reads.clear()
     assert "ingest: up to date, skipped" in invoke("--config", tiny, "run", "--until", "knn").output
     assert len(reads) == 1
+
+
+def test_a_manifest_from_before_keeps_its_workspace_up_to_date(tmp_path):
+    """An ingest manifest written before (a stat walk per source folder) still counts
+    while the walk matches: the upgrade alone re-runs nothing downstream."""
+    import json
+
+    from retdmctl.workspace import Workspace
+    from stages.ingest import STAGE
+
+    labels = photos(tmp_path / "photos", n=12)
+    args = ["-w", str(tmp_path / "w"), "ingest", "csv", str(labels), "--images", str(labels.parent), "--workers", "1"]
+    assert invoke(*args).exit_code == 0
+    ws = Workspace(tmp_path / "w")
+    manifest = json.loads(ws.manifest_path("ingest").read_text())
+    del manifest["inputs"]["sources"]
+    cfg = ws.load_config()
+    manifest["inputs"].update({f"source:{p}": ws.fingerprint(p, content=False) for p in STAGE.sources(ws, cfg)})
+    ws.manifest_path("ingest").write_text(json.dumps(manifest))
+    assert "ingest: up to date, skipped" in invoke(*args).output
+    (labels.parent / "new.txt").write_text("the old walk sees this\n")
+    assert f"ingest: running (input source:{labels.parent} changed)" in unwrapped(invoke(*args).output)
+    assert "sources" in json.loads(ws.manifest_path("ingest").read_text())["inputs"]
+    (labels.parent / "newer.txt").write_text("the new fingerprint does not\n")
+    assert "ingest: up to date, skipped" in invoke(*args).output
