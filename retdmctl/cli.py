@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from retdmctl import __version__
@@ -99,10 +100,14 @@ def main(
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
 ) -> None:
+    from stages.ingest import forget_parsed
+
     tune_allocator()
+    forget_parsed()  # each command reads the dataset's labels afresh
     STATE.workdir, STATE.config = workdir, config
     source = ctx.get_parameter_source("workdir")
     STATE.workdir_given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    STATE.workdir_from_env = source is not None and source.name == "ENVIRONMENT"
 
 
 # --- knn / train / eval -------------------------------------------------------
@@ -300,7 +305,7 @@ def status(workdir: Workdir = None) -> None:
     set_workdir(workdir)
     ws = read_workspace()
     cfg = ws.load_config(STATE.config)
-    table = Table(title=f"retdmctl status ({ws.root})")
+    table = Table(title=escape(f"retdmctl status ({ws.root})"))
     for col in ("stage", "state", "reason", "command"):
         table.add_column(col)
     states: dict[str, str] = {}
@@ -313,10 +318,10 @@ def status(workdir: Workdir = None) -> None:
             state, reason = "stale", f"upstream {', '.join(behind)} not up to date"
         states[stage.name] = state
         color = {"done": "green", "stale": "yellow", "missing": "red"}[state]
-        table.add_row(stage.name, f"[{color}]{state}[/]", reason, stage.command)
+        table.add_row(stage.name, f"[{color}]{state}[/]", escape(reason), stage.command)
     console.print(table)
     if (line := _labels_line(ws, cfg)) is not None:
-        console.print(line)
+        console.print(escape(line))
 
 
 def _labels_line(ws, cfg) -> str | None:
@@ -358,13 +363,15 @@ def quickstart(
     """Every stage on the built-in demo set (frozen EfficientNet-Lite0 on the CPU, pooled
     features: --tune-blocks 0 --views 1), then the metrics table. Takes about half a
     minute on a laptop. Uses its own workdir, ./retdm-quickstart, unless -w/--workdir is
-    given, so that the demo's settings (128 px images) never leak into your own datasets.
+    given ($RETDM_WORKDIR is ignored), so that the demo's settings (128 px images) never
+    leak into your own datasets; it refuses a workdir that holds another dataset.
 
     Example: retdmctl quickstart
     """
     set_workdir(workdir)
-    if not STATE.workdir_given:
+    if not STATE.workdir_given or (STATE.workdir_from_env and workdir is None):  # $RETDM_WORKDIR is not -w
         STATE.workdir = QUICKSTART_WORKDIR
+    _refuse_another_dataset(workspace())
     started = time.perf_counter()
     overrides = {
         "ingest": {"source": "demo", "path": "", "images": "", "demo_images": images},
@@ -378,7 +385,20 @@ def quickstart(
     from stages import PIPELINE
 
     ws = run_stages(cfg, [s.name for s in PIPELINE], force)
-    console.print(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}")
+    console.print(escape(f"quickstart finished in {time.perf_counter() - started:.1f}s; report: {ws.stage_dir('eval') / 'report.html'}"))
+
+
+def _refuse_another_dataset(ws) -> None:
+    """Quickstart writes the demo's dataset, models and retdm.toml: never over a workspace
+    that holds another dataset."""
+    if not ws.root.is_dir():
+        return
+    source = ws.load_config().ingest.source
+    if source not in ("", "demo") or (not source and ws.dataset.exists()):
+        raise RetdmError(
+            f"{ws.root} holds another dataset ({source or 'data/dataset.h5'}): quickstart would replace it "
+            "with the demo's; give it an empty folder with -w DIR"
+        )
 
 
 def entry() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, console, option, resolve, run_stages, set_workdir, workspace
 from retdmctl.config import Config, apply, load_toml
@@ -43,7 +44,7 @@ def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bo
                     notes.append(f"{section}.{key} reset from {old!r} to {new!r}")
     cfg = resolve(overrides)
     if notes:
-        console.print("note: another dataset: " + "; ".join(notes), soft_wrap=True)
+        console.print(escape("note: another dataset: " + "; ".join(notes)), soft_wrap=True)
     run_stages(cfg, ["ingest"], force)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 
 from retdmctl.cli_support import STATE, Workdir, console, set_workdir
 from retdmctl.errors import RetdmError
@@ -235,8 +236,8 @@ def _export(fmt, predictor, output: Path) -> None:
         export_onnx(predictor, output)
         diff = onnx_parity(predictor, output)
         check = "" if diff is None else f"; onnxruntime vs PyTorch max |dp| = {diff:.2e}"
-        console.print(f"wrote {output} (ONNX opset {OPSET}, {len(predictor.class_names)} labels{check})")
+        console.print(escape(f"wrote {output} (ONNX opset {OPSET}, {len(predictor.class_names)} labels{check})"))
     else:
         export_torchscript(predictor, output)
         diff = torchscript_parity(predictor, output)
-        console.print(f"wrote {output} and {output.name}.json (TorchScript; reloaded vs PyTorch max |dp| = {diff:.2e})")
+        console.print(escape(f"wrote {output} and {output.name}.json (TorchScript; reloaded vs PyTorch max |dp| = {diff:.2e})"))

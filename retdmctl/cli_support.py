@@ -74,6 +74,7 @@ def _rank_prefix() -> str:
 class State:
     workdir: Path = Path("retdm-work")
     workdir_given: bool = False
+    workdir_from_env: bool = False  # $RETDM_WORKDIR, which quickstart ignores
     config: Path | None = None
 
 
@@ -121,7 +122,9 @@ def run_stages(cfg: Config, names: list[str], force: bool, *, persist: bool = Tr
     from retdmctl.lock import workspace_lock
     from retdmctl.pipeline import Context, run_stage, upstream
     from stages import BY_NAME, PIPELINE
+    from stages.ingest import forget_parsed
 
+    forget_parsed()  # labels parsed by an earlier command of this process may be stale
     ws = workspace()
 
     def plan() -> list[str]:

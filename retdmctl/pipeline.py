@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from retdmctl import distributed
 from retdmctl.config import Config, concrete, config_hash
@@ -49,6 +50,9 @@ class Stage:
     run: Callable[[Context], dict[str, Any]]  # does the work, returns a summary
     # raw files outside the workspace (a dataset's own folder), fingerprinted by stat
     sources: Callable[[Workspace, Config], list[Path]] = field(default=lambda ws, cfg: [])
+    # when given, replaces the stat walk of ``sources``: one fingerprint of exactly what
+    # the stage reads (ingest: the parsed labels and the stat of the images they name)
+    source_fingerprint: Callable[[Workspace, Config], str | None] | None = None
     # a one-line reason the stage cannot run with this config, or None
     blocked: Callable[[Config], str | None] = field(default=lambda cfg: None)
     # runs on every rank under torchrun (trains or scores); else on rank 0 only
@@ -61,9 +65,14 @@ class Status:
     reason: str
 
 
-def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage) -> dict[str, str | None]:
+def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage, *, walk: bool = False) -> dict[str, str | None]:
+    """``walk``: the sources as a manifest written before ``source_fingerprint`` has them
+    (a stat walk of each), so that such a workspace is not re-run by the upgrade alone."""
     fps = {ws.rel(p): ws.fingerprint(p) for p in stage.inputs(ws, cfg)}
-    fps.update({f"source:{p}": ws.fingerprint(p, content=False) for p in stage.sources(ws, cfg)})
+    if stage.source_fingerprint is not None and not walk:
+        fps["sources"] = stage.source_fingerprint(ws, cfg)
+    else:
+        fps.update({f"source:{p}": ws.fingerprint(p, content=False) for p in stage.sources(ws, cfg)})
     return fps
 
 
@@ -79,7 +88,8 @@ def status(ws: Workspace, cfg: Config, stage: Stage) -> Status:
     if manifest["config_hash"] != config_hash(cfg.sections(stage.sections)):
         changed = _changed_keys(manifest["config"], cfg.sections(stage.sections))
         return Status("stale", "config changed: " + ", ".join(changed))
-    current = input_fingerprints(ws, cfg, stage)
+    legacy = stage.source_fingerprint is not None and "sources" not in manifest["inputs"]
+    current = input_fingerprints(ws, cfg, stage, walk=legacy)
     for name, fp in current.items():
         if manifest["inputs"].get(name) != fp:
             return Status("stale", f"input {name} changed")
@@ -184,7 +194,7 @@ def _prepare(ctx: Context, stage: Stage, stages: list[Stage]) -> dict[str, str |
         ctx.console.print(f"[green]{stage.name}[/]: up to date, skipped")
         return None
     why = "forced" if ctx.force and st.state == "done" else st.reason
-    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({why})")
+    ctx.console.print(f"[bold cyan]{stage.name}[/]: running ({escape(why)})")
     inputs = input_fingerprints(ws, cfg, stage)
     for path in stage.outputs(ws, cfg):
         remove_stale_tmp(path)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -184,17 +185,17 @@ def csv_row(pred: Prediction) -> list[str]:
 
 
 def table(preds: list[Prediction], title: str) -> Table:
-    t = Table(title=title)
+    t = Table(title=escape(title))
     t.add_column("image", overflow="fold")
     t.add_column("labels (score)")
     t.add_column("best score", justify="right")
     for pred in preds:
         if pred.labels:
-            labels = ", ".join(f"{name} ({s:.3f})" for name, s in pred.labels)
+            labels = escape(", ".join(f"{name} ({s:.3f})" for name, s in pred.labels))
         else:
             labels = "[dim]none above threshold[/]"
         best = int(np.argmax(pred.scores)) if len(pred.scores) else None
-        t.add_row(pred.path, labels, "" if best is None else f"{float(pred.scores[best]):.3f}")
+        t.add_row(escape(pred.path), labels, "" if best is None else f"{float(pred.scores[best]):.3f}")
     return t
 
 

@@ -13,11 +13,13 @@ file), ``ingest.coco_splits`` the split of each file; ``ingest.voc_years`` the V
 
 from __future__ import annotations
 
+import os
+from dataclasses import astuple
 from pathlib import Path
 
 from retdmctl.config import Config
-from retdmctl.data.ingest import SourceData, run_ingest
-from retdmctl.errors import ConfigError
+from retdmctl.data.ingest import SourceData, run_ingest, source_fingerprint
+from retdmctl.errors import ConfigError, RetdmError
 from retdmctl.pipeline import Context, Stage
 
 READERS = ("demo", "scene", "csv", "coco", "voc", "mirflickr", "nuswide")
@@ -78,8 +80,9 @@ def _blocked(cfg: Config) -> str | None:
 
 
 def _sources(ws, cfg: Config) -> list[Path]:
-    """The dataset's own files and folders, fingerprinted by their listing (names, sizes,
-    mtimes): every annotation file and image folder of a multi-file COCO source."""
+    """The dataset's own files and folders: every annotation file and image folder of a
+    multi-file COCO source. Not what ingest's fingerprint walks (see ``_fingerprint``):
+    an image folder may hold the workspace itself."""
     i = cfg.ingest
     if i.source == "demo":
         return []
@@ -88,6 +91,47 @@ def _sources(ws, cfg: Config) -> list[Path]:
     else:  # a single path each: never split, a "|" may be part of a file name
         paths = [p for p in (i.path, i.images) if p]
     return [Path(p) for p in dict.fromkeys(paths)]
+
+
+def _fingerprint(ws, cfg: Config) -> str | None:
+    """The fingerprint of what ingest reads (see ``source_fingerprint``), never of the
+    folders around it: a workspace inside the image folder (``--images .``) must not make
+    ingest stale by its own artifacts. None when the source cannot be read: the stage is
+    stale and its run says why."""
+    if cfg.ingest.source == "demo":
+        return None  # drawn from the config alone
+    try:
+        return source_fingerprint(_read_once(cfg))
+    except (RetdmError, OSError, ValueError):
+        return None
+
+
+_PARSED: dict[tuple, SourceData] = {}  # emptied by every command (forget_parsed)
+
+
+def forget_parsed() -> None:
+    """A command starts from the files as they are now (an annotation file edited in
+    place inside a listed folder keeps the folder's mtime)."""
+    _PARSED.clear()
+
+
+def _read_once(cfg: Config) -> SourceData:
+    """The parsed labels, read once per command (each one calls ``forget_parsed``) while
+    the label files and the folders named in the config keep their size, mtime and inode:
+    ``run`` checks ingest before every later stage, and a COCO json takes seconds to
+    parse. The images are stat'ed anew each time (``source_fingerprint``)."""
+    stats = []
+    for path in _sources(None, cfg):
+        try:
+            st = os.stat(path)
+            stats.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stats.append((str(path), None))
+    key = (astuple(cfg.ingest), tuple(stats))
+    if key not in _PARSED:
+        _PARSED.clear()  # the latest source only
+        _PARSED[key] = read_source(cfg)
+    return _PARSED[key]
 
 
 def run(ctx: Context) -> dict:
@@ -102,5 +146,6 @@ STAGE = Stage(
     outputs=lambda ws, cfg: [ws.lmdb, ws.dataset],
     run=run,
     sources=_sources,
+    source_fingerprint=_fingerprint,
     blocked=_blocked,
 )

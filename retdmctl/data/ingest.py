@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,10 @@ class EncodeSettings:
     quality: int
 
 
+class NotRegularFileError(OSError):
+    """A FIFO, socket or device where an image file was listed."""
+
+
 def encode_image(source: Path | Renderable, settings: EncodeSettings) -> bytes:
     """Decode (any PIL format; see ``retdmctl.data.decode`` for EXIF orientation, 16-bit,
     transparency, palette, CMYK), shrink the shorter side to ``short_side`` and re-encode
@@ -100,6 +105,9 @@ def encode_image(source: Path | Renderable, settings: EncodeSettings) -> bytes:
     decode: the loader applies the same conversion at read time. Raises on unreadable
     input."""
     if isinstance(source, Path):
+        mode = source.stat().st_mode
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise NotRegularFileError(source)  # reading a FIFO would wait for a writer forever
         raw = source.read_bytes()
         if not raw:
             raise ValueError("empty file")
@@ -135,6 +143,8 @@ def _encode_task(args: tuple[str, Path | Renderable, EncodeSettings]) -> tuple[s
         return key, None, "missing file"
     except IsADirectoryError:
         return key, None, "not a file"
+    except NotRegularFileError:
+        return key, None, "not a regular file (a FIFO, socket or device)"
     except UnidentifiedImageError:
         return key, None, "unreadable image (not an image format PIL knows)"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -188,6 +198,20 @@ def source_stamp(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(source: SourceData) -> str:
+    """What ingest reads, and nothing else: the classes, each record's id, labels and split,
+    what the reader skipped or dropped, and the stat (size, mtime) of each image a record
+    names. Files the labels do not list (a workspace or a log inside the image folder)
+    never change it; no image is opened, so it costs a ``stat`` per image."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([source.name, source.class_names, source.skipped, source.dropped]).encode())
+    for rec in source.records:
+        known = b"" if rec.known is None else np.packbits(rec.known).tobytes()
+        digest.update(f"{rec.key}\0{rec.split}\0{rec.source}\0".encode() + rec.labels.tobytes() + b"\0" + known + b"\n")
+    digest.update(source_stamp(source.records).encode())
+    return "stat:" + digest.hexdigest()
+
+
 def _reusable(store: Path, signature: dict, stamp: str, records: list[Record]) -> dict[str, str] | None:
     """The decode failures recorded by a finished store that holds exactly the images
     these records need, encoded with these settings; None when it cannot be reused."""
@@ -211,12 +235,17 @@ def _reusable(store: Path, signature: dict, stamp: str, records: list[Record]) -
 
 
 def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) -> dict:
+    check_class_names(source)
     skipped = list(source.skipped)
     records: list[Record] = []
     seen: set[str] = set()
+    files: dict[Path, str] = {}  # source file -> the id it was first stored under
     for rec in source.records:
         if rec.key in seen:
             skipped.append((_name(rec), "duplicate id"))
+            continue
+        if isinstance(rec.source, Path) and files.setdefault(rec.source, rec.key) != rec.key:
+            skipped.append((rec.key, f"same file as {files[rec.source]}"))  # one image, never in two splits
             continue
         seen.add(rec.key)
         records.append(rec)
@@ -231,7 +260,7 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
         make_splits([r.split for r in records], mode, **split_args)
     except InputError:
         if not any(_encode_task((r.key, r.source, settings))[1] is not None for r in records):
-            raise _nothing_readable(source, cfg) from None
+            raise _nothing_readable(source, cfg, records) from None
         raise
 
     partial = ws.lmdb.with_name(ws.lmdb.name + ".partial")
@@ -256,7 +285,7 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     skipped += [(_name(r), failed[r.key]) for r in records if r.key in failed]
     good = [r for r in records if store_key(r.key) in stored]
     if not good:
-        raise _nothing_readable(source, cfg)
+        raise _nothing_readable(source, cfg, records)
     splits = make_splits([r.split for r in good], mode, **split_args)
     info = _build_info(good, source.class_names, splits)
     config = {**signature, "split": {"mode": mode, **split_args}}
@@ -273,8 +302,29 @@ def run_ingest(source: SourceData, ws: Workspace, cfg: IngestConfig, console) ->
     return summary
 
 
-def _nothing_readable(source: SourceData, cfg: IngestConfig) -> InputError:
-    return InputError(f"{cfg.path or source.name}: no readable image with labels found")
+def check_class_names(source: SourceData) -> None:
+    """Every class has a name of its own: two classes of one name would overwrite each
+    other's scores wherever a name is the key (predict's JSON, a CSV header)."""
+    twice = [name for name, n in Counter(source.class_names).items() if n > 1]
+    if twice:
+        raise InputError(f"{source.name}: duplicate class names: {', '.join(twice)}; every class needs a name of its own")
+
+
+def _nothing_readable(source: SourceData, cfg: IngestConfig, records: list[Record]) -> InputError:
+    """Not one image: says when that is because the listed files are not there (a wrong
+    ``--images`` folder) or their paths were refused, naming a few."""
+    message = f"{cfg.path or source.name}: no readable image with labels found"
+    causes = []
+    missing = [r.key for r in records if isinstance(r.source, Path) and not os.path.lexists(r.source)]
+    if missing:
+        where = f" under {cfg.images}" if cfg.images else ""
+        causes.append(f"{len(missing)} of {len(records)} listed files not found{where} (first: {', '.join(missing[:3])})")
+    refused = [item for item, why in source.skipped if why.startswith("path escapes")]
+    if refused:
+        causes.append(
+            f"{len(refused)} listed paths refused as absolute or outside the image folder (first: {', '.join(refused[:3])})"
+        )
+    return InputError(message + (": " + "; ".join(causes) if causes else ""))
 
 
 def _encode_all(

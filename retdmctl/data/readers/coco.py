@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, require_dir, require_file, safe_join
 from retdmctl.errors import InputError
 
 SPLITS = ("train", "test")
@@ -193,7 +193,7 @@ def _read_one(
         if path is None:
             skipped.append((f"{ann.name}: {name}", "path escapes the image folder"))
             continue
-        records.append(Record(key=f"{tag}/{name}", labels=labels[i], source=path, split=split))
+        records.append(Record(key=f"{tag}/{image_key(name)}", labels=labels[i], source=path, split=split))
     return records, skipped, dropped
 
 

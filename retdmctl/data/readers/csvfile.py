@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, open_text, require_dir, require_file, safe_join
 from retdmctl.errors import InputError
 
 UNKNOWN = "?"  # prefix of a label that is unknown for the image
@@ -25,7 +25,7 @@ UNKNOWN = "?"  # prefix of a label that is unknown for the image
 def read_csv_labels(labels_csv: Path, image_root: Path, classes: list[str] | None = None) -> SourceData:
     require_file(labels_csv, "label file")
     require_dir(image_root, "image folder")
-    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
+    with open_text(labels_csv) as fh:
         rows = [(n, row) for n, row in enumerate(csv.reader(fh), start=1) if row and any(c.strip() for c in row)]
     if rows and [c.strip().lower() for c in rows[0][1]] == ["path", "labels"]:
         rows = rows[1:]
@@ -59,16 +59,22 @@ def read_csv_labels(labels_csv: Path, image_root: Path, classes: list[str] | Non
         class_names = sorted({x for _, names, unsure in parsed for x in (*names, *unsure)})
     index = {c: i for i, c in enumerate(class_names)}
     records, skipped = [], []
+    first: dict[str, str] = {}  # id -> the spelling that listed it first
     for rel, names, unsure in parsed:
         path = safe_join(image_root, rel)
         if path is None:
             skipped.append((rel, "path escapes the image folder"))
             continue
+        key = image_key(rel)
+        if key in first:
+            skipped.append((rel, f"listed again (first as {first[key]})"))
+            continue
+        first[key] = rel
         labels = np.zeros(len(class_names), dtype=np.uint8)
         labels[[index[x] for x in names]] = 1
         known = None
         if unsure:
             known = np.ones(len(class_names), dtype=bool)
             known[[index[x] for x in unsure]] = False
-        records.append(Record(key=rel, labels=labels, source=path, known=known))
+        records.append(Record(key=key, labels=labels, source=path, known=known))
     return SourceData(name="csv", class_names=class_names, records=records, skipped=skipped)

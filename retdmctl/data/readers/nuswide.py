@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, require_dir, require_file, safe_join
 from retdmctl.errors import InputError
 
 IMAGES = "Flickr"
@@ -89,5 +89,5 @@ def read_nuswide(root: Path, images: Path | None = None, *, keep_empty: bool = F
             if not os.path.isfile(path):
                 dropped.append((rel, "missing on disk"))
                 continue
-            records.append(Record(key=rel, labels=labels[i], source=path, split=split))
+            records.append(Record(key=image_key(rel), labels=labels[i], source=path, split=split))
     return SourceData(name="nuswide", class_names=concepts, records=records, skipped=skipped, dropped=dropped)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, open_text, require_dir, require_file, safe_join
 from retdmctl.errors import InputError
 
 
@@ -22,7 +22,7 @@ def read_scene(root: Path) -> SourceData:
 
 def read_wide_csv(labels_csv: Path, image_root: Path, *, name: str) -> SourceData:
     """A CSV whose first column names the image and whose other columns are 0/1 labels."""
-    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
+    with open_text(labels_csv) as fh:
         rows = list(csv.reader(fh))
     if not rows or len(rows[0]) < 2:
         raise InputError(f"{labels_csv}: expected a header 'filename,label1,label2,...'")
@@ -31,6 +31,7 @@ def read_wide_csv(labels_csv: Path, image_root: Path, *, name: str) -> SourceDat
     if len(set(class_names)) != len(class_names) or any(not c for c in class_names):
         raise InputError(f"{labels_csv}: label columns must be named and unique, got {class_names}")
     records, skipped = [], []
+    first: dict[str, str] = {}  # id -> the spelling that listed it first
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -44,6 +45,11 @@ def read_wide_csv(labels_csv: Path, image_root: Path, *, name: str) -> SourceDat
         if path is None:
             skipped.append((row[0], "path escapes the image folder"))
             continue
+        key = image_key(row[0])
+        if key in first:
+            skipped.append((row[0].strip(), f"listed again (first as {first[key]})"))
+            continue
+        first[key] = row[0].strip()
         labels = np.array([v == "1" for v in values], dtype=np.uint8)
-        records.append(Record(key=row[0].strip(), labels=labels, source=path))
+        records.append(Record(key=key, labels=labels, source=path))
     return SourceData(name=name, class_names=class_names, records=records, skipped=skipped)

@@ -29,7 +29,7 @@ from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidd
 from defusedxml.ElementTree import parse as safe_parse
 
 from retdmctl.data.ingest import Record, SourceData
-from retdmctl.data.readers.common import require_dir, require_file, safe_join
+from retdmctl.data.readers.common import image_key, require_dir, require_file, safe_join
 from retdmctl.errors import ConfigError, InputError
 
 CLASSES = (
@@ -87,7 +87,7 @@ def read_voc(
                 image_id = line.strip().split(" ")[0] if line.strip() else ""
                 if not image_id:
                     continue
-                key = f"VOC{year}/{image_id}"
+                key = f"VOC{year}/{image_key(image_id)}"
                 xml = safe_join(ann_dir, image_id + ".xml")
                 jpg = safe_join(img_dir, image_id + ".jpg")
                 if xml is None or jpg is None:
