@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from retdmctl import distributed
 from retdmctl.config import TrainConfig
@@ -281,7 +282,7 @@ def _read_resume_point(path: Path, name: str, console) -> dict | None:
     except CheckpointError as exc:
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, aside)
-        console.print(f"[yellow]warning[/]: {exc}; set aside as {aside.name}, {name} starts over")
+        console.print(f"[yellow]warning[/]: {escape(str(exc))}; set aside as {escape(aside.name)}, {name} starts over")
         return None
 
 
