@@ -298,7 +298,7 @@ def status(workdir: Workdir = None) -> None:
 
     Example: retdmctl status
     """
-    from retdmctl.pipeline import producer_of
+    from retdmctl.pipeline import Status
     from retdmctl.pipeline import status as stage_status
     from stages import PIPELINE
 
@@ -308,17 +308,11 @@ def status(workdir: Workdir = None) -> None:
     table = Table(title=escape(f"retdmctl status ({ws.root})"))
     for col in ("stage", "state", "reason", "command"):
         table.add_column(col)
-    states: dict[str, str] = {}
+    known: dict[str, Status] = {}
     for stage in PIPELINE:
-        st = stage_status(ws, cfg, stage)
-        state, reason = st.state, st.reason
-        upstream = [p.name for p in (producer_of(i, ws, cfg, PIPELINE) for i in stage.inputs(ws, cfg)) if p]
-        behind = [u for u in dict.fromkeys(upstream) if states.get(u) != "done"]
-        if state == "done" and behind:
-            state, reason = "stale", f"upstream {', '.join(behind)} not up to date"
-        states[stage.name] = state
-        color = {"done": "green", "stale": "yellow", "missing": "red"}[state]
-        table.add_row(stage.name, f"[{color}]{state}[/]", escape(reason), stage.command)
+        st = stage_status(ws, cfg, stage, PIPELINE, known)
+        color = {"done": "green", "stale": "yellow", "missing": "red"}[st.state]
+        table.add_row(stage.name, f"[{color}]{st.state}[/]", escape(st.reason), stage.command)
     console.print(table)
     if (line := _labels_line(ws, cfg)) is not None:
         console.print(escape(line))

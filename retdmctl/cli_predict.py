@@ -69,10 +69,10 @@ def _warn_if_stale(root: Path, stage: str) -> None:
     """A model older than the workspace's config or data still predicts, but says so."""
     from retdmctl.pipeline import status
     from retdmctl.workspace import Workspace
-    from stages import BY_NAME
+    from stages import BY_NAME, PIPELINE
 
     ws = Workspace(root)
-    st = status(ws, ws.load_config(STATE.config), BY_NAME[stage])
+    st = status(ws, ws.load_config(STATE.config), BY_NAME[stage], PIPELINE)
     if st.state != "done":
         typer.echo(f"warning: the {stage} model is out of date ({st.reason}); `retdmctl run` retrains it", err=True)
 

@@ -2,8 +2,10 @@
 
 A stage declares the config sections it reads, its inputs and its outputs. When it
 finishes it writes a manifest: the config it ran with, the fingerprints of its inputs
-and of its outputs. It is *up to date* while all three still match; a stage whose
-upstream re-ran sees new input fingerprints and so becomes stale by itself.
+and of its outputs. It is *up to date* while all three still match and every stage it reads from
+is up to date too (:func:`status`, the one definition: ``retdmctl status``, every command
+and predict's warning use it); a stage whose upstream re-ran also sees new input
+fingerprints.
 
 Under torchrun rank 0 makes every decision (run or skip) and writes every manifest; a
 stage marked ``parallel`` (one that trains or scores) runs on every rank, the others on
@@ -76,24 +78,77 @@ def input_fingerprints(ws: Workspace, cfg: Config, stage: Stage, *, walk: bool =
     return fps
 
 
-def status(ws: Workspace, cfg: Config, stage: Stage) -> Status:
-    concrete(cfg)  # a config read straight from retdm.toml still says "auto"
-    manifest = ws.read_manifest(stage.name)
-    if manifest is None:
-        return Status("missing", "never run")
+# --- is a stage up to date? -------------------------------------------------------------
+# DVC's ``changed()``: small named checks, each a Status when the stage must run, or None.
+# The stage's own checks compare its manifest with the workspace as it is now; the last,
+# ``upstream_not_done``, makes a stage stale while any stage it reads from is not done,
+# even before that stage re-ran (its outputs, and so this stage's inputs, are unchanged).
+def never_run(ws: Workspace, cfg: Config, stage: Stage, manifest: dict | None) -> Status | None:
+    return Status("missing", "never run") if manifest is None else None
+
+
+def outputs_changed(ws: Workspace, cfg: Config, stage: Stage, manifest: dict) -> Status | None:
     for path in stage.outputs(ws, cfg):
         recorded = manifest["outputs"].get(ws.rel(path))
         if recorded is None or ws.fingerprint(path) != recorded:
             return Status("stale" if path.exists() else "missing", f"{ws.rel(path)} changed or missing")
+    return None
+
+
+def config_changed(ws: Workspace, cfg: Config, stage: Stage, manifest: dict) -> Status | None:
     if manifest["config_hash"] != config_hash(cfg.sections(stage.sections)):
-        changed = _changed_keys(manifest["config"], cfg.sections(stage.sections))
-        return Status("stale", "config changed: " + ", ".join(changed))
+        changed_keys = _changed_keys(manifest["config"], cfg.sections(stage.sections))
+        return Status("stale", "config changed: " + ", ".join(changed_keys))
+    return None
+
+
+def inputs_changed(ws: Workspace, cfg: Config, stage: Stage, manifest: dict) -> Status | None:
     legacy = stage.source_fingerprint is not None and "sources" not in manifest["inputs"]
     current = input_fingerprints(ws, cfg, stage, walk=legacy)
     for name, fp in current.items():
         if manifest["inputs"].get(name) != fp:
             return Status("stale", f"input {name} changed")
-    return Status("done", f"up to date (finished {manifest.get('finished_at', '?')})")
+    return None
+
+
+OWN_CHECKS = (never_run, outputs_changed, config_changed, inputs_changed)
+
+
+def changed(ws: Workspace, cfg: Config, stage: Stage) -> Status | None:
+    """The first of the stage's own checks (its manifest against the workspace) that
+    fails, or None when its manifest still matches."""
+    concrete(cfg)  # a config read straight from retdm.toml still says "auto"
+    manifest = ws.read_manifest(stage.name)
+    for check in OWN_CHECKS:
+        if (found := check(ws, cfg, stage, manifest)) is not None:
+            return found
+    return None
+
+
+def upstream_not_done(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage],
+                      known: dict[str, Status] | None = None) -> Status | None:
+    """Stale while a stage that produces one of its inputs is not done (by this same
+    rule, so a stale stage anywhere upstream counts)."""
+    known = {} if known is None else known
+    producers = dict.fromkeys(p.name for p in (producer_of(i, ws, cfg, stages) for i in stage.inputs(ws, cfg)) if p)
+    by_name = {s.name: s for s in stages}
+    behind = [name for name in producers if status(ws, cfg, by_name[name], stages, known).state != "done"]
+    return Status("stale", f"upstream {', '.join(behind)} not up to date") if behind else None
+
+
+def status(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage],
+           known: dict[str, Status] | None = None) -> Status:
+    """The one definition of up to date: done when the stage's own manifest matches
+    (:func:`changed`) and every stage upstream of it is done (:func:`upstream_not_done`).
+    ``stages`` is the pipeline; ``known`` caches the statuses of one look at the workspace."""
+    known = {} if known is None else known
+    if stage.name not in known:
+        found = changed(ws, cfg, stage) or upstream_not_done(ws, cfg, stage, stages, known)
+        if found is None:
+            finished = (ws.read_manifest(stage.name) or {}).get("finished_at", "?")
+            found = Status("done", f"up to date (finished {finished})")
+        known[stage.name] = found
+    return known[stage.name]
 
 
 def _changed_keys(old: dict, new: dict) -> list[str]:
@@ -145,7 +200,7 @@ def check_ready(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage]) -
             raise StageNotReadyError(f"{ws.rel(path)} is incomplete or was changed by hand{hint}")
         if producer.name not in checked:
             checked.add(producer.name)
-            st = status(ws, cfg, producer)
+            st = status(ws, cfg, producer, stages)
             if st.state != "done":
                 raise StageNotReadyError(f"{ws.rel(path)} is out of date ({producer.name}: {st.reason}){hint}")
 
@@ -189,7 +244,7 @@ def _prepare(ctx: Context, stage: Stage, stages: list[Stage]) -> dict[str, str |
     """The stage's input fingerprints when it must run, None when it is up to date."""
     ws, cfg = ctx.ws, ctx.cfg
     check_ready(ws, cfg, stage, stages)
-    st = status(ws, cfg, stage)
+    st = status(ws, cfg, stage, stages)
     if st.state == "done" and not ctx.force:
         ctx.console.print(f"[green]{stage.name}[/]: up to date, skipped")
         return None

@@ -59,7 +59,7 @@ def stage_states(workdir) -> dict[str, str]:
 
     ws = Workspace(workdir)
     cfg = ws.load_config()
-    return {s.name: status(ws, cfg, s).state for s in PIPELINE}
+    return {s.name: status(ws, cfg, s, PIPELINE).state for s in PIPELINE}
 
 
 def snapshot(workdir) -> dict[str, bytes]:

@@ -152,6 +152,24 @@ def test_threshold_and_top_k(trained, images):
     assert none[0]["labels"] == []
 
 
+def test_predict_warns_when_an_upstream_stage_is_stale(trained, images, tmp_path):
+    """The classifier's own manifest still matches, but ingest (which it reads from) is
+    stale: predict says the model is out of date, as `retdmctl status` does."""
+    ws, _ = trained
+    root, paths, _ = images
+    copy = Workspace(tmp_path / "work")
+    shutil.copytree(ws.root, copy.root)
+    (copy.root / ".retdm" / "state.json").unlink(missing_ok=True)  # keyed by absolute path
+    result = invoke(copy, str(paths[0]))
+    assert result.exit_code == 0 and "out of date" not in result.stderr
+    cfg = copy.load_config()
+    cfg.ingest.seed += 1  # ingest is now stale; dataset.h5, the classifier's input, is not changed yet
+    copy.save_config(cfg)
+    result = invoke(copy, str(paths[0]))
+    assert result.exit_code == 0, result.output
+    assert "warning: the classifier model is out of date (upstream ingest not up to date)" in result.stderr
+
+
 def test_checkpoint_thresholds_are_used(trained, images, tmp_path):
     ws, _ = trained
     _, paths, _ = images

@@ -103,13 +103,13 @@ def test_leftovers_of_a_killed_writer_are_removed_on_the_next_run(tmp_path):
 def test_rerun_skips_everything(finished):
     ws, cfg, _ = finished
     assert run_all(ws, cfg) == dict.fromkeys(NAMES, False)
-    assert all(status(ws, cfg, s).state == "done" for s in PIPELINE)
+    assert all(status(ws, cfg, s, PIPELINE).state == "done" for s in PIPELINE)
 
 
 def test_changing_knn_reruns_knn_and_what_reads_it_but_nothing_before(finished):
     ws, cfg, _ = finished
     cfg.knn.k = 3
-    assert status(ws, cfg, BY_NAME["knn"]).state == "stale"
+    assert status(ws, cfg, BY_NAME["knn"], PIPELINE).state == "stale"
     ran = run_all(ws, cfg)
     # the classifier reads neither knn.h5 nor anything knn writes: it stays up to date
     assert ran == {"ingest": False, "knn": True, "classifier": False, "metric": True, "joint": True, "eval": True}
@@ -179,7 +179,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
         run_stage(ctx, BY_NAME[stage], PIPELINE)
     stage_dir = ws.stage_dir(stage)
     assert not (stage_dir / "checkpoint.pt").exists()  # no half-artifact for the next stage
-    assert status(ws, cfg, BY_NAME[stage]).state == "missing"
+    assert status(ws, cfg, BY_NAME[stage], PIPELINE).state == "missing"
     if stage == "classifier":
         run_stage(ctx, BY_NAME["knn"], PIPELINE)
         assert not (stage_dir / "features.h5").exists()
