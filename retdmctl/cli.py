@@ -25,6 +25,7 @@ from retdmctl.cli_support import (
     Force,
     Sets,
     Workdir,
+    choice_enum,
     console,
     option,
     read_workspace,
@@ -33,6 +34,7 @@ from retdmctl.cli_support import (
     set_workdir,
     workspace,
 )
+from retdmctl.config import TRAINED_STAGES
 from retdmctl.errors import RetdmError
 from retdmctl.models.backbones import BACKBONES
 
@@ -48,34 +50,14 @@ app = typer.Typer(
 app.add_typer(ingest_app, name="ingest")
 
 
-class StageName(str, Enum):
-    classifier = "classifier"
-    metric = "metric"
-    joint = "joint"
-
-
-class EvalCheckpoint(str, Enum):
-    classifier = "classifier"
-    joint = "joint"
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-    test = "test"
-
-
-class KnnIndex(str, Enum):
-    auto = "auto"
-    exact = "exact"
-    ivf = "ivf"
-    hnsw = "hnsw"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+# The choices of the options below are the config's (retdmctl.config.CHOICES).
+StageName = choice_enum("StageName", TRAINED_STAGES)
+EvalCheckpoint = choice_enum("EvalCheckpoint", "eval.checkpoint")
+Split = choice_enum("Split", "eval.split")
+KnnIndex = choice_enum("KnnIndex", "knn.index")
+Device = choice_enum("Device", "runtime.device")
+LabelProtocol = choice_enum("LabelProtocol", "labels.protocol")
+ReportKind = choice_enum("ReportKind", "eval.report")
 
 
 def _print_version(value: bool) -> None:
@@ -128,13 +110,6 @@ def knn(
     set_workdir(workdir)
     cfg = resolve({"knn": {"k": k, "index": index.value if index else None}}, sets)
     run_stages(cfg, ["knn"], force)
-
-
-class LabelProtocol(str, Enum):
-    full = "full"
-    keep = "keep"
-    single = "single"
-    hide = "hide"
 
 
 _BACKBONE_NAMES = ", ".join(BACKBONES)
@@ -207,11 +182,6 @@ def train(
     }
     cfg = resolve(overrides, sets)
     run_stages(cfg, [name], force)
-
-
-class ReportKind(str, Enum):
-    html = "html"
-    none = "none"
 
 
 @app.command("eval")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, console, option, resolve, run_stages, set_workdir, workspace
+from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, choice_enum, console, option, resolve, run_stages, set_workdir, workspace
 from retdmctl.config import Config, apply, load_toml
 from retdmctl.errors import InputError
 
@@ -176,9 +176,7 @@ class CocoSplit(str, Enum):
     test = "test"
 
 
-class Difficult(str, Enum):
-    positive = "positive"
-    ignore = "ignore"
+Difficult = choice_enum("Difficult", "ingest.voc_difficult")
 
 
 def _format_opts(keep_empty: bool | None, **extra: Any) -> dict:

@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from retdmctl.cli_support import STATE, Workdir, console, set_workdir
+from retdmctl.config import CHOICES, CLASSIFYING_STAGES
 from retdmctl.errors import RetdmError
 from retdmctl import distributed
 from retdmctl.lock import workspace_lock
@@ -36,11 +37,11 @@ CheckpointOpt = Annotated[
     Optional[str],
     typer.Option(
         "--checkpoint", metavar="STAGE|FILE",
-        help="classifier, joint, or a checkpoint.pt file. Default: joint if trained, else classifier.",
+        help=f"{', '.join(CLASSIFYING_STAGES)}, or a checkpoint.pt file. Default: joint if trained, else classifier.",
         show_default=False,
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (GPU when available), cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="|".join(CHOICES["runtime.device"]), help="auto (GPU when available), cpu or cuda.")]
 FusionOpt = Annotated[
     bool,
     typer.Option("--fusion/--no-fusion",
@@ -52,10 +53,10 @@ FusionOpt = Annotated[
 def _predictor(checkpoint: str | None, device: str, fusion: bool = True):
     from retdmctl.inference import load_predictor
 
-    if checkpoint is not None and checkpoint not in ("classifier", "joint"):
+    if checkpoint is not None and checkpoint not in CLASSIFYING_STAGES:
         path = Path(checkpoint)
         if not path.is_file():
-            raise RetdmError(f"--checkpoint must be classifier, joint or a checkpoint file; {checkpoint!r} is none of them")
+            raise RetdmError(f"--checkpoint must be {', '.join(CLASSIFYING_STAGES)} or a checkpoint file; {checkpoint!r} is none of them")
         return load_predictor(path, device=device, fusion=fusion)
     root = STATE.workdir.resolve()
     if not root.is_dir():

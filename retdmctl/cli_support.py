@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from retdmctl import distributed
-from retdmctl.config import Config, parse_set, validate
+from retdmctl.config import CHOICES, Config, parse_set, validate
 from retdmctl.errors import RetdmError
 from retdmctl.workspace import Workspace
 
@@ -158,6 +159,13 @@ def print_metrics(ws: Workspace) -> None:
     result = json.loads((ws.stage_dir("eval") / "metrics.json").read_text())
     title = f"{result['checkpoint']} on the {result['split']} split ({result['images']} images)"
     console.print(metrics_table(result["metrics"], title))
+
+
+def choice_enum(name: str, values: str | tuple[str, ...]) -> type[Enum]:
+    """A str Enum for an option's choices: those of the config option ``values`` names
+    (``section.key`` in :data:`retdmctl.config.CHOICES`), or the tuple given."""
+    values = CHOICES[values] if isinstance(values, str) else values
+    return Enum(name, {v: v for v in values}, type=str)
 
 
 def default_of(name: str) -> str:

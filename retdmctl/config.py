@@ -20,6 +20,32 @@ from typing import Any, get_type_hints
 from retdmctl.errors import ConfigError
 
 
+# --- allowed values -------------------------------------------------------------------
+# Each option with a fixed set of values declares them here, once: validation, the CLI's
+# choices (``retdmctl.cli_support.choice_enum``) and the stages' checks derive from it.
+SPLITS = ("train", "val", "test")  # a dataset's splits
+TRAINED_STAGES = ("classifier", "metric", "joint")  # the stages that train a model
+CLASSIFYING_STAGES = ("classifier", "joint")  # those whose model classifies images
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "ingest.voc_difficult": ("positive", "ignore"),
+    "knn.index": ("auto", "exact", "ivf", "hnsw"),
+    "joint.way2": ("bank", "forward"),
+    "loss.base": ("bce", "asl", "llr"),
+    "loss.metric_on": ("clean", "dropout"),
+    "labels.protocol": ("full", "keep", "single", "hide"),
+    "labels.unknown": ("negative", "ignore"),
+    "labels.val_protocol": ("same", "full"),
+    "eval.thresholds": ("per_class", "global", "fixed"),
+    "eval.checkpoint": CLASSIFYING_STAGES,
+    "eval.split": SPLITS,
+    "eval.report": ("html", "none"),
+    "runtime.device": ("auto", "cpu", "cuda"),
+    "runtime.decode": ("auto", "cpu", "device"),
+    **{f"{stage}.select": ("best", "last") for stage in TRAINED_STAGES},
+}
+
+
 @dataclass
 class IngestConfig:
     source: str = ""  # demo | scene | csv | coco | voc | mirflickr | nuswide
@@ -360,9 +386,9 @@ _RULES: dict[str, Any] = {
     "ingest.demo_classes": lambda v: None if 2 <= v <= 20 else "must be in [2, 20]",
     "ingest.demo_labels": lambda v: None if demo_label_range(v) else (
         f"must be K or MIN-MAX with 1 <= MIN <= MAX <= {DEMO_MAX_LABELS} (e.g. 4-6)"),
-    "ingest.voc_difficult": _one_of("positive", "ignore"),
+    "ingest.voc_difficult": _one_of(*CHOICES["ingest.voc_difficult"]),
     "knn.k": _at_least(1),
-    "knn.index": _one_of("auto", "exact", "ivf", "hnsw"),
+    "knn.index": _one_of(*CHOICES["knn.index"]),
     "model.image_size": _at_least(1),
     "model.embed_dim": _at_least(1),
     "model.dropout": _unit_right_open,
@@ -375,32 +401,32 @@ _RULES: dict[str, Any] = {
     "loss.lam": _at_least(0),
     "loss.margin": _at_least(0),
     "metric.batch_size": _at_least(1),
-    "joint.way2": _one_of("bank", "forward"),
-    "loss.base": _one_of("bce", "asl", "llr"),
+    "joint.way2": _one_of(*CHOICES["joint.way2"]),
+    "loss.base": _one_of(*CHOICES["loss.base"]),
     "loss.clml": _at_least(0),
     "loss.clml_tau": _open_unit,
     "loss.clml_start_epoch": _at_least(1),
     "loss.clml_delta": _at_least(0),
     "loss.clml_every": _at_least(1),
     "loss.llr_delta_rel": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-    "labels.protocol": _one_of("full", "keep", "single", "hide"),
+    "labels.protocol": _one_of(*CHOICES["labels.protocol"]),
     "labels.fraction": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
-    "labels.unknown": _one_of("negative", "ignore"),
-    "labels.val_protocol": _one_of("same", "full"),
-    "loss.metric_on": _one_of("clean", "dropout"),
-    "eval.thresholds": _one_of("per_class", "global", "fixed"),
-    "eval.checkpoint": _one_of("classifier", "joint"),
-    "eval.split": _one_of("train", "val", "test"),
+    "labels.unknown": _one_of(*CHOICES["labels.unknown"]),
+    "labels.val_protocol": _one_of(*CHOICES["labels.val_protocol"]),
+    "loss.metric_on": _one_of(*CHOICES["loss.metric_on"]),
+    "eval.thresholds": _one_of(*CHOICES["eval.thresholds"]),
+    "eval.checkpoint": _one_of(*CHOICES["eval.checkpoint"]),
+    "eval.split": _one_of(*CHOICES["eval.split"]),
     "eval.threshold": _open_unit,
-    "eval.report": _one_of("html", "none"),
-    "runtime.device": _one_of("auto", "cpu", "cuda"),
+    "eval.report": _one_of(*CHOICES["eval.report"]),
+    "runtime.device": _one_of(*CHOICES["runtime.device"]),
     "runtime.workers": _at_least(-1),
-    "runtime.decode": _one_of("auto", "cpu", "device"),
+    "runtime.decode": _one_of(*CHOICES["runtime.decode"]),
 }
-for _stage in ("classifier", "metric", "joint"):
+for _stage in TRAINED_STAGES:
     _RULES.update(
         {
-            f"{_stage}.select": _one_of("best", "last"),
+            f"{_stage}.select": _one_of(*CHOICES[f"{_stage}.select"]),
             f"{_stage}.stop_after": _at_least(0),
             f"{_stage}.epochs": _at_least(1),
             f"{_stage}.lr": _positive,
@@ -412,17 +438,25 @@ for _stage in ("classifier", "metric", "joint"):
     )
 
 
+def check(cfg: Config, *names: str) -> str | None:
+    """The message for the first of the named options (``section.key``) outside its
+    allowed range or choices, or None: what :func:`validate` raises, and what a stage run
+    from the library with a config that never went through it refuses to run with."""
+    for name in names:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if problem := _RULES[name](value):
+            return f"{name} {problem}, got {value!r}"
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first value outside its allowed range or choices; then
     make the automatic values concrete (:func:`resolve_auto`)."""
     from retdmctl.models.backbones import get_backbone_spec
 
-    for name, rule in _RULES.items():
-        section, key = name.split(".")
-        value = getattr(getattr(cfg, section), key)
-        problem = rule(value)
-        if problem:
-            raise ConfigError(f"{name} {problem}, got {value!r}")
+    if (problem := check(cfg, *_RULES)) is not None:
+        raise ConfigError(problem)
     lab = cfg.labels
     if lab.protocol in ("keep", "single") and lab.unknown == "ignore" and cfg.loss.base != "llr":
         raise ConfigError(f"labels.unknown = ignore with labels.protocol = {lab.protocol} trains on positives only: "

@@ -39,11 +39,11 @@ import h5py
 import numpy as np
 
 from retdmctl import __version__
+from retdmctl.config import CHOICES
 from retdmctl.data.dataset import ids_mismatch
 from retdmctl.errors import InputError
 from retdmctl.workspace import atomic_path, now_iso
 
-INDEX_KINDS = ("exact", "ivf", "hnsw", "auto")
 # Below this many distinct label sets, ``auto`` searches exactly (deterministic ties, and
 # exact stays in seconds: 12.6 s at 61,066 sets of 80 labels on 2 cores, DESIGN.md 6).
 # Exact grows quadratically and with the size of the tie groups (bench/knn.py: 5.4 CPU-s
@@ -73,8 +73,8 @@ _ARRAYS = ("label_sets", "neighbors", "distances", "set_ptr", "set_members", "im
 
 def resolve_index(kind: str, n: int) -> str:
     """The index kind actually used for ``n`` distinct label sets."""
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"knn.index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind not in CHOICES["knn.index"]:
+        raise ValueError(f"knn.index must be one of {', '.join(CHOICES['knn.index'])}, got {kind!r}")
     if kind == "auto":
         return "exact" if n < AUTO_EXACT_MAX else "ivf"
     return kind

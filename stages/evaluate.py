@@ -15,7 +15,7 @@ from rich.table import Table
 
 from retdmctl import __version__, distributed, fusion, thresholds
 from retdmctl.atomic import after_commit, remove
-from retdmctl.config import Config
+from retdmctl.config import Config, check
 from retdmctl.data.dataset import ids_mismatch, read_dataset
 from retdmctl.errors import InputError
 from retdmctl.metrics import (
@@ -47,13 +47,7 @@ from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
 def _blocked(cfg: Config) -> str | None:
     if (problem := backbone_problem(cfg)) is not None:
         return problem
-    if cfg.eval.checkpoint not in ("classifier", "joint"):
-        return f"eval.checkpoint must be 'classifier' or 'joint', got {cfg.eval.checkpoint!r}"
-    if cfg.eval.split not in ("train", "val", "test"):
-        return f"eval.split must be train, val or test, got {cfg.eval.split!r}"
-    if cfg.eval.report not in ("html", "none"):
-        return f"eval.report must be 'html' or 'none', got {cfg.eval.report!r}"
-    return None
+    return check(cfg, "eval.checkpoint", "eval.split", "eval.report")
 
 
 def split_note(cfg: Config, ckpt: dict) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retdmctl.config import Config
+from retdmctl.config import Config, check
 from retdmctl.knn import read_graph
 from retdmctl.losses.retdm import total_loss
 from retdmctl.pipeline import Context, Stage
@@ -54,8 +54,8 @@ from retdmctl.training.sources import read_row_features
 def _blocked(cfg: Config) -> str | None:
     if (problem := backbone_problem(cfg)) is not None:
         return problem
-    if cfg.joint.way2 not in ("bank", "forward"):
-        return f"joint.way2 must be 'bank' or 'forward', got {cfg.joint.way2!r}"
+    if (problem := check(cfg, "joint.way2")) is not None:
+        return problem
     if cfg.joint.way2 == "forward" and not cfg.model.frozen_backbone:
         return "joint.way2 = 'forward' needs model.frozen_backbone = true (use 'bank' to fine-tune the CNN)"
     return None

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from retdmctl.config import Config
+from retdmctl.config import Config, check
 from retdmctl.data.dataset import read_dataset
 from retdmctl.errors import InputError
-from retdmctl.knn import INDEX_KINDS, build_graph, write_graph
+from retdmctl.knn import build_graph, write_graph
 from retdmctl.pipeline import Context, Stage
 from retdmctl.training.labels import announce, training_view
 
 
 def _blocked(cfg: Config) -> str | None:
-    if cfg.knn.k < 1:
-        return f"knn.k must be at least 1, got {cfg.knn.k}"
-    if cfg.knn.index not in INDEX_KINDS:
-        return f"knn.index must be one of {', '.join(INDEX_KINDS)}, got {cfg.knn.index!r}"
-    return None
+    return check(cfg, "knn.k", "knn.index")
 
 
 def run(ctx: Context) -> dict:

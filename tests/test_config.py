@@ -106,3 +106,16 @@ def test_toml_round_trips_non_ascii_and_astral_names(tmp_path):
     again = Config()
     apply(again, load_toml(path), str(path))
     assert again == cfg
+
+
+def test_a_stage_run_from_the_library_refuses_a_bad_choice_with_the_configs_message():
+    from stages import BY_NAME
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.pretrained = "tiny_cnn", False
+    cfg.eval.checkpoint = "metric"
+    assert BY_NAME["eval"].blocked(cfg) == "eval.checkpoint must be one of classifier, joint, got 'metric'"
+    cfg.knn.index = "flat"
+    assert BY_NAME["knn"].blocked(cfg) == "knn.index must be one of auto, exact, ivf, hnsw, got 'flat'"
+    cfg.joint.way2 = "cache"
+    assert BY_NAME["joint"].blocked(cfg) == "joint.way2 must be one of bank, forward, got 'cache'"

@@ -15,10 +15,10 @@ import h5py
 import numpy as np
 
 from retdmctl import __version__
+from retdmctl.config import SPLITS
 from retdmctl.errors import InputError
 from retdmctl.workspace import atomic_path, now_iso
 
-SPLITS = ("train", "val", "test")
 _FIX = {
     "train": "re-run ingest with a smaller --val-fraction or --test-fraction, or more images",
     "val": "re-run ingest with a larger --val-fraction or more images",

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from retdmctl.config import CHOICES
 from retdmctl.errors import ConfigError
 
-PROTOCOLS: tuple[str, ...] = ("full", "keep", "single", "hide")
+PROTOCOLS: tuple[str, ...] = CHOICES["labels.protocol"]
 
 # generator stream ids, one per protocol (part of the seed: never renumber)
 _ID_KEEP = 101
