@@ -25,7 +25,6 @@ from retdmctl.report import paper
 from retdmctl.report.page import render_page
 from retdmctl.workspace import Workspace, now_iso
 
-CLASSIFYING = ("classifier", "joint")
 TRAINED = ("classifier", "metric", "joint")
 MAX_THUMBNAILS = 36
 MAX_PROJECTED = 1500

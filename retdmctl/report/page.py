@@ -3,8 +3,9 @@ lines of JS; no external URL), rendered from the plain data that
 :func:`retdmctl.report.build.build_report` gathers.
 
 Every string that comes from data (class names, image ids, config values, paths) goes
-through :func:`_esc` (``html.escape(..., quote=True)``) before it reaches the page; the
-one script on the page reads only numbers and index lists from ``data-`` attributes.
+through :func:`~retdmctl.report.fragments.esc` (``html.escape(..., quote=True)``) before
+it reaches the page; the one script on the page reads only numbers and index lists from
+``data-`` attributes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES
-from retdmctl.report.html import _esc, _fmt, _nice_ticks, _tick_label
+from retdmctl.report.fragments import esc, fmt, nice_ticks, tick_label
 
 METRIC_LABELS = {
     "mAP": "mAP (mean of per-class AP)",
@@ -134,14 +135,14 @@ def line_chart(
     """An SVG line chart: ``series`` = [(name, colour, [(x, y), ...])]; None/NaN y leave gaps."""
     left, right, top, bottom = 62, (175 if legend else 14), 24, 40
     pts = [(x, y) for _, _, p in series for x, y in p if _num(x) and _num(y)]
-    head = (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">'
-            f"<title>{_esc(title)}</title>"
-            f'<text x="{left}" y="14" style="font-weight:600">{_esc(title)}</text>')
+    head = (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">'
+            f"<title>{esc(title)}</title>"
+            f'<text x="{left}" y="14" style="font-weight:600">{esc(title)}</text>')
     if not pts:
         return head + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no values recorded</text></svg>'
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xt = _nice_ticks(*(x_range or (min(xs), max(xs))), 6, integer=x_range is None and all(float(x).is_integer() for x in xs))
-    yt = _nice_ticks(*(y_range or (min(ys), max(ys))), 5)
+    xt = nice_ticks(*(x_range or (min(xs), max(xs))), 6, integer=x_range is None and all(float(x).is_integer() for x in xs))
+    yt = nice_ticks(*(y_range or (min(ys), max(ys))), 5)
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
     pw, ph = width - left - right, height - top - bottom
 
@@ -154,14 +155,14 @@ def line_chart(
     out = [head]
     for t in yt:
         out.append(f'<line x1="{left}" y1="{py(t):.1f}" x2="{left + pw}" y2="{py(t):.1f}" stroke="#eef1f5"/>'
-                   f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{_tick_label(t)}</text>')
+                   f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{tick_label(t)}</text>')
     for t in xt:
         out.append(f'<line x1="{px(t):.1f}" y1="{top + ph}" x2="{px(t):.1f}" y2="{top + ph + 4}" stroke="#9ca3af"/>'
-                   f'<text x="{px(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{_tick_label(t)}</text>')
+                   f'<text x="{px(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{tick_label(t)}</text>')
     out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#9ca3af"/>'
                f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#9ca3af"/>'
-               f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{_esc(x_label)}</text>'
-               f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" text-anchor="middle">{_esc(y_label)}</text>')
+               f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{esc(x_label)}</text>'
+               f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" text-anchor="middle">{esc(y_label)}</text>')
     for k, (name, col, points) in enumerate(series):
         run: list[str] = []
         runs: list[list[str]] = []
@@ -182,7 +183,7 @@ def line_chart(
             ly, lx = top + 6 + k * 16, left + pw + 12
             if ly < height - 10:
                 out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 16}" y2="{ly}" stroke="{col}" stroke-width="3"/>'
-                           f'<text x="{lx + 21}" y="{ly + 4}">{_esc(name)}</text>')
+                           f'<text x="{lx + 21}" y="{ly + 4}">{esc(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -213,7 +214,7 @@ def scatter(points: Sequence[Sequence[float]], labels: Sequence[Sequence[int]], 
 
 
 def _kv(items: Mapping[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_show(v))}</td></tr>" for k, v in items.items())
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_show(v))}</td></tr>" for k, v in items.items())
     return f'<table class="kv">{rows}</table>'
 
 
@@ -238,7 +239,7 @@ def _header(d: Mapping[str, Any]) -> str:
         "classes": ds.get("classes", ""),
         "splits": splits,
     }
-    return (f'<header><h1>{_esc(d["title"])}</h1><p class="sub">{_esc(d.get("subtitle", ""))}</p>'
+    return (f'<header><h1>{esc(d["title"])}</h1><p class="sub">{esc(d.get("subtitle", ""))}</p>'
             f'<div class="grid wide"><div><h3>Dataset</h3>{_kv(dataset)}</div>'
             f'<div><h3>Model</h3>{_kv(d.get("model", {}))}</div></div></header>')
 
@@ -246,7 +247,7 @@ def _header(d: Mapping[str, Any]) -> str:
 def _config_section(config: Mapping[str, Mapping[str, Any]]) -> str:
     if not config:
         return ""
-    cards = "".join(f"<div><h3>[{_esc(name)}]</h3>{_kv(values)}</div>" for name, values in config.items() if values)
+    cards = "".join(f"<div><h3>[{esc(name)}]</h3>{_kv(values)}</div>" for name, values in config.items() if values)
     return (f'<section class="cfg"><h2>Configuration</h2><p class="sub">Every hyperparameter of every stage, as resolved '
             f'in retdm.toml (the stage checkpoints record the sections they were trained with).</p>'
             f'<div class="grid">{cards}</div></section>')
@@ -256,8 +257,8 @@ def _metrics_section(d: Mapping[str, Any]) -> str:
     ours: Mapping[str, Mapping[str, float]] = d["metrics"]
     paper: Mapping[str, Mapping[str, float]] = d.get("paper") or {}
     cols = list(ours)
-    head = "".join(f'<th class="num">{_esc(c)}</th>' for c in cols)
-    head += "".join(f'<th class="num paper">{_esc(c)}</th>' for c in paper)
+    head = "".join(f'<th class="num">{esc(c)}</th>' for c in cols)
+    head += "".join(f'<th class="num paper">{esc(c)}</th>' for c in paper)
     rows = []
     for name in METRIC_NAMES:
         if not any(name in m for m in ours.values()):
@@ -267,18 +268,18 @@ def _metrics_section(d: Mapping[str, Any]) -> str:
         finite = [v for v in vals if _num(v)]
         best = (max(finite) if better else min(finite)) if len(finite) > 1 else None
         cells = "".join(
-            f'<td class="num{" best" if best is not None and v == best else ""}">{_fmt(v)}</td>' for v in vals)
+            f'<td class="num{" best" if best is not None and v == best else ""}">{fmt(v)}</td>' for v in vals)
         cells += "".join(
-            f'<td class="num paper">{_fmt(p[name]) if _num(p.get(name)) else "&ndash;"}</td>' for p in paper.values())
+            f'<td class="num paper">{fmt(p[name]) if _num(p.get(name)) else "&ndash;"}</td>' for p in paper.values())
         arrow = "&#8593; higher" if better else "&#8595; lower"
-        rows.append(f'<tr><td>{_esc(METRIC_LABELS.get(name, name))}</td>{cells}<td class="muted">{arrow} is better</td></tr>')
+        rows.append(f'<tr><td>{esc(METRIC_LABELS.get(name, name))}</td>{cells}<td class="muted">{arrow} is better</td></tr>')
     note = ""
     if paper:
-        note = f'<p class="sub paper">{_esc(d.get("paper_note", ""))}</p>'
+        note = f'<p class="sub paper">{esc(d.get("paper_note", ""))}</p>'
     if split_note := d.get("split_note"):
-        note += f'<div class="note">{_esc(split_note[0].upper() + split_note[1:])}.</div>'
+        note += f'<div class="note">{esc(split_note[0].upper() + split_note[1:])}.</div>'
     thr = d.get("threshold_note", "")
-    return (f'<section><h2>Metrics</h2><p class="sub">{_esc(thr)}</p>{note}<table><thead><tr><th>metric</th>{head}'
+    return (f'<section><h2>Metrics</h2><p class="sub">{esc(thr)}</p>{note}<table><thead><tr><th>metric</th>{head}'
             f'<th></th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
 
 
@@ -301,17 +302,17 @@ def _per_class_section(d: Mapping[str, Any]) -> str:
         c = pc[i]
         rows.append(
             f'<tr><td><i style="display:inline-block;width:9px;height:9px;border-radius:5px;background:{color(i, len(names))}"></i> '
-            f'{_esc(names[i])}</td><td class="num">{int(c["support"])}</td><td class="num">{_fmt(c.get("threshold"), 2)}</td>'
-            f'<td class="num">{_fmt(c.get("precision"), 3)}</td><td class="num">{_fmt(c.get("recall"), 3)}</td>'
-            f'<td class="num">{_fmt(c.get("f1"), 3)}{_bar(c.get("f1"), "f1")}</td>'
-            f'<td class="num">{_fmt(c.get("ap"), 3)}{_bar(c.get("ap"))}</td></tr>')
+            f'{esc(names[i])}</td><td class="num">{int(c["support"])}</td><td class="num">{fmt(c.get("threshold"), 2)}</td>'
+            f'<td class="num">{fmt(c.get("precision"), 3)}</td><td class="num">{fmt(c.get("recall"), 3)}</td>'
+            f'<td class="num">{fmt(c.get("f1"), 3)}{_bar(c.get("f1"), "f1")}</td>'
+            f'<td class="num">{fmt(c.get("ap"), 3)}{_bar(c.get("ap"))}</td></tr>')
     missing = [names[i] for i in range(len(names)) if not _num(pc[i].get("ap"))]
     note = ""
     if missing:
         note = (f'<div class="note">{len(missing)} class(es) have no positive image in this split: '
-                f'{_esc(", ".join(missing))}. Their AP and recall are undefined: they are left out of mAP, C-P, '
+                f'{esc(", ".join(missing))}. Their AP and recall are undefined: they are left out of mAP, C-P, '
                 f'C-R and C-F1 alike (their false positives still count in O-P and the hamming loss).</div>')
-    return (f'<section><h2>Per-class results</h2><p class="sub">{_esc(d.get("per_class_note", ""))}</p>{note}'
+    return (f'<section><h2>Per-class results</h2><p class="sub">{esc(d.get("per_class_note", ""))}</p>{note}'
             '<table><thead><tr><th>class</th><th class="num">positives (split)</th><th class="num">threshold</th>'
             '<th class="num">precision</th><th class="num">recall</th><th class="num">F1 (class)</th>'
             f'<th class="num">AP (class)</th></tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
@@ -341,7 +342,7 @@ def _cooc_section(d: Mapping[str, Any]) -> str:
         return ""
     limit = 40
     n = min(len(names), limit)
-    head = "".join(f'<th class="rot">{_esc(names[j])}</th>' for j in range(n))
+    head = "".join(f'<th class="rot">{esc(names[j])}</th>' for j in range(n))
     rows = []
     for i in range(n):
         diag = m[i][i] or 1
@@ -352,10 +353,10 @@ def _cooc_section(d: Mapping[str, Any]) -> str:
             bg = "#1e3a8a" if i == j else f"rgba(37,99,235,{min(frac, 1):.3f})"
             fg = "#fff" if i == j or frac > 0.55 else "#1f2933"
             tip = f"{names[i]} and {names[j]}: {v} images ({frac:.0%} of {names[i]})"
-            cells.append(f'<td style="background:{bg};color:{fg}" title="{_esc(tip)}">{v}</td>')
-        rows.append(f"<tr><th>{_esc(names[i])}</th>{''.join(cells)}</tr>")
+            cells.append(f'<td style="background:{bg};color:{fg}" title="{esc(tip)}">{v}</td>')
+        rows.append(f"<tr><th>{esc(names[i])}</th>{''.join(cells)}</tr>")
     more = f" (first {limit} of {len(names)} classes)" if len(names) > limit else ""
-    return (f'<section><h2>Label co-occurrence</h2><p class="sub">{_esc(d.get("cooccurrence_note", ""))}{_esc(more)}. '
+    return (f'<section><h2>Label co-occurrence</h2><p class="sub">{esc(d.get("cooccurrence_note", ""))}{esc(more)}. '
             'Cell (row, column): images carrying both labels; shade: the share of the row label\'s images.</p>'
             f'<div style="overflow-x:auto"><table class="cooc"><thead><tr><th></th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div></section>')
@@ -382,7 +383,7 @@ def _history_section(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         charts = line_chart(ser(loss_keys), title=f"{stage}: loss", x_label="epoch", y_label="loss")
         if score_keys:
             charts += line_chart(ser(score_keys, 2), title=f"{stage}: mAP", x_label="epoch", y_label="score")
-        blocks.append(f'<h3>{_esc(stage)} <span class="muted">({len(epochs)} epochs)</span></h3>'
+        blocks.append(f'<h3>{esc(stage)} <span class="muted">({len(epochs)} epochs)</span></h3>'
                       f'<div class="charts">{charts}</div>')
     return f'<section><h2>Training curves</h2><p class="sub">Loss and mAP on separate axes.</p>{"".join(blocks)}</section>'
 
@@ -396,16 +397,16 @@ def _thumbs_section(d: Mapping[str, Any]) -> str:
         true = set(t["true"])
         pred = {name for name, _ in t["pred"]}
         got = " ".join(
-            f'<span class="{"tp" if name in true else "fp"}">{"&#10003;" if name in true else "&#10007;"}{_esc(name)} {s:.2f}</span>'
+            f'<span class="{"tp" if name in true else "fp"}">{"&#10003;" if name in true else "&#10007;"}{esc(name)} {s:.2f}</span>'
             for name, s in t["pred"]) or '<span class="muted">nothing</span>'
-        missed = " ".join(f'<span class="fn">{_esc(name)}</span>' for name in t["true"] if name not in pred)
-        truth = ", ".join(_esc(x) for x in t["true"]) or '<span class="muted">none</span>'
+        missed = " ".join(f'<span class="fn">{esc(name)}</span>' for name in t["true"] if name not in pred)
+        truth = ", ".join(esc(x) for x in t["true"]) or '<span class="muted">none</span>'
         cards.append(
-            f'<div class="thumb"><img src="{t["uri"]}" alt="{_esc(t["id"])}" loading="lazy">'
-            f'<div class="id" title="{_esc(t["id"])}">{_esc(t["id"])}</div>'
+            f'<div class="thumb"><img src="{t["uri"]}" alt="{esc(t["id"])}" loading="lazy">'
+            f'<div class="id" title="{esc(t["id"])}">{esc(t["id"])}</div>'
             f'<div>true: {truth}</div><div>pred: {got}</div>'
             + (f"<div>missed: {missed}</div>" if missed else "") + "</div>")
-    return (f'<section><h2>Test images, worst mistakes first</h2><p class="sub">{_esc(d.get("thumbnails_note", ""))} '
+    return (f'<section><h2>Test images, worst mistakes first</h2><p class="sub">{esc(d.get("thumbnails_note", ""))} '
             '<span class="tp">&#10003; correct</span>, <span class="fp">&#10007; false positive</span>, '
             f'<span class="fn">missed</span>.</p><div class="thumbs">{"".join(cards)}</div></section>')
 
@@ -416,22 +417,22 @@ def _projection_section(d: Mapping[str, Any]) -> str:
         return ""
     names: list[str] = d["class_names"]
     options = '<option value="">all images (colour: first label)</option>' + "".join(
-        f'<option value="{i}">{_esc(n)}</option>' for i, n in enumerate(names))
-    legend = "".join(f'<span><i style="background:{color(i, len(names))}"></i>{_esc(n)}</span>'
+        f'<option value="{i}">{esc(n)}</option>' for i, n in enumerate(names))
+    legend = "".join(f'<span><i style="background:{color(i, len(names))}"></i>{esc(n)}</span>'
                      for i, n in enumerate(names[:40]))
-    return (f'<section><h2>Image embeddings (2-D projection)</h2><p class="sub">{_esc(proj.get("note", ""))}</p>'
+    return (f'<section><h2>Image embeddings (2-D projection)</h2><p class="sub">{esc(proj.get("note", ""))}</p>'
             f'<p>Highlight the images carrying <select id="proj-label">{options}</select></p>'
             f'{scatter(proj["points"], proj["labels"], names)}<p class="legend">{legend}</p></section>')
 
 
 def render_page(d: Mapping[str, Any]) -> str:
     """The report page for the data dict of :func:`retdmctl.report.build.gather`."""
-    footer = " · ".join(_esc(f"{k}: {v}") for k, v in (d.get("footer") or {}).items())
+    footer = " · ".join(esc(f"{k}: {v}") for k, v in (d.get("footer") or {}).items())
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>{_esc(d["title"])}</title><style>{_CSS}</style></head><body><div class="container">'
+        f'<title>{esc(d["title"])}</title><style>{_CSS}</style></head><body><div class="container">'
         f"{_header(d)}{_metrics_section(d)}{_per_class_section(d)}{_pr_section(d)}"
         f"{_history_section(d.get('history') or {})}{_thumbs_section(d)}{_projection_section(d)}"
         f"{_cooc_section(d)}{_config_section(d.get('config') or {})}"
