@@ -7,6 +7,7 @@ retdm.toml; the other ranks get its decisions (``retdmctl.distributed.on_main``)
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 from enum import Enum
@@ -18,7 +19,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from retdmctl import distributed
-from retdmctl.config import CHOICES, Config, parse_set, validate
+from retdmctl.config import CHOICES, Config, concrete, parse_set, validate
 from retdmctl.errors import RetdmError
 from retdmctl.workspace import Workspace
 
@@ -101,8 +102,9 @@ def read_workspace() -> Workspace:
 
 
 def resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> Config:
-    """The config: retdm.toml < --config < --set < flags (None = not given), validated
-    (by rank 0 under torchrun: every rank gets its config, or its error)."""
+    """The config: retdm.toml < --config < --set < flags (None = not given), validated,
+    as asked for (auto values kept: :func:`run_stages` makes them concrete); by rank 0
+    under torchrun: every rank gets its config, or its error."""
     return distributed.on_main(lambda: _resolve(overrides, sets))
 
 
@@ -110,16 +112,16 @@ def _resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None) -> Co
     merged = parse_set(sets or [])
     for section, values in overrides.items():
         merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    cfg = workspace().load_config(STATE.config, merged)
-    validate(cfg)
-    return cfg
+    asked = workspace().load_config(STATE.config, merged)
+    validate(copy.deepcopy(asked))  # every value checked; the auto ones stay auto in ``asked``
+    return asked
 
 
-def run_stages(cfg: Config, names: list[str], force: bool, *, persist: bool = True, with_upstream: bool = True) -> Workspace:
+def run_stages(asked: Config, names: list[str], force: bool, *, persist: bool = True, with_upstream: bool = True) -> Workspace:
     """Run the named stages (and, first, every stage they read from that is not up to
-    date) under the workspace lock. The resolved config is saved to retdm.toml only
-    after every stage succeeded (``persist``), so a rejected or failed command leaves it
-    as it was."""
+    date) under the workspace lock, with ``asked`` (the config as resolved, auto values
+    included) made concrete. ``asked`` is saved to retdm.toml only after every stage
+    succeeded (``persist``), so a rejected or failed command leaves it as it was."""
     from retdmctl.lock import workspace_lock
     from retdmctl.pipeline import Context, run_stage, upstream
     from stages import BY_NAME, PIPELINE
@@ -127,6 +129,7 @@ def run_stages(cfg: Config, names: list[str], force: bool, *, persist: bool = Tr
 
     forget_parsed()  # labels parsed by an earlier command of this process may be stale
     ws = workspace()
+    cfg = concrete(copy.deepcopy(asked))
 
     def plan() -> list[str]:
         for name in names:
@@ -147,7 +150,7 @@ def run_stages(cfg: Config, names: list[str], force: bool, *, persist: bool = Tr
             ctx.force = force and name in names
             run_stage(ctx, BY_NAME[name], PIPELINE)
         if persist:
-            distributed.on_main(lambda: ws.save_config(cfg))
+            distributed.on_main(lambda: ws.save_config(asked))
     if "eval" in names and distributed.is_main():
         print_metrics(ws)
     return ws

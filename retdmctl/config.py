@@ -8,7 +8,6 @@ same values, and each stage's manifest records the sections it read.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -477,13 +476,13 @@ def validate(cfg: Config) -> None:
 def resolve_auto(cfg: Config, tunable_blocks: int) -> None:
     """model.tune_blocks = -1 and model.views = 0 (auto) made concrete, in place: with
     frozen_backbone FROZEN_TUNE_BLOCKS (at most what the backbone has) and, when blocks
-    are tuned, FROZEN_VIEWS; else 0 and 1. ``cfg.given`` keeps the config as asked for, auto included: that is
-    what retdm.toml keeps (so a later --finetune-backbone is not refused for values
-    it never asked for), while stages, manifests and checkpoints see the concrete ones."""
+    are tuned, FROZEN_VIEWS; else 0 and 1. Stages, manifests and checkpoints see the
+    concrete values; retdm.toml keeps the config as asked for, auto included (so a later
+    --finetune-backbone is not refused for values it never asked for): the CLI keeps
+    that config apart (:func:`retdmctl.cli_support.run_stages`)."""
     m = cfg.model
     if m.tune_blocks >= 0 and m.views >= 1:
         return
-    cfg.given = copy.deepcopy(cfg)
     if m.tune_blocks < 0:
         m.tune_blocks = min(FROZEN_TUNE_BLOCKS, tunable_blocks) if m.frozen_backbone else 0
     if m.views < 1:  # the views go with the tuning: without it the bench never tried them

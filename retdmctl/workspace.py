@@ -88,8 +88,10 @@ class Workspace:
         return cfg
 
     def save_config(self, cfg: Config) -> None:
+        """Write ``cfg`` as retdm.toml: the config as asked for (auto values kept as auto,
+        not made concrete)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.params_file, dump_toml(getattr(cfg, "given", cfg)), defer=False)  # auto kept as auto
+        write_text_atomic(self.params_file, dump_toml(cfg), defer=False)
 
     # --- manifests ----------------------------------------------------------
     def manifest_path(self, stage: str) -> Path:

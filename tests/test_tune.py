@@ -182,7 +182,6 @@ def test_auto_tune_blocks_and_views_resolve_by_mode(frozen, backbone, want):
     cfg.model.frozen_backbone, cfg.model.backbone = frozen, backbone
     validate(cfg)
     assert (cfg.model.tune_blocks, cfg.model.views) == want
-    assert (cfg.given.model.tune_blocks, cfg.given.model.views) == (-1, 0)  # what retdm.toml keeps
     explicit = Config()
     explicit.model.frozen_backbone, explicit.model.tune_blocks, explicit.model.views = True, 2, 3
     validate(explicit)
