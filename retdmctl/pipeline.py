@@ -2,10 +2,10 @@
 
 A stage declares the config sections it reads, its inputs and its outputs. When it
 finishes it writes a manifest: the config it ran with, the fingerprints of its inputs
-and of its outputs. It is *up to date* while all three still match and every stage it reads from
-is up to date too (:func:`status`, the one definition: ``retdmctl status``, every command
-and predict's warning use it); a stage whose upstream re-ran also sees new input
-fingerprints.
+and of its outputs. It is *up to date* while all three still match and every stage it
+reads from is up to date too (:func:`status`, the one definition: ``retdmctl status``,
+every command and predict's warning use it); a stage whose upstream re-ran also sees new
+input fingerprints.
 
 Under torchrun rank 0 makes every decision (run or skip) and writes every manifest; a
 stage marked ``parallel`` (one that trains or scores) runs on every rank, the others on
@@ -188,6 +188,7 @@ def check_ready(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage]) -
     if reason:
         raise StageNotReadyError(reason)
     checked: set[str] = set()
+    known: dict[str, Status] = {}
     for path in stage.inputs(ws, cfg):
         producer = producer_of(path, ws, cfg, stages)
         hint = f": run `{producer.command}` first" if producer else ""
@@ -200,7 +201,7 @@ def check_ready(ws: Workspace, cfg: Config, stage: Stage, stages: list[Stage]) -
             raise StageNotReadyError(f"{ws.rel(path)} is incomplete or was changed by hand{hint}")
         if producer.name not in checked:
             checked.add(producer.name)
-            st = status(ws, cfg, producer, stages)
+            st = status(ws, cfg, producer, stages, known)
             if st.state != "done":
                 raise StageNotReadyError(f"{ws.rel(path)} is out of date ({producer.name}: {st.reason}){hint}")
 
