@@ -66,7 +66,7 @@ from retdmctl.config import Config, apply, parse_set, validate  # noqa: E402
 from retdmctl.data.dataset import read_dataset  # noqa: E402
 from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics  # noqa: E402
 from retdmctl.pipeline import Context, run_stage  # noqa: E402
-from retdmctl.training.runtime import load_checkpoint  # noqa: E402
+from retdmctl.runtime import load_checkpoint  # noqa: E402
 from retdmctl.workspace import Workspace  # noqa: E402
 from stages import BY_NAME, PIPELINE  # noqa: E402
 from stages.evaluate import read_scores  # noqa: E402

@@ -33,7 +33,7 @@ from retdmctl.errors import RetdmError
 from retdmctl.fusion import NeighbourVote
 from retdmctl.models.backbones import build_backbone, get_backbone_spec
 from retdmctl.models.retdm import RETDM
-from retdmctl.training.runtime import autocast, pick_device
+from retdmctl.runtime import autocast, pick_device
 
 STAGES = ("joint", "classifier")  # the stages whose checkpoints classify, preferred first
 DEFAULT_THRESHOLD = 0.5
@@ -244,7 +244,7 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    from retdmctl.training.runtime import load_checkpoint
+    from retdmctl.runtime import load_checkpoint
 
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "class_names", "backbone", "feature_dim") if not isinstance(ckpt, dict) or k not in ckpt]

@@ -33,8 +33,8 @@ from retdmctl.training.labels import (
     training_view,
 )
 from retdmctl.training.loop import fit
-from retdmctl.training.runtime import prepare_model
-from retdmctl.training.sources import write_features
+from retdmctl.runtime import prepare_model
+from retdmctl.sources import write_features
 from retdmctl.workspace import Workspace
 
 

@@ -36,7 +36,7 @@ from retdmctl.training.common import (
     require_splits,
     restore_image_model,
 )
-from retdmctl.training.runtime import (
+from retdmctl.runtime import (
     load_checkpoint,
     pick_device,
     prepare_model,

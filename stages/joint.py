@@ -44,11 +44,11 @@ from retdmctl.training.labels import (
 )
 from retdmctl.training.loop import fit
 from retdmctl.training.parallel import refresh_bank
-from retdmctl.training.runtime import (
+from retdmctl.runtime import (
     load_checkpoint,
     prepare_model,
 )
-from retdmctl.training.sources import read_row_features
+from retdmctl.sources import read_row_features
 
 
 def _blocked(cfg: Config) -> str | None:

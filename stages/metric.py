@@ -22,8 +22,8 @@ from retdmctl.training.common import (
 )
 from retdmctl.training.labels import announce, training_view
 from retdmctl.training.loop import fit
-from retdmctl.training.runtime import derive_seed, load_checkpoint
-from retdmctl.training.sources import CachedSource, read_row_features
+from retdmctl.runtime import derive_seed, load_checkpoint
+from retdmctl.sources import CachedSource, read_row_features
 
 
 def run(ctx: Context) -> dict:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from retdmctl.cli import app
 from retdmctl.errors import CheckpointError
 from retdmctl.lock import workspace_lock
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 
 runner = CliRunner()
 

@@ -24,7 +24,7 @@ from retdmctl.inference import load_predictor
 from retdmctl.metrics import compute_metrics
 from retdmctl.pipeline import Context, run_stage
 from retdmctl.training.common import build_model, choose_decision, image_source, predict_with_embeddings, restore_image_model
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 

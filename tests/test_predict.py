@@ -24,7 +24,7 @@ from retdmctl.errors import RetdmError
 from retdmctl.inference import Preprocess, load_predictor, load_strict
 from retdmctl.pipeline import Context, run_stage
 from retdmctl.training.common import build_model, image_source, predict_scores
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 

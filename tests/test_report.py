@@ -304,7 +304,7 @@ def test_gather_on_a_trained_workspace(tmp_path):
     from retdmctl.inference import load_strict
     from retdmctl.metrics import compute_metrics
     from retdmctl.training.common import build_model, image_source, predict_scores
-    from retdmctl.training.runtime import load_checkpoint
+    from retdmctl.runtime import load_checkpoint
 
     ws, cfg = make_workspace(tmp_path / "w")
     cfg.eval.checkpoint = "classifier"

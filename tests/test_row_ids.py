@@ -27,8 +27,8 @@ from retdmctl.errors import CheckpointError, InputError
 from retdmctl.pipeline import Context
 from retdmctl.training import common
 from retdmctl.training.common import backbone_cache_path, ensure_backbone_cache, finish_training
-from retdmctl.training.runtime import load_checkpoint, save_checkpoint
-from retdmctl.training.sources import PixelSource, extract_backbone_features, read_cache_key, read_features
+from retdmctl.runtime import load_checkpoint, save_checkpoint
+from retdmctl.sources import PixelSource, extract_backbone_features, read_cache_key, read_features
 from retdmctl.workspace import Workspace
 from stages import BY_NAME
 from stages.evaluate import read_scores

@@ -75,7 +75,7 @@ def test_training_reads_only_train_and_val_rows_never_test(tmp_path, monkeypatch
         return real_predict(model, source, rows, device, vote)
 
     monkeypatch.setattr(common, "_predict", spy_predict)
-    from retdmctl.training import sources
+    from retdmctl import sources
 
     real_train = sources.CachedSource.train_batches
 

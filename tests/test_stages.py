@@ -13,7 +13,7 @@ import retdmctl.training.loop as loop
 from retdmctl.config import Config
 from retdmctl.errors import StageNotReadyError
 from retdmctl.pipeline import Context, run_stage, status
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 

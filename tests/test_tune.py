@@ -22,8 +22,8 @@ from retdmctl.inference import load_predictor
 from retdmctl.models.backbones import build_backbone
 from retdmctl.pipeline import Context, run_stage
 from retdmctl.training.common import frozen_backbone
-from retdmctl.training.runtime import load_checkpoint
-from retdmctl.training.sources import CachedSource
+from retdmctl.runtime import load_checkpoint
+from retdmctl.sources import CachedSource
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 from test_stages import run_all, tiny_config

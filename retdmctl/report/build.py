@@ -137,7 +137,7 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
 
 @torch.no_grad()
 def embeddings(model, source, rows: np.ndarray, device) -> np.ndarray:
-    from retdmctl.training.runtime import autocast, to_device
+    from retdmctl.runtime import autocast, to_device
 
     model.eval()
     out = []
@@ -151,7 +151,7 @@ def _score_other(ws: Workspace, cfg: Config, info: DatasetInfo, stage: str, rows
     """Scores of another stage's checkpoint on ``rows`` (or why not)."""
     from retdmctl import fusion, thresholds
     from retdmctl.training.common import build_model, image_source, predict_scores, restore_image_model
-    from retdmctl.training.runtime import load_checkpoint, prepare_model
+    from retdmctl.runtime import load_checkpoint, prepare_model
 
     path = ws.stage_dir(stage) / "checkpoint.pt"
     if not path.exists():
@@ -195,7 +195,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
            labels: np.ndarray, rows: np.ndarray, model=None, device=None, compare: bool = True) -> dict[str, Any]:
     """The report's data as plain Python values (see :func:`retdmctl.report.page.render_page`)."""
     from retdmctl.models.backbones import get_backbone_spec
-    from retdmctl.training.runtime import load_checkpoint
+    from retdmctl.runtime import load_checkpoint
 
     stage, split = cfg.eval.checkpoint, result.get("split", cfg.eval.split)
     names = list(info.class_names)

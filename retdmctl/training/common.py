@@ -27,7 +27,7 @@ from retdmctl.metrics import compute_metrics
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
 from retdmctl.models.retdm import RETDM
 from retdmctl.progress import track
-from retdmctl.training.runtime import (
+from retdmctl.runtime import (
     autocast,
     decode_threads,
     derive_seed,
@@ -39,7 +39,7 @@ from retdmctl.training.runtime import (
     set_threads,
     to_device,
 )
-from retdmctl.training.sources import (
+from retdmctl.sources import (
     CachedSource,
     PixelSource,
     backbone_features,

@@ -34,7 +34,7 @@ from retdmctl.data.store import ImageReader
 from retdmctl.errors import InputError
 from retdmctl.models.backbones import BackboneSpec
 from retdmctl.progress import make_progress
-from retdmctl.training.runtime import prepare_model, to_device
+from retdmctl.runtime import prepare_model, to_device
 from retdmctl.workspace import atomic_path, now_iso
 
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
@@ -215,7 +215,7 @@ def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: 
               ids: str, precision: str) -> dict:
     """Everything the cached backbone features depend on: with ``ids`` (the dataset's
     :func:`~retdmctl.data.dataset.ids_digest`) the order of its rows, and ``precision``
-    the dtype they were computed in (:func:`~retdmctl.training.runtime.precision`)."""
+    the dtype they were computed in (:func:`~retdmctl.runtime.precision`)."""
     return {
         "backbone": spec.name,
         "pretrained": model_cfg.pretrained,
