@@ -50,7 +50,8 @@ from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss  # no
 from retdmctl.models.backbones import build_backbone  # noqa: E402
 from retdmctl.models.retdm import RETDM  # noqa: E402
 from retdmctl.config import MetricConfig  # noqa: E402
-from retdmctl.training.common import load_state, MetricSampler, metric_and_rec  # noqa: E402
+from retdmctl.model_io.checkpoint import load_state  # noqa: E402
+from retdmctl.training.sampler import MetricSampler, metric_and_rec  # noqa: E402
 from retdmctl.training.loop import fit  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
 from retdmctl.runtime import autocast, decode_threads, prepare_model, set_threads, to_device  # noqa: E402

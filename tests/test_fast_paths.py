@@ -150,7 +150,7 @@ class _DictSampler:
 def test_metric_sampler_and_steps_are_exactly_the_previous_ones():
     from retdmctl.knn import build_graph
     from retdmctl.models.retdm import RETDM
-    from retdmctl.training.common import MetricSampler, metric_and_rec
+    from retdmctl.training.sampler import MetricSampler, metric_and_rec
 
     rng = np.random.default_rng(3)
     labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
