@@ -1,8 +1,10 @@
-"""Where a training stage's image inputs come from.
+"""Batches of a stage's image inputs, and the files that cache them.
 
 ``PixelSource`` decodes images from LMDB (fine-tuning the backbone); ``CachedSource``
 serves backbone features cached on disk (frozen-backbone mode, the CPU-friendly one).
-Both yield ``(x, y, rows)`` batches, so a stage's loop is the same in either mode.
+Both yield ``(x, y, rows)`` batches, so a stage's loop, and scoring, are the same in
+either mode. Which source a config uses, and when its cache is made, is
+:mod:`retdmctl.inputs`'s.
 """
 
 from __future__ import annotations

@@ -72,6 +72,25 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state, strict=True)
 
 
+def backbone_origin(ckpt: dict, frozen: bool) -> str:
+    """The one rule for where an image model's backbone weights come from: "checkpoint"
+    (it holds them: fine-tuned, or kept whole with ``model.tune_blocks``), "pretrained"
+    (a frozen-backbone run, ``frozen``, saved only the heads: the backbone is the
+    pretrained one that made its cached features), or "none" (an error for whoever needs
+    a backbone). :func:`restore_image_model` and :func:`image_model` both follow it."""
+    if any(k.startswith("backbone.") for k in ckpt["model"]):
+        return "checkpoint"
+    return "pretrained" if frozen else "none"
+
+
+def pretrained_backbone(name: str, *, pretrained: bool, weights_file: str | None) -> torch.nn.Module:
+    """The backbone of a frozen-backbone run: ``weights_file`` where it was trained with
+    one, else the packaged pretrained weights (with ``pretrained``)."""
+    weights = Path(weights_file) if weights_file else None
+    backbone, _ = build_backbone(name, pretrained=pretrained, weights_file=weights)
+    return backbone
+
+
 def restore_image_model(model: RETDM, ckpt: dict, cfg: Config, source: str) -> str:
     """Load a classifier/joint checkpoint into ``model`` strictly; returns where the
     backbone's weights came from.
@@ -82,23 +101,22 @@ def restore_image_model(model: RETDM, ckpt: dict, cfg: Config, source: str) -> s
     silently dropped.
     """
     state = ckpt["model"]
-    has_backbone = any(k.startswith("backbone.") for k in state)
+    origin = backbone_origin(ckpt, bool(ckpt.get("frozen_backbone")))
     if model.backbone is None:
-        if has_backbone:
+        if origin == "checkpoint":
             raise CheckpointError(
                 f"{source} holds a fine-tuned backbone, but model.frozen_backbone = true would "
                 "drop it: use --finetune-backbone"
             )
         load_state(model, state, source)
         return "pretrained (frozen, cached features)"
-    if has_backbone:
+    if origin == "checkpoint":
         load_state(model, state, source)
         return f"from {source}"
-    if not ckpt.get("frozen_backbone"):
+    if origin == "none":
         raise CheckpointError(f"{source} holds no backbone weights")
     m = cfg.model
-    weights = Path(m.weights_file) if m.weights_file else None
-    pretrained, _ = build_backbone(m.backbone, pretrained=m.pretrained, weights_file=weights)
+    pretrained = pretrained_backbone(m.backbone, pretrained=m.pretrained, weights_file=m.weights_file)
     backbone = {f"backbone.{k}": v for k, v in pretrained.state_dict().items()}
     load_state(model, {**state, **backbone}, source)
     return f"{m.backbone} pretrained weights ({source} was trained on frozen features)"
@@ -142,20 +160,20 @@ def image_model(ckpt: dict, path: Path) -> tuple[RETDM, BackboneSpec, bool]:
     frozen = bool(ckpt.get("frozen_backbone", model_cfg.get("frozen_backbone", False)))
 
     state: dict[str, torch.Tensor] = ckpt["model"]
-    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    origin = backbone_origin(ckpt, frozen)
     heads_state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     net = RETDM(len(class_names), int(ckpt["feature_dim"]), int(model_cfg["embed_dim"]), float(model_cfg["dropout"]))
     load_state(net, heads_state, f"checkpoint {path} (heads)")
-    if backbone_state:
+    if origin == "checkpoint":
+        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         backbone, _ = build_backbone(spec.name, pretrained=False)
         load_state(backbone, backbone_state, f"checkpoint {path} (backbone)")
-    elif frozen:
-        weights = Path(model_cfg["weights_file"]) if model_cfg.get("weights_file") else None
-        if weights is None and (not model_cfg.get("pretrained", True) or spec.name == "tiny_cnn"):
+    elif origin == "pretrained":
+        if not model_cfg.get("weights_file") and (not model_cfg.get("pretrained", True) or spec.name == "tiny_cnn"):
             # the cached features came from a randomly initialised backbone that was never saved
             raise RetdmError(f"checkpoint {path} was trained on features of a frozen, randomly initialised "
                              f"{spec.name} that cannot be rebuilt: retrain with pretrained weights or fine-tune")
-        backbone, _ = build_backbone(spec.name, pretrained=True, weights_file=weights)
+        backbone = pretrained_backbone(spec.name, pretrained=True, weights_file=model_cfg.get("weights_file"))
     else:
         raise RetdmError(f"checkpoint {path} has no backbone weights but was not trained with a frozen backbone")
     net.backbone = backbone
