@@ -2,11 +2,12 @@
 
 * :func:`build_model` makes the RETDM model of a config; :func:`load_state` and
   :func:`load_parts` load weights strictly, with a one-line error naming the keys.
-* :func:`restore_image_model` is the one rule for where an image model's weights come
-  from: the checkpoint's own backbone, or for a frozen-backbone checkpoint the pretrained
-  backbone that made its cached features. The stages, eval and the report restore into a
-  model built from the config; predict and export (:func:`image_model`) into one built
-  from the checkpoint's own config.
+* :func:`backbone_origin` is the one rule for where an image model's backbone weights
+  come from: the checkpoint's own backbone, or for a frozen-backbone checkpoint the
+  pretrained backbone that made its cached features (:func:`pretrained_backbone`). The
+  stages, eval and the report restore into a model built from the config
+  (:func:`restore_image_model`); predict and export into one built from the checkpoint's
+  own config (:func:`image_model`, after :func:`read_image_checkpoint`).
 * :class:`DecisionRule` is the one reading of the saved decision: the neighbour vote
   fused into the scores (or None) and the thresholds chosen for those scores.
 """
