@@ -60,13 +60,13 @@ from rich.console import Console
 
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 
-from retdmctl import fusion, thresholds  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
 from retdmctl.config import Config, apply, parse_set, validate  # noqa: E402
 from retdmctl.data.dataset import read_dataset  # noqa: E402
 from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics  # noqa: E402
+from retdmctl.model_io.checkpoint import decision_rule  # noqa: E402
 from retdmctl.pipeline import Context, run_stage  # noqa: E402
-from retdmctl.training.runtime import load_checkpoint  # noqa: E402
+from retdmctl.runtime import load_checkpoint  # noqa: E402
 from retdmctl.workspace import Workspace  # noqa: E402
 from stages import BY_NAME, PIPELINE  # noqa: E402
 from stages.evaluate import read_scores  # noqa: E402
@@ -137,9 +137,11 @@ def test_metrics(ws: Workspace, cfg: Config, stage: str) -> tuple[dict[str, dict
     saved = read_scores(ws.stage_dir("eval") / "scores.h5", read_dataset(ws.dataset))
     labels, scores = saved["labels"], saved["scores"]
     applied = json.loads((ws.stage_dir("eval") / "metrics.json").read_text()).get("fusion") or {}
-    choice = fusion.threshold_choice(load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt"), bool(applied))
+    path = ws.stage_dir(stage) / "checkpoint.pt"
+    decision = decision_rule(load_checkpoint(path), str(path), num_classes=labels.shape[1],
+                             embed_dim=cfg.model.embed_dim, apply_vote=bool(applied))
     return {
-        rule: compute_metrics(labels, scores, threshold=thresholds.resolve(choice, rule, 0.5, labels.shape[1]))
+        rule: compute_metrics(labels, scores, threshold=decision.cut(rule, 0.5, labels.shape[1]))
         for rule in RULES
     }, applied
 

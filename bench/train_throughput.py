@@ -3,10 +3,10 @@
 Prints, for one backbone, image size and batch size (each row with the median 1-minute
 load average while it was measured):
   (a) training img/s on synthetic tensors (model only) vs end-to-end from an LMDB store
-      through the project's loader (retdmctl.training.sources.PixelSource, one DataLoader
+      through the project's loader (retdmctl.sources.PixelSource, one DataLoader
       per epoch as the training loop uses it) and the same training step; their ratio;
   (b) feature extraction through the product's own function
-      (retdmctl.training.sources.extract_backbone_features: PixelSource.eval_batches, the
+      (retdmctl.sources.extract_backbone_features: PixelSource.eval_batches, the
       backbone, the float16 HDF5 cache) vs model-only inference on synthetic tensors;
   (c) a metric-stage epoch as the stage runs it (retdmctl.training.loop.fit, one epoch:
       the training steps of metric_and_rec on psi and W_r, the validation pass and the
@@ -50,11 +50,12 @@ from retdmctl.losses.retdm import reconstruction_loss, two_way_metric_loss  # no
 from retdmctl.models.backbones import build_backbone  # noqa: E402
 from retdmctl.models.retdm import RETDM  # noqa: E402
 from retdmctl.config import MetricConfig  # noqa: E402
-from retdmctl.training.common import load_state, MetricSampler, metric_and_rec  # noqa: E402
+from retdmctl.model_io.checkpoint import load_state  # noqa: E402
+from retdmctl.training.sampler import MetricSampler, metric_and_rec  # noqa: E402
 from retdmctl.training.loop import fit  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
-from retdmctl.training.runtime import autocast, decode_threads, prepare_model, set_threads, to_device  # noqa: E402
-from retdmctl.training.sources import CachedSource, PixelSource, extract_backbone_features  # noqa: E402
+from retdmctl.runtime import autocast, decode_threads, prepare_model, set_threads, to_device  # noqa: E402
+from retdmctl.sources import CachedSource, PixelSource, extract_backbone_features  # noqa: E402
 
 SCENE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scene"
 if not SCENE.exists():

@@ -163,19 +163,3 @@ def from_checkpoint(ckpt: dict, source: str, *, embed_dim: int, num_classes: int
     else:
         rows = saved["rows"]
     return NeighbourVote(bank, labels, rows, saved["k"], saved["temp"], saved["w"])
-
-
-def for_eval(ckpt: dict, cfg, num_classes: int, source: str, *, ids: str) -> NeighbourVote | None:
-    """The vote eval applies to this checkpoint, on the rows of the dataset whose
-    :func:`~retdmctl.data.dataset.ids_digest` is ``ids``: None with ``eval.fusion`` off."""
-    if not cfg.eval.fusion:
-        return None
-    return from_checkpoint(ckpt, source, embed_dim=cfg.model.embed_dim, num_classes=num_classes, ids=ids)
-
-
-def threshold_choice(ckpt: dict, fused: bool) -> dict | None:
-    """The thresholds that go with the scores: the fused ones when the vote is applied."""
-    saved = ckpt.get("fusion")
-    if fused and saved is not None and float(saved["w"]) > 0.0:
-        return saved["threshold_choice"]
-    return ckpt.get("threshold_choice")

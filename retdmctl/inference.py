@@ -27,16 +27,15 @@ from torch import nn
 from torchvision.transforms import v2
 
 from retdmctl import __version__
-from retdmctl.config import ModelConfig
 from retdmctl.data.loaders import decode, eval_transform
 from retdmctl.errors import RetdmError
 from retdmctl.fusion import NeighbourVote
-from retdmctl.models.backbones import build_backbone, get_backbone_spec
+from retdmctl.model_io.checkpoint import checkpoint_model_config, decision_rule, image_model, read_image_checkpoint
+from retdmctl.model_io.scoring import score_batch
 from retdmctl.models.retdm import RETDM
-from retdmctl.training.runtime import autocast, pick_device
+from retdmctl.runtime import autocast, pick_device
 
 STAGES = ("joint", "classifier")  # the stages whose checkpoints classify, preferred first
-DEFAULT_THRESHOLD = 0.5
 
 
 # --- preprocessing ---------------------------------------------------------------------
@@ -136,11 +135,7 @@ class ImageClassifier(nn.Module):
         self.vote = vote
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.net.embed_images(images)
-        logits = self.net.classify(f)
-        probs = torch.sigmoid(logits)
-        if self.vote is not None:
-            probs = self.vote(f, probs)
+        _, logits, probs = score_batch(self.net, images, self.vote)
         return logits, probs
 
 
@@ -169,12 +164,7 @@ class Predictor:
     def predict_tensor(self, x: torch.Tensor) -> np.ndarray:
         """Preprocessed ``(B, 3, H, W)`` -> ``(B, L)`` probabilities (float32)."""
         x = x.to(self.device)
-        with autocast(self.device):
-            f = self.net.embed_images(x)
-            logits = self.net.classify(f)
-        probs = torch.sigmoid(logits.float())
-        if self.vote is not None:
-            probs = self.vote(f.float(), probs)
+        _, _, probs = score_batch(self.net, x, self.vote, cast=autocast(self.device))
         return probs.cpu().numpy()
 
     def predict(self, images: list[Image.Image]) -> np.ndarray:
@@ -236,23 +226,6 @@ def resolve_checkpoint(path: Path | str, stage: str | None = None) -> tuple[Path
     raise RetdmError(f"no trained model in {path}: run retdmctl train --stage classifier (or retdmctl run) first")
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load with a one-line error naming the keys (the project's one loader)."""
-    from retdmctl.training.common import load_state
-
-    load_state(module, state, what)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    from retdmctl.training.runtime import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("model", "class_names", "backbone", "feature_dim") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise RetdmError(f"{path} is not a retdmctl checkpoint (no {', '.join(missing)})")
-    return ckpt
-
-
 def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, device: str = "auto",
                    fusion: bool = True) -> Predictor:
     """The classification network of a checkpoint, in eval mode, ready to predict.
@@ -263,47 +236,15 @@ def load_predictor(workdir_or_checkpoint: Path | str, stage: str | None = None, 
     cached features the heads were trained on. Both parts are loaded strictly.
     ``fusion`` applies the checkpoint's neighbour vote, with the thresholds chosen for it.
     """
-    from retdmctl import fusion as fusion_mod
-
     path, stage = resolve_checkpoint(workdir_or_checkpoint, stage)
-    ckpt = _read_checkpoint(path)
+    ckpt = read_image_checkpoint(path)
     class_names = [str(c) for c in ckpt["class_names"]]
-    model_cfg = {**ModelConfig().__dict__, **(ckpt.get("config") or {}).get("model", {})}
-    spec = get_backbone_spec(ckpt["backbone"])
-    frozen = bool(ckpt.get("frozen_backbone", model_cfg.get("frozen_backbone", False)))
-
-    state: dict[str, torch.Tensor] = ckpt["model"]
-    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    heads_state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    net = RETDM(len(class_names), int(ckpt["feature_dim"]), int(model_cfg["embed_dim"]), float(model_cfg["dropout"]))
-    load_strict(net, heads_state, f"checkpoint {path} (heads)")
-    if backbone_state:
-        backbone, _ = build_backbone(spec.name, pretrained=False)
-        load_strict(backbone, backbone_state, f"checkpoint {path} (backbone)")
-    elif frozen:
-        weights = Path(model_cfg["weights_file"]) if model_cfg.get("weights_file") else None
-        if weights is None and (not model_cfg.get("pretrained", True) or spec.name == "tiny_cnn"):
-            # the cached features came from a randomly initialised backbone that was never saved
-            raise RetdmError(f"checkpoint {path} was trained on features of a frozen, randomly initialised "
-                             f"{spec.name} that cannot be rebuilt: retrain with pretrained weights or fine-tune")
-        backbone, _ = build_backbone(spec.name, pretrained=True, weights_file=weights)
-    else:
-        raise RetdmError(f"checkpoint {path} has no backbone weights but was not trained with a frozen backbone")
-    net.backbone = backbone
-
-    saved_vote = fusion_mod.from_checkpoint(ckpt, str(path), embed_dim=int(model_cfg["embed_dim"]), num_classes=len(class_names))
-    vote = saved_vote if fusion else None
-    # ckpt["thresholds"]: the per-class thresholds of the scores as the checkpoint scores by
-    # default (fused where it has a vote); without its vote, those chosen for the plain ones
-    thresholds = ckpt.get("thresholds")
-    if saved_vote is not None and vote is None:
-        thresholds = ckpt["threshold_choice"]["per_class"]
-    source = "checkpoint"
-    if thresholds is None:
-        thresholds, source = [DEFAULT_THRESHOLD] * len(class_names), "default"
-    thresholds = np.asarray([float(t) for t in thresholds], dtype=np.float64)
-    if thresholds.shape != (len(class_names),):
-        raise RetdmError(f"checkpoint {path} has {thresholds.size} thresholds for {len(class_names)} classes")
+    model_cfg = checkpoint_model_config(ckpt)
+    net, spec, frozen = image_model(ckpt, path)
+    rule = decision_rule(ckpt, str(path), num_classes=len(class_names), embed_dim=int(model_cfg["embed_dim"]),
+                         apply_vote=fusion, check_vote=True)
+    thresholds, source = rule.per_class(len(class_names), str(path))
+    vote = rule.vote
 
     dev = pick_device(device)
     classifier = ImageClassifier(net, vote).to(dev).eval()

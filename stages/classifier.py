@@ -14,17 +14,11 @@ from __future__ import annotations
 from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import (
-    backbone_problem,
-    begin_training,
-    build_model,
-    choose_decision,
-    embed_all,
-    finish_training,
-    image_source,
-    model_inputs,
-    val_bce_and_map,
-)
+from retdmctl.inputs import backbone_problem, image_source, model_inputs
+from retdmctl.model_io.checkpoint import build_model
+from retdmctl.model_io.scoring import embed_all
+from retdmctl.training.decision import choose_decision, val_bce_and_map
+from retdmctl.training.setup import begin_training, finish_training
 from retdmctl.training.labels import (
     Classification,
     EpochCounter,
@@ -33,8 +27,8 @@ from retdmctl.training.labels import (
     training_view,
 )
 from retdmctl.training.loop import fit
-from retdmctl.training.runtime import prepare_model
-from retdmctl.training.sources import write_features
+from retdmctl.runtime import prepare_model
+from retdmctl.sources import write_features
 from retdmctl.workspace import Workspace
 
 

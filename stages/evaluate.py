@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 from rich.table import Table
 
-from retdmctl import __version__, distributed, fusion, thresholds
+from retdmctl import __version__, distributed
 from retdmctl.atomic import after_commit, remove
 from retdmctl.config import Config, check
 from retdmctl.data.dataset import ids_mismatch, read_dataset
@@ -26,22 +26,10 @@ from retdmctl.metrics import (
 )
 from retdmctl.pipeline import Context, Stage
 from retdmctl.report.build import build_report
-from retdmctl.training.common import (
-    backbone_problem,
-    runs_cnn,
-    build_model,
-    image_source,
-    model_inputs,
-    predict_scores,
-    require_splits,
-    restore_image_model,
-)
-from retdmctl.training.runtime import (
-    load_checkpoint,
-    pick_device,
-    prepare_model,
-    set_threads,
-)
+from retdmctl.inputs import backbone_problem, model_inputs, runs_cnn
+from retdmctl.model_io.scoring import Scored, score_split
+from retdmctl.runtime import pick_device, set_threads
+from retdmctl.training.setup import require_splits
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
 
 def _blocked(cfg: Config) -> str | None:
@@ -76,27 +64,20 @@ def run(ctx: Context) -> dict:
     device = pick_device(cfg.runtime.device)
     info = read_dataset(ws.dataset)
     e = cfg.eval
-    ckpt_path = ws.stage_dir(e.checkpoint) / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path)
-    model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    backbone_from = restore_image_model(model, ckpt, cfg, ws.rel(ckpt_path))
-    prepare_model(model, device)
-
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
-    # None: the classifier's scores alone; a vote built for other dataset rows is an error
-    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(ckpt_path), ids=info.ids_digest)
-    scores, labels = predict_scores(model, image_source(ws, cfg, info, spec, device, ctx.console), rows, device, vote)
+    # The vote applied with eval.fusion (None: the classifier's scores alone); a vote
+    # built for other dataset rows is an error.
+    scored = score_split(ws, cfg, info, e.checkpoint, rows, device, ctx.console)
     # Under torchrun every rank scored its shard and holds all the scores; rank 0 writes.
-    return distributed.on_main(lambda: _write(ctx, info, ckpt, ckpt_path, backbone_from, model, device, rows, scores,
-                                              labels, vote))
+    return distributed.on_main(lambda: _write(ctx, info, scored, device, rows))
 
 
-def _write(ctx: Context, info, ckpt: dict, ckpt_path, backbone_from: str, model, device, rows, scores, labels,
-           vote) -> dict:
+def _write(ctx: Context, info, scored: Scored, device, rows) -> dict:
     ws, cfg, e = ctx.ws, ctx.cfg, ctx.cfg.eval
-    choice = fusion.threshold_choice(ckpt, vote is not None)
-    cut = thresholds.resolve(choice, e.thresholds, e.threshold, info.num_classes)
+    ckpt, model, scores, labels, vote = scored.ckpt, scored.model, scored.scores, scored.labels, scored.rule.vote
+    ckpt_path, backbone_from = ws.stage_dir(e.checkpoint) / "checkpoint.pt", scored.backbone_from
+    cut = scored.rule.cut(e.thresholds, e.threshold, info.num_classes)
     # Unknown labels (?name in a csv file) are neither positive nor negative: every metric
     # leaves them out rather than reading them as negative.
     known = info.known_at(rows)

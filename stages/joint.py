@@ -21,20 +21,11 @@ from retdmctl.config import Config, check
 from retdmctl.knn import read_graph
 from retdmctl.losses.retdm import total_loss
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import (
-    MetricSampler,
-    backbone_problem,
-    begin_training,
-    build_model,
-    choose_decision,
-    finish_training,
-    image_source,
-    load_parts,
-    metric_and_rec,
-    model_inputs,
-    restore_image_model,
-    val_bce_and_map,
-)
+from retdmctl.inputs import backbone_problem, image_source, model_inputs
+from retdmctl.model_io.checkpoint import build_model, load_parts, restore_image_model
+from retdmctl.training.decision import choose_decision, val_bce_and_map
+from retdmctl.training.sampler import MetricSampler, metric_and_rec
+from retdmctl.training.setup import begin_training, finish_training
 from retdmctl.training.labels import (
     Classification,
     EpochCounter,
@@ -44,11 +35,11 @@ from retdmctl.training.labels import (
 )
 from retdmctl.training.loop import fit
 from retdmctl.training.parallel import refresh_bank
-from retdmctl.training.runtime import (
+from retdmctl.runtime import (
     load_checkpoint,
     prepare_model,
 )
-from retdmctl.training.sources import read_row_features
+from retdmctl.sources import read_row_features
 
 
 def _blocked(cfg: Config) -> str | None:

@@ -13,17 +13,13 @@ import torch
 from retdmctl.knn import read_graph
 from retdmctl.models.retdm import RETDM
 from retdmctl.pipeline import Context, Stage
-from retdmctl.training.common import (
-    MetricSampler,
-    begin_training,
-    finish_training,
-    load_state,
-    metric_and_rec,
-)
+from retdmctl.model_io.checkpoint import load_state
+from retdmctl.training.sampler import MetricSampler, metric_and_rec
+from retdmctl.training.setup import begin_training, finish_training
 from retdmctl.training.labels import announce, training_view
 from retdmctl.training.loop import fit
-from retdmctl.training.runtime import derive_seed, load_checkpoint
-from retdmctl.training.sources import CachedSource, read_row_features
+from retdmctl.runtime import derive_seed, load_checkpoint
+from retdmctl.sources import CachedSource, read_row_features
 
 
 def run(ctx: Context) -> dict:

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from retdmctl import atomic, distributed
 from retdmctl.cli import app
 from retdmctl.training.parallel import epoch_batches
-from retdmctl.training.runtime import load_checkpoint
-from retdmctl.training.sources import CachedSource
+from retdmctl.runtime import load_checkpoint
+from retdmctl.sources import CachedSource
 
 runner = CliRunner()
 
@@ -119,7 +119,7 @@ def test_a_rank_that_may_not_write_fails_loudly(tmp_path):
 def test_sources_serve_exactly_the_given_batches(tmp_path):
     from retdmctl.data.dataset import read_dataset
     from retdmctl.models.backbones import get_backbone_spec
-    from retdmctl.training.sources import PixelSource
+    from retdmctl.sources import PixelSource
 
     (tmp_path / "retdm.toml").write_text(TINY)
     assert runner.invoke(app, ["-w", str(tmp_path), "ingest", "demo"]).exit_code == 0

@@ -17,7 +17,7 @@ from retdmctl.cli import app
 from retdmctl.config import Config, TrainConfig, parse_set, validate
 from retdmctl.errors import ConfigError
 from retdmctl.pipeline import Context, run_stage
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 from tests.test_stages import tiny_config

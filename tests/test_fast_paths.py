@@ -16,7 +16,7 @@ from PIL import Image
 from retdmctl.data.loaders import decode, eval_transform, normalize_batch
 from retdmctl.data.store import ImageWriter
 from retdmctl.models.backbones import build_backbone
-from retdmctl.training.sources import PixelSource, extract_backbone_features
+from retdmctl.sources import PixelSource, extract_backbone_features
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -150,7 +150,7 @@ class _DictSampler:
 def test_metric_sampler_and_steps_are_exactly_the_previous_ones():
     from retdmctl.knn import build_graph
     from retdmctl.models.retdm import RETDM
-    from retdmctl.training.common import MetricSampler, metric_and_rec
+    from retdmctl.training.sampler import MetricSampler, metric_and_rec
 
     rng = np.random.default_rng(3)
     labels = (rng.random((120, 6)) < 0.3).astype(np.uint8)
@@ -201,7 +201,7 @@ def test_view_crops_normalised_are_the_views_transform_bit_for_bit():
 @pytest.mark.parametrize("threads", [0, 2])
 def test_extracted_views_are_the_views_transform(store, tmp_path, threads):
     from retdmctl.data.loaders import ViewsTransform
-    from retdmctl.training.sources import extract_views
+    from retdmctl.sources import extract_views
 
     torch.manual_seed(0)
     backbone, spec = build_backbone("tiny_cnn", pretrained=False)
@@ -223,7 +223,7 @@ def test_extracted_views_are_the_views_transform(store, tmp_path, threads):
 
 
 def test_decoding_pool_keeps_order_and_raises_the_items_error():
-    from retdmctl.training.sources import decoding
+    from retdmctl.sources import decoding
 
     for threads in (0, 1, 3):
         with decoding(threads) as decode_all:

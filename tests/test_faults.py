@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from retdmctl.cli import app
 from retdmctl.errors import CheckpointError
 from retdmctl.lock import workspace_lock
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 
 runner = CliRunner()
 
@@ -129,7 +129,7 @@ def test_a_library_caller_cannot_run_a_stage_on_a_stale_input(work):
 
 def test_a_state_dict_that_does_not_fit_is_an_error_naming_the_keys():
     from retdmctl.models.retdm import RETDM
-    from retdmctl.training.common import load_state
+    from retdmctl.model_io.checkpoint import load_state
 
     model = RETDM(3, 8, 4)
     state = {k: v for k, v in model.state_dict().items() if k != "cls_head.bias"}
@@ -144,7 +144,7 @@ def test_a_state_dict_that_does_not_fit_is_an_error_naming_the_keys():
 def test_finetuning_after_a_frozen_classifier_loads_the_pretrained_backbone_explicitly():
     from retdmctl.config import Config
     from retdmctl.models.backbones import build_backbone
-    from retdmctl.training.common import build_model, restore_image_model
+    from retdmctl.model_io.checkpoint import build_model, restore_image_model
 
     cfg = Config()
     cfg.model.frozen_backbone, cfg.model.tune_blocks, cfg.model.views = True, 0, 1  # pooled features only
@@ -269,9 +269,9 @@ def test_a_rejected_option_changes_nothing(work):
 
 def test_a_failed_stage_leaves_the_previous_artifacts_and_their_status(work, monkeypatch):
     import stages.metric as metric_stage
-    from retdmctl.training import common
+    from retdmctl.training import setup
 
-    real = common.finish_training
+    real = setup.finish_training
 
     def write_then_fail(stage_dir, state, history):
         real(stage_dir, state, history)  # the new checkpoint is staged...
@@ -468,7 +468,7 @@ def test_features_of_a_random_frozen_backbone_are_the_same_when_extracted_again(
     same, whatever the global RNG went through, or eval would score other features."""
     import h5py
 
-    from retdmctl.training.common import backbone_cache_path
+    from retdmctl.inputs import backbone_cache_path
     from retdmctl.workspace import Workspace
 
     work = tmp_path / "w"

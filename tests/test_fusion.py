@@ -23,8 +23,11 @@ from retdmctl.data.store import ImageReader
 from retdmctl.inference import load_predictor
 from retdmctl.metrics import compute_metrics
 from retdmctl.pipeline import Context, run_stage
-from retdmctl.training.common import build_model, choose_decision, image_source, predict_with_embeddings, restore_image_model
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.inputs import image_source
+from retdmctl.model_io.checkpoint import build_model, decision_rule, restore_image_model
+from retdmctl.model_io.scoring import predict_with_embeddings
+from retdmctl.training.decision import choose_decision
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 
@@ -116,7 +119,7 @@ def test_choose_switches_the_vote_off_where_it_does_not_help():
     assert got["w"] == 0.0 and got["val_mAP"] == got["plain_val_mAP"] == 1.0
     ckpt = {"fusion": got, "threshold_choice": {"global": 0.5, "per_class": [0.5] * 4}}
     assert fusion.from_checkpoint(ckpt, "x", embed_dim=8, num_classes=4) is None  # w = 0: plain scores
-    assert fusion.threshold_choice(ckpt, True) == ckpt["threshold_choice"]
+    assert decision_rule(ckpt, "x", num_classes=4, embed_dim=8, apply_vote=True).choice == ckpt["threshold_choice"]
 
 
 def test_a_vote_that_does_not_fit_the_model_is_refused():
@@ -186,7 +189,8 @@ def test_the_choice_reads_training_and_validation_rows_only(trained):
     # and the checkpoint holds the same choice the stage made
     saved = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
     assert saved["fusion"]["rows"].tolist() == info.split("train").tolist()
-    assert saved["thresholds"] == fusion.threshold_choice(saved, True)["per_class"]
+    rule = decision_rule(saved, "x", num_classes=info.num_classes, embed_dim=cfg.model.embed_dim, apply_vote=True)
+    assert saved["thresholds"] == rule.choice["per_class"]
     summary = ws.read_manifest("classifier")["summary"]["fusion"]
     assert summary == {k: saved["fusion"][k] for k in ("k", "temp", "w", "val_mAP", "plain_val_mAP")}
 

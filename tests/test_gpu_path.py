@@ -185,7 +185,7 @@ def test_runtime_decode_device_trains_and_scores_through_the_device_path(tmp_pat
     from retdmctl.errors import ConfigError
     from retdmctl.models.backbones import get_backbone_spec
     from retdmctl.pipeline import Context, run_stage
-    from retdmctl.training.common import image_source
+    from retdmctl.inputs import image_source
     from retdmctl.workspace import Workspace
     from stages import BY_NAME, PIPELINE
     from test_stages import tiny_config

@@ -17,7 +17,7 @@ from retdmctl.errors import ConfigError
 from retdmctl.knn import read_graph
 from retdmctl.pipeline import Context, run_stage
 from retdmctl.training.labels import Classification, EpochCounter, observed_labels, training_view
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 from tests.test_stages import run_all, tiny_config

@@ -21,10 +21,12 @@ from retdmctl.data.dataset import read_dataset
 from retdmctl.data.loaders import decode, eval_transform
 from retdmctl.data.store import ImageReader
 from retdmctl.errors import RetdmError
-from retdmctl.inference import Preprocess, load_predictor, load_strict
+from retdmctl.inference import Preprocess, load_predictor
 from retdmctl.pipeline import Context, run_stage
-from retdmctl.training.common import build_model, image_source, predict_scores
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.inputs import image_source
+from retdmctl.model_io.checkpoint import build_model, load_state
+from retdmctl.model_io.scoring import predict_scores
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 
@@ -101,7 +103,7 @@ def test_predictor_matches_the_eval_scores(trained):
     rows = info.split("test")[:8]
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
     ckpt = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
-    load_strict(model, ckpt["model"], "ckpt")
+    load_state(model, ckpt["model"], "ckpt")
     vote = fusion.from_checkpoint(ckpt, "ckpt", embed_dim=cfg.model.embed_dim, num_classes=info.num_classes)  # as eval
     ref, _ = predict_scores(model, image_source(ws, cfg, info, spec), rows, torch.device("cpu"), vote)
     pred = load_predictor(ws.root, device="cpu")

@@ -199,16 +199,17 @@ def test_gather_on_a_trained_workspace(tmp_path):
     from test_predict import make_workspace
 
     from retdmctl.data.dataset import read_dataset
-    from retdmctl.inference import load_strict
     from retdmctl.metrics import compute_metrics
-    from retdmctl.training.common import build_model, image_source, predict_scores
-    from retdmctl.training.runtime import load_checkpoint
+    from retdmctl.inputs import image_source
+    from retdmctl.model_io.checkpoint import build_model, load_state
+    from retdmctl.model_io.scoring import predict_scores
+    from retdmctl.runtime import load_checkpoint
 
     ws, cfg = make_workspace(tmp_path / "w")
     cfg.eval.checkpoint = "classifier"
     info = read_dataset(ws.dataset)
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    load_strict(model, load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], "ckpt")
+    load_state(model, load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["model"], "ckpt")
     rows = info.split("test")
     scores, labels = predict_scores(model, image_source(ws, cfg, info, spec), rows, torch.device("cpu"))
     result = {"metrics": compute_metrics(labels, scores), "split": "test",

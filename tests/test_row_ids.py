@@ -25,10 +25,11 @@ from retdmctl.data.readers.csvfile import read_csv_labels
 from retdmctl.data.readers.voc import read_voc
 from retdmctl.errors import CheckpointError, InputError
 from retdmctl.pipeline import Context
-from retdmctl.training import common
-from retdmctl.training.common import backbone_cache_path, ensure_backbone_cache, finish_training
-from retdmctl.training.runtime import load_checkpoint, save_checkpoint
-from retdmctl.training.sources import PixelSource, extract_backbone_features, read_cache_key, read_features
+from retdmctl import inputs
+from retdmctl.inputs import backbone_cache_path, ensure_backbone_cache
+from retdmctl.training.setup import finish_training
+from retdmctl.runtime import load_checkpoint, save_checkpoint
+from retdmctl.sources import PixelSource, extract_backbone_features, read_cache_key, read_features
 from retdmctl.workspace import Workspace
 from stages import BY_NAME
 from stages.evaluate import read_scores
@@ -52,7 +53,7 @@ def frozen_config() -> Config:
 def fresh_features(ws: Workspace, cfg: Config, info: DatasetInfo, tmp: Path) -> np.ndarray:
     """The backbone's features of ``info``'s rows, extracted now into a file of their own
     (one image a batch: an image's features do not depend on its neighbours in a batch)."""
-    backbone, spec = common.frozen_backbone(cfg)
+    backbone, spec = inputs.frozen_backbone(cfg)
     pixels = PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, 0)
     out = tmp / "fresh.h5"
     extract_backbone_features(out, backbone, pixels, {}, CPU, torch.autocast("cpu", enabled=False))
@@ -252,7 +253,7 @@ def small(tmp_path):
 def test_a_cache_keyed_by_another_id_list_is_never_read(small, tmp_path):
     ws, cfg, info = small
     path = backbone_cache_path(ws, cfg, info, CPU)
-    other = {**common.backbone_cache_key(ws, cfg, info, CPU), "ids": ids_digest(info.ids[::-1])}
+    other = {**inputs.backbone_cache_key(ws, cfg, info, CPU), "ids": ids_digest(info.ids[::-1])}
     plant(path, other, len(info.ids))  # another list's cache, under this list's name
     assert ensure_backbone_cache(ws, cfg, info, CPU, QUIET) == path
     assert read_cache_key(path)["ids"] == info.ids_digest
@@ -261,9 +262,9 @@ def test_a_cache_keyed_by_another_id_list_is_never_read(small, tmp_path):
 
 def test_a_cache_made_in_another_precision_is_not_reused(small, tmp_path, monkeypatch):
     ws, cfg, info = small
-    monkeypatch.setattr(common, "precision", lambda device: "bfloat16")  # as on a CUDA device
+    monkeypatch.setattr(inputs, "precision", lambda device: "bfloat16")  # as on a CUDA device
     cuda_path = backbone_cache_path(ws, cfg, info, CPU)
-    plant(cuda_path, common.backbone_cache_key(ws, cfg, info, CPU), len(info.ids))
+    plant(cuda_path, inputs.backbone_cache_key(ws, cfg, info, CPU), len(info.ids))
     assert ensure_backbone_cache(ws, cfg, info, CPU, QUIET) == cuda_path  # reused under its own precision
     monkeypatch.undo()
     path = ensure_backbone_cache(ws, cfg, info, CPU, QUIET)

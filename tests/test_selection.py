@@ -58,7 +58,7 @@ def test_training_reads_only_train_and_val_rows_never_test(tmp_path, monkeypatch
     only by eval."""
     from test_stages import tiny_config
 
-    import retdmctl.training.common as common
+    import retdmctl.model_io.scoring as scoring
     from retdmctl.data.dataset import read_dataset
     from retdmctl.pipeline import Context, run_stage
     from retdmctl.workspace import Workspace
@@ -67,15 +67,15 @@ def test_training_reads_only_train_and_val_rows_never_test(tmp_path, monkeypatch
     ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
     cfg.joint.way2 = "forward"
     seen: dict[str, set[int]] = {}
-    real_predict = common._predict  # every scoring and embedding pass of a split goes through it
+    real_predict = scoring.score_rows  # every scoring and embedding pass of a split goes through it
     stage_now = {"name": ""}
 
     def spy_predict(model, source, rows, device, vote):
         seen.setdefault(stage_now["name"], set()).update(int(r) for r in rows)
         return real_predict(model, source, rows, device, vote)
 
-    monkeypatch.setattr(common, "_predict", spy_predict)
-    from retdmctl.training import sources
+    monkeypatch.setattr(scoring, "score_rows", spy_predict)
+    from retdmctl import sources
 
     real_train = sources.CachedSource.train_batches
 

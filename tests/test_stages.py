@@ -13,7 +13,7 @@ import retdmctl.training.loop as loop
 from retdmctl.config import Config
 from retdmctl.errors import StageNotReadyError
 from retdmctl.pipeline import Context, run_stage, status
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 
@@ -63,11 +63,11 @@ def test_eval_writes_the_test_scores_and_their_metrics(finished):
     import h5py
     import numpy as np
 
-    from retdmctl import fusion
     from retdmctl.data.dataset import read_dataset
     from retdmctl.metrics import compute_metrics
+    from retdmctl.model_io.checkpoint import decision_rule
 
-    ws, _, _ = finished
+    ws, cfg, _ = finished
     info = read_dataset(ws.dataset)
     with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
         rows, scores, labels = h5["rows"][()], h5["scores"][()], h5["labels"][()]
@@ -79,7 +79,8 @@ def test_eval_writes_the_test_scores_and_their_metrics(finished):
     ckpt = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")
     # the thresholds chosen on validation for the scores eval wrote (fused with the
     # neighbour vote where validation chose one)
-    assert list(cut) == fusion.threshold_choice(ckpt, True)["per_class"] == ckpt["thresholds"]
+    rule = decision_rule(ckpt, "x", num_classes=info.num_classes, embed_dim=cfg.model.embed_dim, apply_vote=True)
+    assert list(cut) == rule.choice["per_class"] == ckpt["thresholds"]
     assert saved["fusion"] == (None if ckpt["fusion"]["w"] == 0 else
                                {"k": ckpt["fusion"]["k"], "temp": ckpt["fusion"]["temp"], "w": ckpt["fusion"]["w"],
                                 "bank_images": len(info.split("train"))})
@@ -203,7 +204,7 @@ def test_frozen_backbone_mode_caches_features_once(tmp_path):
     cfg.joint.way2 = "forward"
     ran = run_all(ws, cfg)
     assert ran == dict.fromkeys(NAMES, True)
-    from retdmctl.training.common import backbone_cache_path
+    from retdmctl.inputs import backbone_cache_path
 
     cache = backbone_cache_path(ws, cfg)
     assert list((ws.cache_dir / "backbone").iterdir()) == [cache]

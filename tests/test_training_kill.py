@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from retdmctl.training.runtime import load_checkpoint
+from retdmctl.runtime import load_checkpoint
 
 CONFIG = """
 [ingest]

@@ -21,9 +21,9 @@ from retdmctl.errors import ConfigError
 from retdmctl.inference import load_predictor
 from retdmctl.models.backbones import build_backbone
 from retdmctl.pipeline import Context, run_stage
-from retdmctl.training.common import frozen_backbone
-from retdmctl.training.runtime import load_checkpoint
-from retdmctl.training.sources import CachedSource
+from retdmctl.inputs import frozen_backbone
+from retdmctl.runtime import load_checkpoint
+from retdmctl.sources import CachedSource
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
 from test_stages import run_all, tiny_config
@@ -132,7 +132,9 @@ def test_a_tuned_run_trains_only_the_tail_and_skips_when_up_to_date(tuned):
 
 def test_a_tuned_model_scores_pixels_as_eval_scored_its_cached_activations(tuned):
     from retdmctl.data.loaders import decode
-    from retdmctl.training.common import build_model, image_source, predict_scores, restore_image_model
+    from retdmctl.inputs import image_source
+    from retdmctl.model_io.checkpoint import build_model, restore_image_model
+    from retdmctl.model_io.scoring import predict_scores
 
     ws, cfg, _ = tuned
     with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:

@@ -185,7 +185,7 @@ def test_training_validation_reads_the_known_entries(unknown_run, monkeypatch):
     from rich.console import Console
 
     from retdmctl.pipeline import Context, run_stage
-    from retdmctl.training import common
+    from retdmctl.training import decision
     from stages import BY_NAME, PIPELINE
 
     ws, cfg, _ = unknown_run
@@ -193,8 +193,8 @@ def test_training_validation_reads_the_known_entries(unknown_run, monkeypatch):
     want = info.known[info.split("val")]
     assert not want.all()
     seen: dict[str, list] = {"metrics": [], "thresholds": [], "vote": []}
-    metrics, choose, vote = common.compute_metrics, thresholds.choose, fusion.choose
-    monkeypatch.setattr(common, "compute_metrics", lambda *a, **k: (seen["metrics"].append(k["known"]), metrics(*a, **k))[1])
+    metrics, choose, vote = decision.compute_metrics, thresholds.choose, fusion.choose
+    monkeypatch.setattr(decision, "compute_metrics", lambda *a, **k: (seen["metrics"].append(k["known"]), metrics(*a, **k))[1])
     monkeypatch.setattr(thresholds, "choose", lambda y, s, known=None: (seen["thresholds"].append(known), choose(y, s, known))[1])
     monkeypatch.setattr(fusion, "choose", lambda *a, **k: (seen["vote"].append(a[-1]), vote(*a, **k))[1])
     assert run_stage(Context(ws, cfg, Console(file=io.StringIO()), force=True), BY_NAME["classifier"], PIPELINE)

@@ -151,7 +151,7 @@ class DeviceTransform:
 
 
 class DevicePixelSource:
-    """A drop-in for :class:`retdmctl.training.sources.PixelSource` that decodes on the
+    """A drop-in for :class:`retdmctl.sources.PixelSource` that decodes on the
     device: a background thread reads the next batches' bytes from LMDB (cheap, no
     decoding) while the device decodes and augments the current one. Yields
     ``(x, y, rows)`` with x already on ``device`` (``to_device`` is then a no-op)."""

@@ -48,7 +48,7 @@ def eval_crop(size: int) -> v2.Compose:
 
 def normalize_batch(pixels, mean, std) -> torch.Tensor:
     """A batch of 8-bit crops (B, H, W, 3), numpy or torch -> (B, 3, H, W) float32,
-    channels-last in memory (what :func:`retdmctl.training.runtime.to_device` makes of
+    channels-last in memory (what :func:`retdmctl.runtime.to_device` makes of
     image batches).
 
     Bit for bit :func:`eval_transform`'s tail applied to each crop: the same correctly

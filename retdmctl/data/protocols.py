@@ -121,3 +121,20 @@ def apply_protocol(labels: np.ndarray, rows: np.ndarray, name: str, p: float, se
     if name == "hide":
         return hide_entries(labels, rows, p, seed, stream)
     raise ConfigError(f"unknown missing-label protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+
+
+def describe(summary: dict) -> str:
+    """One line: the protocol a training stage's labels were under (its summary's
+    ``labels``, :func:`retdmctl.training.labels.training_view`)."""
+    s = summary["labels"]
+    p = f" {s['fraction']:g}" if "fraction" in s else ""
+    line = (
+        f"labels: {s['protocol']}{p} (seed {s['seed']}): {s['hidden_positives']} of {s['train_positives']} "
+        f"training positives hidden, {s['unknown_entries']} unknown entries read as {s['unknown']}"
+    )
+    if s.get("val_protocol") == "same":
+        line += (f"; validation under the same protocol: {s['val_hidden_positives']} of {s['val_positives']} "
+                 "positives hidden, read as negative")
+    elif s.get("val_protocol") == "full" and s["protocol"] != "full":
+        line += "; validation on full labels"
+    return line

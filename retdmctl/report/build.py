@@ -20,9 +20,12 @@ import torch
 from retdmctl import __version__
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo
+from retdmctl.inputs import image_source
 from retdmctl.metrics import compute_metrics, per_class_average_precision
+from retdmctl.model_io.scoring import embed_rows, score_split
 from retdmctl.report import paper
 from retdmctl.report.page import render_page
+from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace, now_iso
 
 TRAINED = ("classifier", "metric", "joint")
@@ -134,45 +137,21 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, list[float]]:
     return x @ comps.T, share + [0.0] * (2 - len(share))
 
 
-@torch.no_grad()
-def embeddings(model, source, rows: np.ndarray, device) -> np.ndarray:
-    from retdmctl.training.runtime import autocast, to_device
-
-    model.eval()
-    out = []
-    for x, _, _ in source.eval_batches(rows):
-        with autocast(device):
-            out.append(model.embed_images(to_device(x, device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
-
-
 def _score_other(ws: Workspace, cfg: Config, info: DatasetInfo, stage: str, rows: np.ndarray, device):
     """Scores of another stage's checkpoint on ``rows`` (or why not)."""
-    from retdmctl import fusion, thresholds
-    from retdmctl.training.common import build_model, image_source, predict_scores, restore_image_model
-    from retdmctl.training.runtime import load_checkpoint, prepare_model
-
     path = ws.stage_dir(stage) / "checkpoint.pt"
     if not path.exists():
         return None, None, f"no {stage} checkpoint"
     if not cfg.model.frozen_backbone and len(rows) > MAX_COMPARE_IMAGES:
         return None, None, f"{stage} not scored ({len(rows)} images): run retdmctl eval --checkpoint {stage}"
-    model, spec = build_model(cfg, info.num_classes, pretrained=False)
-    ckpt = load_checkpoint(path)
-    restore_image_model(model, ckpt, cfg, ws.rel(path))
-    prepare_model(model, device)
-    # scored as eval scores the evaluated model
-    vote = fusion.for_eval(ckpt, cfg, info.num_classes, ws.rel(path), ids=info.ids_digest)
-    scores, _ = predict_scores(model, image_source(ws, cfg, info, spec, device), rows, device, vote)
-    choice = fusion.threshold_choice(ckpt, vote is not None)
-    cut = thresholds.resolve(choice, cfg.eval.thresholds, cfg.eval.threshold, info.num_classes)
-    return scores, cut, None
+    scored = score_split(ws, cfg, info, stage, rows, device)  # scored as eval scores the evaluated model
+    return scored.scores, scored.rule.cut(cfg.eval.thresholds, cfg.eval.threshold, info.num_classes), None
 
 
 def _training_labels(ws: Workspace, stage: str) -> str:
     """What the evaluated model was trained on, from its stage's manifest: every label,
     or the protocol and how many training positives it hid (unknowns included)."""
-    from retdmctl.training.labels import describe
+    from retdmctl.data.protocols import describe
 
     summary = (ws.read_manifest(stage) or {}).get("summary", {})
     if "labels" not in summary:
@@ -194,7 +173,6 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
            labels: np.ndarray, rows: np.ndarray, model=None, device=None, compare: bool = True) -> dict[str, Any]:
     """The report's data as plain Python values (see :func:`retdmctl.report.page.render_page`)."""
     from retdmctl.models.backbones import get_backbone_spec
-    from retdmctl.training.runtime import load_checkpoint
 
     stage, split = cfg.eval.checkpoint, result.get("split", cfg.eval.split)
     names = list(info.class_names)
@@ -233,14 +211,12 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
 
     projection = None
     if model is not None:
-        from retdmctl.training.common import image_source
-
         sub = rows
         if len(rows) > MAX_PROJECTED:
             sub = np.sort(np.random.default_rng(0).choice(rows, MAX_PROJECTED, replace=False))
         try:
             spec = get_backbone_spec(cfg.model.backbone)
-            emb = embeddings(model, image_source(ws, cfg, info, spec), sub, device or torch.device("cpu"))
+            emb = embed_rows(model, image_source(ws, cfg, info, spec), sub, device or torch.device("cpu"))
             pts, share = pca_2d(emb)
             projection = {
                 "points": pts.round(3).tolist(),

@@ -33,7 +33,7 @@ import torch
 from retdmctl import distributed
 from retdmctl.config import Config
 from retdmctl.data.dataset import DatasetInfo
-from retdmctl.data.protocols import apply_protocol
+from retdmctl.data.protocols import apply_protocol, describe
 from retdmctl.errors import ConfigError
 from retdmctl.losses.base import base_loss
 from retdmctl.losses.clml import clml_loss
@@ -95,21 +95,6 @@ def training_view(info: DatasetInfo, cfg: Config) -> tuple[DatasetInfo, np.ndarr
         }
     }
     return view, observed, summary
-
-
-def describe(summary: dict) -> str:
-    s = summary["labels"]
-    p = f" {s['fraction']:g}" if "fraction" in s else ""
-    line = (
-        f"labels: {s['protocol']}{p} (seed {s['seed']}): {s['hidden_positives']} of {s['train_positives']} "
-        f"training positives hidden, {s['unknown_entries']} unknown entries read as {s['unknown']}"
-    )
-    if s.get("val_protocol") == "same":
-        line += (f"; validation under the same protocol: {s['val_hidden_positives']} of {s['val_positives']} "
-                 "positives hidden, read as negative")
-    elif s.get("val_protocol") == "full" and s["protocol"] != "full":
-        line += "; validation on full labels"
-    return line
 
 
 def batch_terms_problem(cfg: Config, world: int) -> str | None:

@@ -36,7 +36,7 @@ from retdmctl.config import TrainConfig
 from retdmctl.errors import CheckpointError
 from retdmctl.progress import make_progress
 from retdmctl.training.parallel import DistributedStep, epoch_batches
-from retdmctl.training.runtime import (
+from retdmctl.runtime import (
     autocast,
     derive_seed,
     epoch_rng,

@@ -1,8 +1,10 @@
-"""Where a training stage's image inputs come from.
+"""Batches of a stage's image inputs, and the files that cache them.
 
 ``PixelSource`` decodes images from LMDB (fine-tuning the backbone); ``CachedSource``
 serves backbone features cached on disk (frozen-backbone mode, the CPU-friendly one).
-Both yield ``(x, y, rows)`` batches, so a stage's loop is the same in either mode.
+Both yield ``(x, y, rows)`` batches, so a stage's loop, and scoring, are the same in
+either mode. Which source a config uses, and when its cache is made, is
+:mod:`retdmctl.inputs`'s.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from retdmctl.data.store import ImageReader
 from retdmctl.errors import InputError
 from retdmctl.models.backbones import BackboneSpec
 from retdmctl.progress import make_progress
-from retdmctl.training.runtime import prepare_model, to_device
+from retdmctl.runtime import prepare_model, to_device
 from retdmctl.workspace import atomic_path, now_iso
 
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
@@ -215,7 +217,7 @@ def cache_key(model_cfg, spec: BackboneSpec, images_fp: str | None, weights_fp: 
               ids: str, precision: str) -> dict:
     """Everything the cached backbone features depend on: with ``ids`` (the dataset's
     :func:`~retdmctl.data.dataset.ids_digest`) the order of its rows, and ``precision``
-    the dtype they were computed in (:func:`~retdmctl.training.runtime.precision`)."""
+    the dtype they were computed in (:func:`~retdmctl.runtime.precision`)."""
     return {
         "backbone": spec.name,
         "pretrained": model_cfg.pretrained,

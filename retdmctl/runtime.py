@@ -29,7 +29,7 @@ def pick_device(name: str) -> torch.device:
 def decode_threads(device: torch.device) -> int:
     """Threads that decode a batch of images between the model's batches on the CPU (as
     many as the model uses); 0 with a device, where one thread decodes beside it
-    (:func:`retdmctl.training.sources.decoding`)."""
+    (:func:`retdmctl.sources.decoding`)."""
     return torch.get_num_threads() if device.type == "cpu" else 0
 
 
