@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from retdmctl import __version__
+from retdmctl.config import CHOICES
 from retdmctl.errors import CheckpointError, ConfigError
 from retdmctl.workspace import atomic_path
 
@@ -21,8 +22,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device is 'cuda' but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"runtime.device must be auto, cpu or cuda, got {name!r}")
+    if name not in CHOICES["runtime.device"]:
+        raise ConfigError(f"runtime.device must be one of {', '.join(CHOICES['runtime.device'])}, got {name!r}")
     return torch.device(name)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from retdmctl import __version__
-from retdmctl.config import Config
+from retdmctl.config import TRAINED_STAGES, Config
 from retdmctl.data.dataset import DatasetInfo
 from retdmctl.inputs import image_source
 from retdmctl.metrics import compute_metrics, per_class_average_precision
@@ -28,7 +28,6 @@ from retdmctl.report.page import render_page
 from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace, now_iso
 
-TRAINED = ("classifier", "metric", "joint")
 MAX_THUMBNAILS = 36
 MAX_PROJECTED = 1500
 MAX_COMPARE_IMAGES = 5000  # beyond this, scoring the other checkpoint with a CNN pass is too slow to do silently
@@ -200,7 +199,7 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
         compare_note = why or ""
 
     history = {}
-    for s in TRAINED:
+    for s in TRAINED_STAGES:
         path = ws.stage_dir(s) / "checkpoint.pt"
         if path.exists():
             history[s] = list(load_checkpoint(path).get("history", []))

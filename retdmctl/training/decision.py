@@ -28,7 +28,7 @@ def choose_decision(model: RETDM, source, info: DatasetInfo, device: torch.devic
     the neighbour vote's (k, t, w) with its bank of training embeddings (``fusion``,
     :mod:`retdmctl.fusion`; w = 0 where the vote does not help validation mAP), the
     thresholds of the plain scores (``threshold_choice``) and of the fused ones
-    (``fusion.threshold_choice``), and ``thresholds``: the per-class ones that predict
+    (``fusion["threshold_choice"]``), and ``thresholds``: the per-class ones that predict
     uses by default, those of the fused scores. ``info`` holds the training labels the
     model was trained on; ``train_features`` the training rows' f where already computed."""
     train_rows, val_rows = info.split("train"), info.split("val")
