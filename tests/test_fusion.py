@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from typer.testing import CliRunner
 
 from retdmctl import fusion, thresholds
 from retdmctl.cli import app
@@ -22,13 +21,12 @@ from retdmctl.data.loaders import decode
 from retdmctl.data.store import ImageReader
 from retdmctl.inference import load_predictor
 from retdmctl.metrics import compute_metrics
-from retdmctl.pipeline import Context, run_stage
+from retdmctl.pipeline import Context
 from retdmctl.training.common import build_model, choose_decision, image_source, predict_with_embeddings, restore_image_model
 from retdmctl.training.runtime import load_checkpoint
-from retdmctl.workspace import Workspace
-from stages import BY_NAME, PIPELINE
+from stages import BY_NAME
+from tests.conftest import runner, trained_workspace
 
-runner = CliRunner()
 CPU = torch.device("cpu")
 
 
@@ -143,12 +141,8 @@ def tiny_config() -> Config:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    ws, cfg = Workspace(tmp_path_factory.mktemp("work")), tiny_config()
-    ws.save_config(cfg)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
-    return ws, cfg
+    cfg = tiny_config()
+    return trained_workspace(tmp_path_factory.mktemp("work"), cfg), cfg
 
 
 def restored(ws, cfg, info):

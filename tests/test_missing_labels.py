@@ -20,7 +20,7 @@ from retdmctl.training.labels import Classification, EpochCounter, observed_labe
 from retdmctl.training.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
-from tests.test_stages import run_all, tiny_config
+from tests.conftest import run_all, tiny_config
 
 TRAINING = ("knn", "classifier", "metric", "joint")
 
