@@ -3,9 +3,10 @@ tiny TOML config and the tiny Config, and running stages on them.
 
 The tiny set-ups train a tiny CNN on the generated demo set in seconds:
 - :data:`TINY_TOML`: a ``retdm.toml`` for the CLI (frozen tiny CNN, 60 images, 5 classes);
-  the ``tiny_workdir`` fixture writes it into a fresh workspace, :func:`tiny_pipeline`
-  also ingests the demo set and runs the whole pipeline there.
-- :func:`tiny_config`: the same kind of model as a Config, for running stages in-process
+  :func:`tiny_pipeline` writes it (or a variant) into a workspace, ingests the demo set
+  and runs the whole pipeline there (module-scoped fixtures build on it).
+- :func:`tiny_config`: a tiny CNN (fine-tuned, or frozen) on 80 demo images as a Config,
+  for running stages in-process
   with :func:`run_stages` / :func:`run_all`; :func:`trained_workspace` saves the config
   and runs the stages (ingest + classifier by default).
 """
@@ -70,13 +71,6 @@ epochs = 1
 [joint]
 epochs = 1
 """
-
-
-@pytest.fixture
-def tiny_workdir(tmp_path: Path) -> Path:
-    """A workspace folder holding the tiny ``retdm.toml`` (nothing ingested yet)."""
-    (tmp_path / "retdm.toml").write_text(TINY_TOML)
-    return tmp_path
 
 
 def tiny_pipeline(root: Path, toml: str = TINY_TOML) -> Path:

@@ -364,7 +364,7 @@ def test_metrics_do_not_depend_on_a_preexisting_feature_cache(done, tmp_path):
 
 # --- environment ------------------------------------------------------------------------
 def test_missing_workdir_for_status_is_one_line(tmp_path):
-    result = invoke(tmp_path / "nope", "status")
+    result = invoke("--workdir", tmp_path / "nope", "status")
     assert (result.exit_code, result.output) == (
         1, f"error: workspace {tmp_path / 'nope'} does not exist: run `retdmctl ingest <format> PATH` first\n"
     )
