@@ -15,7 +15,7 @@ from retdmctl.pipeline import Context, run_stage, status
 from retdmctl.training.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
-from tests.conftest import run_all, tiny_config
+from tests.conftest import run_all, run_stages, tiny_config
 
 NAMES = [s.name for s in PIPELINE]
 
@@ -129,9 +129,7 @@ def test_classifier_stage_trains_phi_and_w_c_only(tmp_path, monkeypatch):
         return real_fit(**kw)
 
     monkeypatch.setattr("stages.classifier.fit", spy)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+    run_stages(ws, cfg, "ingest", "classifier")
     model = captured["model"]
     trained = {n for n, p in model.named_parameters() if id(p) in captured["params"]}
     assert trained == {n for n, _ in model.named_parameters() if n.startswith(("backbone.", "embed.", "cls_head."))}
