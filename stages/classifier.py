@@ -26,6 +26,7 @@ from retdmctl.training.labels import (
     refuse_batch_terms_across_processes,
     training_view,
 )
+from retdmctl.training.checkpoint import image_model_checkpoint
 from retdmctl.training.loop import fit
 from retdmctl.runtime import prepare_model
 from retdmctl.sources import write_features
@@ -92,19 +93,9 @@ def run(ctx: Context) -> dict:
     features = embed_all(model, source, len(info.ids), device)  # every rank, sharded
     config = cfg.sections(STAGE.sections)
     distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config, info.ids_digest))
-    weights = model.state_dict() if model.backbone is not None else model.heads_state()  # a tuned model: all
-    state = {
-        "stage": "classifier",
-        "model": weights,
-        "config": config,
-        "class_names": info.class_names,
-        "backbone": spec.name,
-        "feature_dim": spec.out_dim,
-        "frozen_backbone": cfg.model.frozen_backbone,
-        "tune_blocks": cfg.model.tune_blocks,
-        # the neighbour vote and the thresholds, chosen on validation (retdmctl.fusion)
-        **choose_decision(model, source, info, device, train_features=features[train_rows], console=ctx.console, stage="classifier"),
-    }
+    # the neighbour vote and the thresholds, chosen on validation (retdmctl.fusion)
+    decision = choose_decision(model, source, info, device, train_features=features[train_rows], console=ctx.console, stage="classifier")
+    state = image_model_checkpoint("classifier", model, spec, cfg, config, info.class_names, decision)
     return {**finish_training(stage_dir, state, history), **labels_summary}
 
 

@@ -33,6 +33,7 @@ from retdmctl.training.labels import (
     refuse_batch_terms_across_processes,
     training_view,
 )
+from retdmctl.training.checkpoint import image_model_checkpoint
 from retdmctl.training.loop import fit
 from retdmctl.training.parallel import refresh_bank
 from retdmctl.runtime import (
@@ -117,20 +118,11 @@ def run(ctx: Context) -> dict:
         buffers={"bank": bank},
         on_epoch=counter,
     )
-    weights = model.state_dict() if model.backbone is not None else model.heads_state()  # a tuned model: all
-    state = {
-        "stage": "joint",
-        "model": weights,
-        "config": cfg.sections(STAGE.sections),
-        "class_names": info.class_names,
-        "backbone": spec.name,
-        "feature_dim": spec.out_dim,
-        "frozen_backbone": cfg.model.frozen_backbone,
-        "tune_blocks": cfg.model.tune_blocks,
-        "backbone_from": backbone_from,
-        # the neighbour vote over this model's own embeddings, and the thresholds
-        **choose_decision(model, source, info, device, console=ctx.console, stage="joint"),
-    }
+    config = cfg.sections(STAGE.sections)
+    # the neighbour vote over this model's own embeddings, and the thresholds
+    decision = choose_decision(model, source, info, device, console=ctx.console, stage="joint")
+    state = image_model_checkpoint("joint", model, spec, cfg, config, info.class_names, decision,
+                                   backbone_from=backbone_from)
     summary = finish_training(stage_dir, state, history)
     return {**summary, "backbone_from": backbone_from, **labels_summary}
 

@@ -17,6 +17,7 @@ from retdmctl.model_io.checkpoint import load_state
 from retdmctl.training.sampler import MetricSampler, metric_and_rec
 from retdmctl.training.setup import begin_training, finish_training
 from retdmctl.training.labels import announce, training_view
+from retdmctl.training.checkpoint import stage_checkpoint
 from retdmctl.training.loop import fit
 from retdmctl.runtime import derive_seed, load_checkpoint
 from retdmctl.sources import CachedSource, read_row_features
@@ -81,12 +82,7 @@ def run(ctx: Context) -> dict:
         resume_key={"config": cfg.sections(STAGE.sections), "inputs": [ws.fingerprint(p) for p in _inputs(ws, cfg)]},
         console=ctx.console,
     )
-    state = {
-        "stage": "metric",
-        "model": model.heads_state(),
-        "config": cfg.sections(STAGE.sections),
-        "class_names": info.class_names,
-    }
+    state = stage_checkpoint("metric", model.heads_state(), cfg.sections(STAGE.sections), info.class_names)
     return {**finish_training(stage_dir, state, history), **labels_summary}
 
 

@@ -6,15 +6,9 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
 
 from retdmctl.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
+from tests.conftest import invoke, runner
 
 
 def test_every_command_help_has_an_example():

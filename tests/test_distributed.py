@@ -15,40 +15,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from retdmctl import atomic, distributed
 from retdmctl.cli import app
 from retdmctl.training.parallel import epoch_batches
 from retdmctl.runtime import load_checkpoint
 from retdmctl.sources import CachedSource
+from tests.conftest import TINY_TOML, runner
 
-runner = CliRunner()
-
-TINY = """
-[ingest]
-demo_images = 60
-demo_classes = 5
-workers = 1
-[model]
-backbone = "tiny_cnn"
-pretrained = false
-frozen_backbone = true
-tune_blocks = 0
-views = 1
-image_size = 32
-batch_size = 16
-dropout = 0.0
-[runtime]
-workers = 0
-device = "cpu"
-[classifier]
-epochs = 2
-[metric]
-epochs = 1
-[joint]
-epochs = 1
-"""
+TINY = TINY_TOML.replace("batch_size = 16\n", "batch_size = 16\ndropout = 0.0\n")  # ranks draw their own dropout
 
 
 # --- the sharded sampler ---------------------------------------------------------

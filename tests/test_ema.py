@@ -16,17 +16,10 @@ import retdmctl.training.loop as loop
 from retdmctl.cli import app
 from retdmctl.config import Config, TrainConfig, parse_set, validate
 from retdmctl.errors import ConfigError
-from retdmctl.pipeline import Context, run_stage
 from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
-from stages import BY_NAME, PIPELINE
-from tests.test_stages import tiny_config
-
-
-def run(ws: Workspace, cfg: Config, *names: str, out: io.StringIO | None = None) -> None:
-    ctx = Context(ws, cfg, Console(file=out or io.StringIO()))
-    for name in names:
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+from stages import BY_NAME
+from tests.conftest import run_stages, tiny_config
 
 
 def spy_resume_points(monkeypatch) -> list[dict]:
@@ -93,10 +86,10 @@ def test_the_average_follows_every_step_as_computed_by_hand(tmp_path):
 def test_ema_zero_changes_nothing(tmp_path, monkeypatch):
     saved = spy_resume_points(monkeypatch)
     default_ws, zero_ws = Workspace(tmp_path / "default"), Workspace(tmp_path / "zero")
-    run(default_ws, tiny_config(), "ingest", "classifier")
+    run_stages(default_ws, tiny_config(), "ingest", "classifier")
     cfg = tiny_config()
     cfg.classifier.ema = 0.0  # said explicitly
-    run(zero_ws, cfg, "ingest", "classifier")
+    run_stages(zero_ws, cfg, "ingest", "classifier")
     assert saved and not any("ema" in state for state in saved)  # resume points as before
     ckpt = "classifier/checkpoint.pt"
     assert (default_ws.root / ckpt).read_bytes() == (zero_ws.root / ckpt).read_bytes()
@@ -106,7 +99,7 @@ def test_the_kept_weights_are_the_average_not_the_live_weights(tmp_path, monkeyp
     saved = spy_resume_points(monkeypatch)
     ws, cfg = Workspace(tmp_path), tiny_config()
     cfg.classifier.ema = 0.5  # select = "best": the best epoch's average
-    run(ws, cfg, "ingest", "classifier")
+    run_stages(ws, cfg, "ingest", "classifier")
     ckpt = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
     kept = next(h["epoch"] for h in ckpt["history"] if h["kept"])
     at_kept = next(s for s in saved if s["epoch"] == kept)
@@ -125,8 +118,8 @@ def test_interrupted_training_with_ema_resumes_to_the_same_weights(tmp_path, mon
     cfg = tiny_config()
     cfg.classifier.ema, cfg.classifier.select = 0.7, "last"
     ref_ws, ws = Workspace(tmp_path / "ref"), Workspace(tmp_path / "cut")
-    run(ref_ws, cfg, "ingest", "classifier")
-    run(ws, cfg, "ingest")
+    run_stages(ref_ws, cfg, "ingest", "classifier")
+    run_stages(ws, cfg, "ingest")
     real_save = loop.save_checkpoint
 
     def save_then_die(path, state, **kw):
@@ -136,11 +129,11 @@ def test_interrupted_training_with_ema_resumes_to_the_same_weights(tmp_path, mon
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(ws, cfg, "classifier")
+        run_stages(ws, cfg, "classifier")
     assert "ema" in load_checkpoint(ws.stage_dir("classifier") / "resume.pt")
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     out = io.StringIO()
-    run(ws, cfg, "classifier", out=out)
+    run_stages(ws, cfg, "classifier", out=out)
     assert "resuming after epoch 1 of 3" in out.getvalue()
     got = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
     ref = load_checkpoint(ref_ws.stage_dir("classifier") / "checkpoint.pt")

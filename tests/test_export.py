@@ -3,7 +3,6 @@ when fed images preprocessed from the exported metadata alone (PIL + NumPy, no r
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
@@ -12,36 +11,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
-from typer.testing import CliRunner
 
 from retdmctl.cli import app
 from retdmctl.config import Config
 from retdmctl.inference import load_predictor
 from retdmctl.models.retdm import RETDM
-from retdmctl.pipeline import Context, run_stage
 from retdmctl.workspace import Workspace
-from stages import BY_NAME, PIPELINE
 
-from conftest import shared
+from conftest import runner, shared, trained_workspace
 
-runner = CliRunner()
 TOL = 1e-4
 
 
 def tiny_workspace(root: Path) -> Workspace:
     """ingest (demo) + classifier with a fine-tuned tiny CNN: the backbone is in the checkpoint."""
-    ws, cfg = Workspace(root), Config()
+    cfg = Config()
     cfg.ingest.source, cfg.ingest.demo_images, cfg.ingest.demo_classes, cfg.ingest.workers = "demo", 60, 5, 1
     m = cfg.model
     m.backbone, m.pretrained, m.frozen_backbone, m.image_size, m.batch_size = "tiny_cnn", False, False, 48, 16
     cfg.runtime.workers, cfg.runtime.device, cfg.classifier.epochs = 0, "cpu", 2
-    ws.root.mkdir(parents=True, exist_ok=True)
-    ws.save_config(cfg)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
-    return ws
+    return trained_workspace(root, cfg)
 
 
 def frozen_lite0_checkpoint(path: Path, labels: list[str]) -> Path:

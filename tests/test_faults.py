@@ -13,43 +13,14 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from retdmctl.cli import app
 from retdmctl.errors import CheckpointError
 from retdmctl.lock import workspace_lock
 from retdmctl.runtime import load_checkpoint
+from tests.conftest import TINY_TOML, invoke, runner, tiny_pipeline
 
-runner = CliRunner()
-
-TINY = """
-[ingest]
-demo_images = 60
-demo_classes = 5
-workers = 1
-[model]
-backbone = "tiny_cnn"
-pretrained = false
-frozen_backbone = true
-tune_blocks = 0
-views = 1
-image_size = 32
-batch_size = 16
-[runtime]
-workers = 0
-device = "cpu"
-[classifier]
-epochs = 2
-[metric]
-epochs = 1
-[joint]
-epochs = 1
-way2 = "forward"
-"""
-
-
-def invoke(workdir, *args):
-    return runner.invoke(app, ["--workdir", str(workdir), *args])
+TINY = TINY_TOML + 'way2 = "forward"\n'  # the joint stage on cached features
 
 
 def stage_states(workdir) -> dict[str, str]:
@@ -75,12 +46,7 @@ def snapshot(workdir) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     """A finished tiny pipeline (frozen tiny CNN): copy it, never change it."""
-    root = tmp_path_factory.mktemp("done")
-    (root / "retdm.toml").write_text(TINY)
-    assert invoke(root, "ingest", "demo").exit_code == 0
-    result = invoke(root, "run")
-    assert result.exit_code == 0, result.output
-    return root
+    return tiny_pipeline(tmp_path_factory.mktemp("done"), TINY)
 
 
 @pytest.fixture
@@ -94,9 +60,9 @@ def work(done, tmp_path):
 
 # --- stale and missing inputs -----------------------------------------------------------
 def test_eval_after_reingesting_another_dataset_runs_the_stale_stages_first(work):
-    assert invoke(work, "ingest", "demo", "--images", "80").exit_code == 0
+    assert invoke("--workdir", work, "ingest", "demo", "--images", "80").exit_code == 0
     assert stage_states(work)["classifier"] == "stale"
-    result = invoke(work, "eval")
+    result = invoke("--workdir", work, "eval")
     assert result.exit_code == 0, result.output
     ran = [line.split(":")[0] for line in result.output.splitlines() if ": running" in line]
     assert ran == ["knn", "classifier", "metric", "joint", "eval"]
@@ -170,7 +136,7 @@ def test_the_content_of_the_weights_file_is_part_of_the_fingerprint(work, tmp_pa
 
     weights = tmp_path / "tiny.pt"
     torch.save(build_backbone("tiny_cnn")[0].state_dict(), weights)
-    assert invoke(work, "train", "--stage", "classifier", "--weights-file", str(weights)).exit_code == 0
+    assert invoke("--workdir", work, "train", "--stage", "classifier", "--weights-file", str(weights)).exit_code == 0
     assert stage_states(work)["classifier"] == "done"
     torch.save({k: v + 1 for k, v in torch.load(weights, weights_only=True).items()}, weights)
     assert stage_states(work)["classifier"] == "stale"
@@ -198,16 +164,16 @@ def test_a_second_writer_is_refused_and_readers_still_work(work):
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(work)
         for command in (["ingest", "demo"], ["run"], ["knn", "--k", "3"], ["eval"]):
-            result = invoke(work, *command)
+            result = invoke("--workdir", work, *command)
             assert (result.exit_code, result.output) == (
                 1, f"error: workspace {work} is in use by pid {holder.pid} (retdmctl ingest demo)\n"
             ), command
         assert snapshot(work) == before
-        assert invoke(work, "status").exit_code == 0  # a reader needs no lock
+        assert invoke("--workdir", work, "status").exit_code == 0  # a reader needs no lock
     finally:
         holder.kill()
         holder.wait()
-    assert invoke(work, "knn", "--k", "3").exit_code == 0  # the kernel freed the lock of the killed holder
+    assert invoke("--workdir", work, "knn", "--k", "3").exit_code == 0  # the kernel freed the lock of the killed holder
 
 
 @pytest.mark.slow
@@ -259,9 +225,9 @@ def test_leftovers_are_removed_only_when_their_writer_is_dead(tmp_path):
 # --- options ----------------------------------------------------------------------------
 def test_a_rejected_option_changes_nothing(work):
     before = snapshot(work)
-    result = invoke(work, "train", "--stage", "metric", "--alpha", "-5")
+    result = invoke("--workdir", work, "train", "--stage", "metric", "--alpha", "-5")
     assert (result.exit_code, result.output) == (1, "error: loss.alpha must be >= 0, got -5.0\n")
-    result = invoke(work, "run", "--set", "loss.alpha=-5")
+    result = invoke("--workdir", work, "run", "--set", "loss.alpha=-5")
     assert (result.exit_code, result.output) == (1, "error: loss.alpha must be >= 0, got -5.0\n")
     assert snapshot(work) == before  # retdm.toml byte-identical, metric checkpoint unchanged
     assert set(stage_states(work).values()) == {"done"}
@@ -279,7 +245,7 @@ def test_a_failed_stage_leaves_the_previous_artifacts_and_their_status(work, mon
 
     monkeypatch.setattr(metric_stage, "finish_training", write_then_fail)
     before = snapshot(work)
-    result = invoke(work, "train", "--stage", "metric", "--alpha", "0.5")
+    result = invoke("--workdir", work, "train", "--stage", "metric", "--alpha", "0.5")
     assert result.exit_code == 1
     assert result.output.splitlines()[-1] == (
         f"error: no space left on device: {work / 'metric' / 'checkpoint.pt'}; "
@@ -294,12 +260,12 @@ def test_a_failed_stage_leaves_the_previous_artifacts_and_their_status(work, mon
 
 def test_eval_options_are_for_that_evaluation_only(work):
     toml = (work / "retdm.toml").read_bytes()
-    result = invoke(work, "eval", "--checkpoint", "classifier", "--split", "val")
+    result = invoke("--workdir", work, "eval", "--checkpoint", "classifier", "--split", "val")
     assert result.exit_code == 0, result.output
     saved = json.loads((work / "eval" / "metrics.json").read_text())
     assert (saved["checkpoint"], saved["split"]) == ("classifier/checkpoint.pt", "val")
     assert (work / "retdm.toml").read_bytes() == toml
-    result = invoke(work, "run")
+    result = invoke("--workdir", work, "run")
     ran = [line.split(":")[0] for line in result.output.splitlines() if ": running" in line]
     assert ran == ["eval"]
     saved = json.loads((work / "eval" / "metrics.json").read_text())
@@ -316,10 +282,10 @@ def test_settings_of_one_dataset_do_not_leak_into_the_next(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("".join(f"{i}.jpg,{'a|b' if i % 2 else 'b'}\n" for i in range(30)))
     w = tmp_path / "w"
-    assert invoke(w, "ingest", "demo", "--images", "40", "--seed", "3").exit_code == 0
-    assert invoke(w, "train", "--stage", "classifier", "--image-size", "128", "--epochs", "1",
+    assert invoke("--workdir", w, "ingest", "demo", "--images", "40", "--seed", "3").exit_code == 0
+    assert invoke("--workdir", w, "train", "--stage", "classifier", "--image-size", "128", "--epochs", "1",
                   "--set", "model.backbone=tiny_cnn", "--set", "model.frozen_backbone=true").exit_code == 0
-    result = invoke(w, "ingest", "csv", str(labels), "--images", str(photos), "--workers", "1")
+    result = invoke("--workdir", w, "ingest", "csv", str(labels), "--images", str(photos), "--workers", "1")
     assert result.exit_code == 0, result.output
     assert "note: another dataset: model.image_size reset from 128 to 224; ingest.seed reset from 3 to 0" in result.output
     from retdmctl.workspace import Workspace
@@ -376,7 +342,7 @@ def test_an_empty_val_split_is_an_error_before_any_training(work):
 
     manifest["outputs"]["data/dataset.h5"] = Workspace(work).fingerprint(work / "data" / "dataset.h5")
     (work / ".retdm" / "manifests" / "ingest.json").write_text(json.dumps(manifest))
-    result = invoke(work, "train", "--stage", "classifier", "--force")
+    result = invoke("--workdir", work, "train", "--stage", "classifier", "--force")
     assert (result.exit_code, result.output.splitlines()[-1]) == (
         1, "error: data/dataset.h5: the val split is empty; re-ingest with a larger --val-fraction"
     )
@@ -389,7 +355,7 @@ def test_metrics_do_not_depend_on_a_preexisting_feature_cache(done, tmp_path):
     for name in ("classifier", "metric", "joint", "eval"):
         shutil.rmtree(warm / name)
     assert (warm / ".retdm" / "cache" / "backbone").is_dir()  # the features are cached already
-    result = invoke(warm, "run")
+    result = invoke("--workdir", warm, "run")
     assert result.exit_code == 0 and "reusing cached tiny_cnn features" in result.output
     fresh = json.loads((done / "eval" / "metrics.json").read_text())["metrics"]
     again = json.loads((warm / "eval" / "metrics.json").read_text())["metrics"]
@@ -398,7 +364,7 @@ def test_metrics_do_not_depend_on_a_preexisting_feature_cache(done, tmp_path):
 
 # --- environment ------------------------------------------------------------------------
 def test_missing_workdir_for_status_is_one_line(tmp_path):
-    result = invoke(tmp_path / "nope", "status")
+    result = invoke("--workdir", tmp_path / "nope", "status")
     assert (result.exit_code, result.output) == (
         1, f"error: workspace {tmp_path / 'nope'} does not exist: run `retdmctl ingest <format> PATH` first\n"
     )
@@ -411,16 +377,16 @@ def test_a_read_only_workdir_is_one_line(work, monkeypatch):
         raise PermissionError(errno.EROFS, "Read-only file system", str(work / ".retdm" / "lock"))
 
     monkeypatch.setattr(lock.FileLock, "acquire", refuse)
-    result = invoke(work, "knn", "--k", "3")
+    result = invoke("--workdir", work, "knn", "--k", "3")
     assert (result.exit_code, result.output) == (
         1, f"error: permission denied: {work / '.retdm' / 'lock'} (is the workspace read-only?)\n"
     )
-    assert invoke(work, "status").exit_code == 0
+    assert invoke("--workdir", work, "status").exit_code == 0
 
 
 def test_a_corrupt_resume_point_is_set_aside_and_the_stage_starts_over(work):
     (work / "classifier" / "resume.pt").write_bytes(b"\x00garbage")
-    result = invoke(work, "train", "--stage", "classifier", "--epochs", "3")
+    result = invoke("--workdir", work, "train", "--stage", "classifier", "--epochs", "3")
     assert result.exit_code == 0, result.output
     assert "warning: " in result.output and "classifier starts over" in result.output
     assert len(list((work / "classifier").glob("resume.pt.corrupt-*"))) == 1
@@ -431,7 +397,7 @@ def test_a_corrupt_checkpoint_is_rebuilt_by_the_stage_that_made_it(work):
     good = (work / "joint" / "checkpoint.pt").read_bytes()
     (work / "joint" / "checkpoint.pt").write_bytes(b"\x00garbage")
     assert stage_states(work)["joint"] == "stale"
-    result = invoke(work, "eval")
+    result = invoke("--workdir", work, "eval")
     assert result.exit_code == 0, result.output
     # training is deterministic: the rebuilt checkpoint is the same file, so eval stays valid
     assert [line.split(":")[0] for line in result.output.splitlines() if ": running" in line] == ["joint"]
@@ -450,7 +416,7 @@ def test_progress_bars_are_transient_and_each_epoch_is_logged(work):
     from retdmctl.progress import make_progress
 
     assert make_progress().live.transient
-    result = invoke(work, "train", "--stage", "classifier", "--force")
+    result = invoke("--workdir", work, "train", "--stage", "classifier", "--force")
     lines = [line for line in result.output.splitlines() if line.startswith("classifier epoch ")]
     assert [line.split(":")[0] for line in lines] == ["classifier epoch 1/2", "classifier epoch 2/2"]
 
@@ -479,7 +445,7 @@ def test_features_of_a_random_frozen_backbone_are_the_same_when_extracted_again(
         before = h5["features"][()]
     shutil.rmtree(work / ".retdm" / "cache")
     torch.manual_seed(12345)  # whatever state the global RNG is in
-    result = invoke(work, "eval", "--force")
+    result = invoke("--workdir", work, "eval", "--force")
     assert result.exit_code == 0, result.output
     with h5py.File(cache) as h5:
         assert (h5["features"][()] == before).all()

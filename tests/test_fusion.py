@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from typer.testing import CliRunner
 
 from retdmctl import fusion, thresholds
 from retdmctl.cli import app
@@ -22,16 +21,15 @@ from retdmctl.data.loaders import decode
 from retdmctl.data.store import ImageReader
 from retdmctl.inference import load_predictor
 from retdmctl.metrics import compute_metrics
-from retdmctl.pipeline import Context, run_stage
+from retdmctl.pipeline import Context
 from retdmctl.inputs import image_source
 from retdmctl.model_io.checkpoint import build_model, decision_rule, restore_image_model
 from retdmctl.model_io.scoring import predict_with_embeddings
 from retdmctl.training.decision import choose_decision
 from retdmctl.runtime import load_checkpoint
-from retdmctl.workspace import Workspace
-from stages import BY_NAME, PIPELINE
+from stages import BY_NAME
+from tests.conftest import runner, trained_workspace
 
-runner = CliRunner()
 CPU = torch.device("cpu")
 
 
@@ -146,12 +144,8 @@ def tiny_config() -> Config:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    ws, cfg = Workspace(tmp_path_factory.mktemp("work")), tiny_config()
-    ws.save_config(cfg)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
-    return ws, cfg
+    cfg = tiny_config()
+    return trained_workspace(tmp_path_factory.mktemp("work"), cfg), cfg
 
 
 def restored(ws, cfg, info):

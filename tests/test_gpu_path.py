@@ -188,7 +188,7 @@ def test_runtime_decode_device_trains_and_scores_through_the_device_path(tmp_pat
     from retdmctl.inputs import image_source
     from retdmctl.workspace import Workspace
     from stages import BY_NAME, PIPELINE
-    from test_stages import tiny_config
+    from tests.conftest import tiny_config
 
     ws, cfg = Workspace(tmp_path), tiny_config()
     cfg.runtime.decode = "device"  # on the CPU here: the same code that runs on CUDA

@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from retdmctl.cli import app
+from tests.conftest import invoke, runner
 from tests.test_ingest_formats import make_jpeg
 
-runner = CliRunner()
 PETS = ["cat|dog", "dog|car", "car|cat"]
 TINY = (
     '[ingest]\nworkers = 1\n'
@@ -21,10 +20,6 @@ TINY = (
     '[runtime]\nworkers = 0\ndevice = "cpu"\n'
     '[classifier]\nepochs = 1\n'
 )
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
 
 
 def unwrapped(output: str) -> str:

@@ -20,7 +20,7 @@ from retdmctl.training.labels import Classification, EpochCounter, observed_labe
 from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
-from tests.test_stages import run_all, tiny_config
+from tests.conftest import run_all, run_stages, tiny_config
 
 TRAINING = ("knn", "classifier", "metric", "joint")
 
@@ -123,9 +123,7 @@ def test_val_protocol_is_what_the_kept_epoch_and_thresholds_are_chosen_on(tmp_pa
         cfg.classifier.epochs, cfg.classifier.select = 2, "last"
         cfg.labels.protocol, cfg.labels.val_protocol = "single", val_protocol
         cfg.eval.checkpoint, cfg.eval.split, cfg.eval.fusion, cfg.eval.report = "classifier", "val", False, "none"
-        ctx = Context(ws, cfg, Console(file=io.StringIO()))
-        for name in ("ingest", "classifier", "eval"):
-            run_stage(ctx, BY_NAME[name], PIPELINE)
+        run_stages(ws, cfg, "ingest", "classifier", "eval")
         ckpt = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
         with h5py.File(ws.stage_dir("eval") / "scores.h5") as h5:
             scores = h5["scores"][()]
@@ -235,9 +233,7 @@ def test_lazy_clml_through_the_classifier_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(labels, "clml_loss", lambda *a, **k: (calls.append(k["lam"]), original(*a, **k))[1])
     ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
     cfg.classifier.epochs, cfg.loss.clml, cfg.loss.clml_every = 2, 0.1, 2
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+    run_stages(ws, cfg, "ingest", "classifier")
     info = read_dataset(ws.dataset)
     steps = -(-len(info.split("train")) // cfg.model.batch_size)
     assert steps > 1 and len(calls) == (2 * steps + 1) // 2 and all(lam == pytest.approx(0.2) for lam in calls)
@@ -255,9 +251,7 @@ def test_fit_passes_the_epoch(tmp_path, monkeypatch):
 
     original = labels.EpochCounter.__call__
     monkeypatch.setattr(labels.EpochCounter, "__call__", lambda self, e: (seen.append(e), original(self, e)))
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+    run_stages(ws, cfg, "ingest", "classifier")
     assert seen == [1, 2, 3]
 
 
@@ -329,9 +323,7 @@ def _classifier_weights(tmp_path, **loss) -> tuple[dict, list]:
     cfg.labels.protocol, cfg.labels.fraction = "keep", 0.5
     for key, value in loss.items():
         setattr(cfg.loss, key, value)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+    run_stages(ws, cfg, "ingest", "classifier")
     ckpt = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")
     return ckpt["model"], ckpt["history"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -11,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
-from typer.testing import CliRunner
 
 from retdmctl import fusion
 from retdmctl.cli import app
@@ -22,15 +19,12 @@ from retdmctl.data.loaders import decode, eval_transform
 from retdmctl.data.store import ImageReader
 from retdmctl.errors import RetdmError
 from retdmctl.inference import Preprocess, load_predictor
-from retdmctl.pipeline import Context, run_stage
 from retdmctl.inputs import image_source
 from retdmctl.model_io.checkpoint import build_model, load_state
 from retdmctl.model_io.scoring import predict_scores
 from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
-from stages import BY_NAME, PIPELINE
-
-runner = CliRunner()
+from tests.conftest import runner, trained_workspace
 
 
 def tiny_config() -> Config:
@@ -45,13 +39,8 @@ def tiny_config() -> Config:
 
 def make_workspace(root: Path) -> tuple[Workspace, Config]:
     """ingest (demo) + classifier: a trained checkpoint in a few seconds."""
-    ws, cfg = Workspace(root), tiny_config()
-    ws.root.mkdir(parents=True, exist_ok=True)
-    ws.save_config(cfg)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
-    return ws, cfg
+    cfg = tiny_config()
+    return trained_workspace(root, cfg), cfg
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from typer.testing import CliRunner
 
-from retdmctl.cli import app
 from retdmctl.config import Config, IngestConfig
 from retdmctl.data.dataset import DatasetInfo, ids_digest, read_dataset, write_dataset
 from retdmctl.data.ingest import run_ingest
@@ -33,12 +31,12 @@ from retdmctl.sources import PixelSource, extract_backbone_features, read_cache_
 from retdmctl.workspace import Workspace
 from stages import BY_NAME
 from stages.evaluate import read_scores
+from tests.conftest import tiny_pipeline
 from tests.test_ingest_formats import make_jpeg, make_voc
 
 QUIET = Console(file=io.StringIO())
 CPU = torch.device("cpu")
 FEW = {"test_fraction": 0.34, "val_fraction": 0.5, "workers": 1}
-runner = CliRunner()
 
 
 def frozen_config() -> Config:
@@ -114,39 +112,10 @@ def test_reingesting_with_swapped_voc_years_never_reuses_the_cache_rows(tmp_path
 
 # --- a finished tiny pipeline whose dataset.h5 is then reordered -------------------------
 
-TINY = """
-[ingest]
-demo_images = 60
-demo_classes = 5
-workers = 1
-[model]
-backbone = "tiny_cnn"
-pretrained = false
-frozen_backbone = true
-tune_blocks = 0
-views = 1
-image_size = 32
-batch_size = 16
-[runtime]
-workers = 0
-device = "cpu"
-[classifier]
-epochs = 2
-[metric]
-epochs = 1
-[joint]
-epochs = 1
-"""
-
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    root = tmp_path_factory.mktemp("done")
-    (root / "retdm.toml").write_text(TINY)
-    assert runner.invoke(app, ["--workdir", str(root), "ingest", "demo"]).exit_code == 0
-    result = runner.invoke(app, ["--workdir", str(root), "run"])
-    assert result.exit_code == 0, result.output
-    return root
+    return tiny_pipeline(tmp_path_factory.mktemp("done"))
 
 
 @pytest.fixture

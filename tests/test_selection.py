@@ -56,7 +56,7 @@ def test_resolve_applies_the_rule():
 def test_training_reads_only_train_and_val_rows_never_test(tmp_path, monkeypatch):
     """Every row a training stage scores or trains on is in train or val; test is read
     only by eval."""
-    from test_stages import tiny_config
+    from tests.conftest import tiny_config
 
     import retdmctl.model_io.scoring as scoring
     from retdmctl.data.dataset import read_dataset

@@ -10,31 +10,14 @@ import torch
 from rich.console import Console
 
 import retdmctl.training.loop as loop
-from retdmctl.config import Config
 from retdmctl.errors import StageNotReadyError
 from retdmctl.pipeline import Context, run_stage, status
 from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
+from tests.conftest import run_all, run_stages, tiny_config
 
 NAMES = [s.name for s in PIPELINE]
-
-
-def tiny_config(frozen: bool = False) -> Config:
-    cfg = Config()
-    cfg.ingest.source, cfg.ingest.demo_images, cfg.ingest.demo_classes, cfg.ingest.workers = "demo", 80, 6, 1
-    cfg.knn.k = 4
-    m = cfg.model
-    m.backbone, m.pretrained, m.frozen_backbone, m.image_size, m.batch_size = "tiny_cnn", False, frozen, 32, 16
-    m.tune_blocks, m.views = 0, 1  # pooled features when frozen (the tuned default has tests of its own)
-    cfg.runtime.workers, cfg.runtime.device = 0, "cpu"
-    cfg.classifier.epochs, cfg.metric.epochs, cfg.joint.epochs = 3, 2, 2
-    return cfg
-
-
-def run_all(ws: Workspace, cfg: Config, force: bool = False) -> dict[str, bool]:
-    ctx = Context(ws, cfg, Console(file=io.StringIO()), force=force)
-    return {s.name: run_stage(ctx, s, PIPELINE) for s in PIPELINE}
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +130,7 @@ def test_classifier_stage_trains_phi_and_w_c_only(tmp_path, monkeypatch):
         return real_fit(**kw)
 
     monkeypatch.setattr("stages.classifier.fit", spy)
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in ("ingest", "classifier"):
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+    run_stages(ws, cfg, "ingest", "classifier")
     model = captured["model"]
     trained = {n for n, p in model.named_parameters() if id(p) in captured["params"]}
     assert trained == {n for n, _ in model.named_parameters() if n.startswith(("backbone.", "embed.", "cls_head."))}

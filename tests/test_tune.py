@@ -26,7 +26,7 @@ from retdmctl.runtime import load_checkpoint
 from retdmctl.sources import CachedSource
 from retdmctl.workspace import Workspace
 from stages import BY_NAME, PIPELINE
-from test_stages import run_all, tiny_config
+from tests.conftest import run_all, tiny_config
 
 
 @pytest.mark.parametrize("name,tails", [("tiny_cnn", (0, 1, 4)), ("efficientnet_lite0", (0, 1, 4, 16))])

@@ -17,7 +17,7 @@ from retdmctl.metrics import METRIC_NAMES, compute_metrics, per_class_average_pr
 from retdmctl.workspace import Workspace
 from tests.test_ingest_formats import make_jpeg
 from tests.test_metrics import _random_case
-from tests.test_stages import run_all, tiny_config
+from tests.conftest import run_all, tiny_config
 
 skm = pytest.importorskip("sklearn.metrics")
 
