@@ -19,7 +19,7 @@ import torch
 from retdmctl import distributed
 from retdmctl.config import Config, concrete
 from retdmctl.data.dataset import DatasetInfo, read_dataset
-from retdmctl.errors import BackboneError
+from retdmctl.errors import BackboneError, InputError
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
 from retdmctl.runtime import (
     autocast,
@@ -171,3 +171,10 @@ class _Quiet:
 
 _QUIET = _Quiet()
 
+
+def require_splits(info: DatasetInfo, names: tuple[str, ...], ws: Workspace) -> None:
+    """An empty split is an error before any training, not a traceback after it."""
+    for name in names:
+        if len(info.split(name)) == 0:
+            fix = f"; re-ingest with a larger --{name}-fraction" if name in ("val", "test") else ""
+            raise InputError(f"{ws.rel(ws.dataset)}: the {name} split is empty{fix}")

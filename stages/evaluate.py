@@ -26,11 +26,11 @@ from retdmctl.metrics import (
 )
 from retdmctl.pipeline import Context, Stage
 from retdmctl.report.build import build_report
-from retdmctl.inputs import backbone_problem, model_inputs, runs_cnn
+from retdmctl.inputs import backbone_problem, model_inputs, require_splits, runs_cnn
 from retdmctl.model_io.scoring import Scored, score_split
 from retdmctl.runtime import pick_device, set_threads
-from retdmctl.training.setup import require_splits
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
+
 
 def _blocked(cfg: Config) -> str | None:
     if (problem := backbone_problem(cfg)) is not None:

@@ -5,7 +5,7 @@ Every stage's checkpoint holds ``stage``, ``model`` (the weights), ``config`` (t
 config sections) and ``class_names``. One that holds an image model (classifier, joint)
 adds what rebuilds it: ``backbone``, ``feature_dim``, ``frozen_backbone``, ``tune_blocks``,
 any stage-specific keys, then the decision rule chosen on validation (the neighbour vote
-and the thresholds, ``retdmctl.training.common.choose_decision``).
+and the thresholds, ``retdmctl.training.decision.choose_decision``).
 ``finish_training`` adds ``history`` and ``world_size`` when it writes the file.
 """
 

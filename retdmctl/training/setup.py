@@ -10,10 +10,8 @@ import torch
 from retdmctl import distributed
 from retdmctl.atomic import after_commit
 from retdmctl.data.dataset import DatasetInfo, read_dataset
-from retdmctl.errors import InputError
-from retdmctl.inputs import runs_cnn
+from retdmctl.inputs import require_splits, runs_cnn
 from retdmctl.runtime import pick_device, save_checkpoint, seed_everything, set_threads
-from retdmctl.workspace import Workspace
 
 
 def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInfo, Path]:
@@ -35,14 +33,6 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
 
     distributed.on_main(prepare)
     return device, info, stage_dir
-
-
-def require_splits(info: DatasetInfo, names: tuple[str, ...], ws: Workspace) -> None:
-    """An empty split is an error before any training, not a traceback after it."""
-    for name in names:
-        if len(info.split(name)) == 0:
-            fix = f"; re-ingest with a larger --{name}-fraction" if name in ("val", "test") else ""
-            raise InputError(f"{ws.rel(ws.dataset)}: the {name} split is empty{fix}")
 
 
 def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
