@@ -7,6 +7,9 @@ later ``retdmctl run`` runs with the same values. Errors a user can cause are
 
 from __future__ import annotations
 
+import os
+import sys
+
 import time
 from enum import Enum
 from pathlib import Path
@@ -375,10 +378,25 @@ def entry() -> None:
         raise SystemExit(1) from None
     if not distributed.is_main():
         console.quiet = True  # rank 0 speaks for every rank
+    if not distributed.launched():
+        app()
+        return
+    code: int | str | None = 0
     try:
         app()
+    except SystemExit as exc:
+        code = exc.code
     finally:
         distributed.shutdown()
+    # Under torchrun the interpreter's own exit runs torch's C++ destructors, which on busy
+    # cores sometimes find a gloo thread still joinable and abort the process ("terminate
+    # called without an active exception", SIGABRT): a finished run then fails. Everything
+    # is written and the process group is gone by now, so leave without them.
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 # --- predict / export (retdmctl.cli_predict) ------------------------------------

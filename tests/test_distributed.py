@@ -229,10 +229,7 @@ def test_two_processes_refuse_llr_and_clml_with_one_line(tmp_path):
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
     assert errors == ["error: loss.base = llr read the whole batch, but each of the 2 processes sees only its share: "
                       "train without torchrun (one process)"]
-    # Each process exits 1 and torchrun prints its own ChildFailedError. Not asserted: on a
-    # loaded machine gloo's teardown at interpreter exit sometimes aborts one process after
-    # its exit(1) ("terminate called without an active exception", about 1 run in 5 with
-    # the 2 cores busy); the user still sees the one line above and a failed command.
-    assert "exitcode" in done.stderr
+    # each process exits 1 (torchrun then prints its own ChildFailedError), none aborts
+    assert "(exitcode: 1)" in done.stderr and "terminate called" not in done.stderr and "SIGABRT" not in done.stderr
     assert "retdmctl/" not in done.stderr  # no traceback from the product's code
     assert not (tmp_path / "classifier" / "checkpoint.pt").exists()
