@@ -11,8 +11,9 @@ Where it goes, for a workspace ``W``:
   is removed then. It is a view of the checkpoint's ``history``, not a stage output: it is
   not fingerprinted, so deleting or editing it never makes the stage stale.
 - ``W/runs/<stage>/``: TensorBoard scalars per epoch (``train/<loss>``, ``val/loss``,
-  ``val/mAP``, ``lr``; step = epoch). A fresh start clears the folder; a resumed run
-  hides anything logged after its resume point (TensorBoard's ``purge_step``).
+  ``val/mAP``, ``lr``; step = epoch). Each run of the stage starts the folder over; a
+  resumed run first logs again the epochs of its resume point, so nothing a killed run
+  logged after it remains and no epoch appears twice.
 - ``W/runs/eval/<split>/``: ``retdmctl eval``'s 12 metrics (``eval/<metric>``), written
   once the eval stage has committed, replacing the previous eval of that split.
 
@@ -81,14 +82,14 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def summary_writer(logdir: Path, purge_step: int | None = None):
+def summary_writer(logdir: Path):
     """A ``torch.utils.tensorboard.SummaryWriter`` on ``logdir``, or None when the
     tensorboard package is not installed (``pip install 'retdmctl[tracking]'``)."""
     if not tensorboard_available():
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+    return SummaryWriter(log_dir=str(logdir))
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -107,20 +108,26 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
 
 class EpochLog:
     """The log of one training stage while it trains (rank 0 writes; the other ranks
-    hold an inert log). ``resumed_after``: the epoch the run resumes after, or None for a
-    fresh start (which clears the stage's earlier partial CSV and TensorBoard folder)."""
+    hold an inert log). ``history``: the records a resumed run starts from (empty for a
+    fresh start). Either way the stage's TensorBoard folder starts over with exactly
+    those records and the partial CSV holds exactly them: what a killed run logged after
+    its resume point is gone, and no epoch appears twice."""
 
-    def __init__(self, stage_dir: Path, name: str, resumed_after: int | None) -> None:
+    def __init__(self, stage_dir: Path, name: str, history: list[dict[str, Any]]) -> None:
         self.partial = stage_dir / PARTIAL
         self.logdir = runs_dir(stage_dir.parent) / name
         self.writer = None
         if not distributed.is_main():
             return
-        if resumed_after is None:
+        remove(self.logdir)
+        self.writer = summary_writer(self.logdir)
+        if history:
+            write_text_atomic(self.partial, history_csv(history), defer=False)
+        else:
             remove(self.partial)
-            remove(self.logdir)
-        # resumed: events logged after the resume point (by the killed run) are hidden
-        self.writer = summary_writer(self.logdir, purge_step=None if resumed_after is None else resumed_after + 1)
+        for record in history:
+            self._scalars(record)
+        self._flush()
 
     def epoch(self, history: list[dict[str, Any]]) -> None:
         """After an epoch: the partial CSV rewritten with every record so far, the last
@@ -128,10 +135,17 @@ class EpochLog:
         if not distributed.is_main():
             return
         write_text_atomic(self.partial, history_csv(history), defer=False)
-        if self.writer is not None and history:
-            record = history[-1]
+        if history:
+            self._scalars(history[-1])
+        self._flush()
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        if self.writer is not None:
             for tag, value in _scalars(record).items():
                 self.writer.add_scalar(tag, value, global_step=int(record["epoch"]))
+
+    def _flush(self) -> None:
+        if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:

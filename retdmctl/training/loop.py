@@ -102,7 +102,7 @@ def fit(
         console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
     # the experiment log (retdmctl.tracking): the partial CSV and TensorBoard; rank 0
     # writes, the other ranks hold an inert log
-    log = EpochLog(stage_dir, name, None if state is None else start_epoch - 1)
+    log = EpochLog(stage_dir, name, history)
 
     # Several processes: the step runs under DDP, on this rank's shard of each batch.
     runner = DistributedStep(model, step, trained) if distributed.active() else None
