@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -99,8 +98,6 @@ def _scalars(record: dict[str, Any]) -> dict[str, float]:
     for key, value in record.items():
         if key in ("epoch", "kept") or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if math.isnan(float(value)):
-            continue
         prefix, _, rest = key.partition("_")
         tags[f"{prefix}/{rest}" if prefix in ("train", "val") and rest else key] = float(value)
     return tags
@@ -126,7 +123,7 @@ class EpochLog:
         else:
             remove(self.partial)
         for record in history:
-            self._scalars(record)
+            self._log(record)
         self._flush()
 
     def epoch(self, history: list[dict[str, Any]]) -> None:
@@ -136,10 +133,10 @@ class EpochLog:
             return
         write_text_atomic(self.partial, history_csv(history), defer=False)
         if history:
-            self._scalars(history[-1])
+            self._log(history[-1])
         self._flush()
 
-    def _scalars(self, record: dict[str, Any]) -> None:
+    def _log(self, record: dict[str, Any]) -> None:
         if self.writer is not None:
             for tag, value in _scalars(record).items():
                 self.writer.add_scalar(tag, value, global_step=int(record["epoch"]))
