@@ -128,9 +128,10 @@ def test_an_interrupted_run_shows_its_epochs_and_the_resumed_run_repeats_none(tm
     assert tracking.read_history(stage_dir / "history.csv") == history  # rows 1-2 kept, 3 once
     assert partial[:2] == [{k: v for k, v in h.items() if k != "kept"} for h in history[:2]]
     assert not (stage_dir / "history.partial.csv").exists()
-    got = scalars(ws.root / "runs" / "classifier")
-    assert [s for s, _ in got["val/loss"]] == [1, 2, 3, 4]  # the killed run's epoch 3 is gone
-    assert [v for _, v in got["val/loss"]] == pytest.approx([h["val_loss"] for h in history], rel=1e-6)
+    if tracking.tensorboard_available():  # (the CSV part above runs without it)
+        got = scalars(ws.root / "runs" / "classifier")
+        assert [s for s, _ in got["val/loss"]] == [1, 2, 3, 4]  # the killed run's epoch 3 is gone
+        assert [v for _, v in got["val/loss"]] == pytest.approx([h["val_loss"] for h in history], rel=1e-6)
 
 
 def test_a_fresh_start_clears_the_previous_log(tmp_path):
@@ -144,9 +145,10 @@ def test_a_fresh_start_clears_the_previous_log(tmp_path):
     run_stages(ws, cfg, "classifier")  # the config changed: trained again, 2 epochs
     history = load_checkpoint(ws.stage_dir("classifier") / "checkpoint.pt")["history"]
     assert [h["epoch"] for h in tracking.read_history(ws.stage_dir("classifier") / "history.csv")] == [1, 2]
-    assert [s for s, _ in scalars(ws.root / "runs" / "classifier")["val/loss"]] == [1, 2]
-    assert len(list((ws.root / "runs" / "classifier").iterdir())) == 1
     assert len(history) == 2
+    if tracking.tensorboard_available():  # (the CSV part above runs without it)
+        assert [s for s, _ in scalars(ws.root / "runs" / "classifier")["val/loss"]] == [1, 2]
+        assert len(list((ws.root / "runs" / "classifier").iterdir())) == 1
 
 
 def test_eval_writes_its_12_metrics_for_tensorboard(tmp_path):
