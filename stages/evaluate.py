@@ -2,7 +2,8 @@
 
 Writes ``eval/scores.h5`` (scores, labels, ids; ``known`` where a label is unknown), ``eval/metrics.json`` (the 12 metrics
 of DESIGN.md section 4 plus per-class AP) and ``eval/report.html`` (with report = none, an earlier
-report.html is removed once the stage has committed).
+report.html is removed once the stage has committed). With tensorboard installed the 12
+metrics also go to ``runs/eval/<split>/`` once the stage has committed (:mod:`retdmctl.tracking`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from retdmctl.report.build import build_report
 from retdmctl.inputs import backbone_problem, model_inputs, require_splits, runs_cnn
 from retdmctl.model_io.scoring import Scored, score_split
 from retdmctl.runtime import pick_device, set_threads
+from retdmctl.tracking import log_eval
 from retdmctl.workspace import atomic_path, now_iso, write_text_atomic
 
 
@@ -132,6 +134,9 @@ def _write(ctx: Context, info, scored: Scored, device, rows) -> dict:
                               soft_wrap=True)
 
         after_commit(drop_old_report)
+    # TensorBoard (with the tracking extra): runs/eval/<split>/, at the kept epoch's step
+    kept = next((h["epoch"] for h in ckpt.get("history", []) if h.get("kept")), 0)
+    after_commit(lambda: log_eval(ws.root, e.split, {k: metrics[k] for k in METRIC_NAMES}, step=int(kept)))
     return {"mAP": metrics["mAP"], "C-F1": metrics["C-F1"], "O-F1": metrics["O-F1"]}
 
 

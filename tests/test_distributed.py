@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from retdmctl import atomic, distributed
+from retdmctl import atomic, distributed, tracking
 from retdmctl.cli import app
 from retdmctl.training.parallel import epoch_batches
 from retdmctl.runtime import load_checkpoint
@@ -152,6 +152,11 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for rel in outputs:
         assert (two / rel).is_file(), rel
     assert not list(two.glob("*/resume.pt"))
+    # the experiment log: rank 0's CSV (logged above with the other writes) and event files
+    for stage in ("classifier", "metric", "joint"):
+        assert (two / stage / "history.csv").is_file() and not (two / stage / "history.partial.csv").exists()
+        if tracking.tensorboard_available():
+            assert len(list((two / "runs" / stage).iterdir())) == 1, stage
     assert len(list((two / ".retdm" / "cache" / "backbone").glob("*.h5"))) == 1
 
     # only rank 0 wrote, one process, and each stage's manifest exactly once

@@ -253,6 +253,10 @@ def test_a_failed_stage_leaves_the_previous_artifacts_and_their_status(work, mon
     )
     after = snapshot(work)
     assert after.pop("metric/resume.pt")  # the finished epochs are kept, to resume from
+    # the experiment log shows what the failed run did (retdmctl.tracking): no stage output
+    assert after.pop("metric/history.partial.csv").startswith(b"epoch,")
+    logged = [{k: d.pop(k) for k in list(d) if k.startswith("runs/metric/")} for d in (before, after)]
+    assert len(logged[1]) == len(logged[0])  # one event file (none without tensorboard), started over
     assert after == before
     assert set(stage_states(work).values()) == {"done"}
     assert not [p for p in work.rglob("*") if ".tmp-" in p.name]

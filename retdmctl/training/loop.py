@@ -21,7 +21,9 @@ the plateau schedule), :class:`ResumePoint` (``resume.pt``: find, restore, save)
 :func:`_seed_epoch` (an epoch's seeds), :func:`_train_epoch` (one pass over the training
 batches, with its progress bar), :func:`_validate` (validation, the LR schedule's step and
 the epoch's history record), :class:`Selection` (the best epoch, its weights, the kept
-weights and ``kept`` flags) and :func:`_stop_early`.
+weights and ``kept`` flags) and :func:`_stop_early`. After each epoch the history so far
+goes to the experiment log (:class:`retdmctl.tracking.EpochLog`: ``<stage>/history.partial.csv``
+and, with tensorboard installed, ``runs/<stage>/``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from retdmctl import distributed
 from retdmctl.config import TrainConfig
 from retdmctl.errors import CheckpointError
 from retdmctl.progress import make_progress
+from retdmctl.tracking import EpochLog
 from retdmctl.training.ema import WeightEMA
 from retdmctl.training.parallel import DistributedStep, epoch_batches
 from retdmctl.runtime import (
@@ -97,6 +100,9 @@ def fit(
         history, selection = resume.restore(state, model, optimizer, scheduler, buffers)
         start_epoch = int(state["epoch"]) + 1
         console.print(f"{name}: resuming after epoch {state['epoch']} of {schedule.epochs}")
+    # the experiment log (retdmctl.tracking): the partial CSV and TensorBoard; rank 0
+    # writes, the other ranks hold an inert log
+    log = EpochLog(stage_dir, name, history)
 
     # Several processes: the step runs under DDP, on this rank's shard of each batch.
     runner = DistributedStep(model, step, trained) if distributed.active() else None
@@ -105,7 +111,7 @@ def fit(
     if ema is not None and state is not None:
         ema.load_state_dict(state["ema"])
     # Bars are transient; the log keeps one line per epoch.
-    with make_progress(transient=True, console=console) as progress, _closing(runner):
+    with make_progress(transient=True, console=console) as progress, _closing(runner), contextlib.closing(log):
         epochs_task = progress.add_task(f"{name} epochs", total=schedule.epochs, completed=start_epoch - 1, info="")
         for epoch in range(start_epoch, schedule.epochs + 1):
             model.train()
@@ -122,6 +128,9 @@ def fit(
                 selection.consider(record, model)
             progress.update(epochs_task, advance=1, info=_describe(record))
             console.print(f"{name} epoch {epoch}/{schedule.epochs}: {_describe(record)}")
+            # logged before the resume point: a kill in between re-runs the epoch, whose
+            # rows and scalars then replace these
+            distributed.on_main(lambda: log.epoch(history))
             resume.save(epoch, model, optimizer, scheduler, history, selection, buffers, ema)
             if _stop_early(schedule, epoch, selection):
                 console.print(f"{name}: no better validation score for {schedule.stop_after} epochs, stopping")

@@ -12,6 +12,7 @@ from retdmctl.atomic import after_commit
 from retdmctl.data.dataset import DatasetInfo, read_dataset
 from retdmctl.inputs import require_splits, runs_cnn
 from retdmctl.runtime import pick_device, save_checkpoint, seed_everything, set_threads
+from retdmctl.tracking import remove_leftovers, write_history
 
 
 def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInfo, Path]:
@@ -28,6 +29,7 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
 
     def prepare() -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(stage_dir)  # the experiment log's files are no stage outputs
         if ctx.force:
             (stage_dir / "resume.pt").unlink(missing_ok=True)
 
@@ -37,11 +39,13 @@ def begin_training(ctx, stage: str, seed: int) -> tuple[torch.device, DatasetInf
 
 def finish_training(stage_dir: Path, state: dict, history: list[dict]) -> dict:
     """Write the stage's checkpoint (rank 0; with the number of processes that trained
-    it); drop its resume point once the checkpoint is in place; return the summary."""
+    it) and its ``history.csv`` beside it (:func:`retdmctl.tracking.write_history`);
+    drop its resume point once the checkpoint is in place; return the summary."""
     state = {**state, "history": history, "world_size": distributed.world_size()}
 
     def write() -> None:
         save_checkpoint(stage_dir / "checkpoint.pt", state)
+        write_history(stage_dir, history)
         after_commit(lambda: (stage_dir / "resume.pt").unlink(missing_ok=True))
 
     distributed.on_main(write)
