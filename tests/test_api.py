@@ -208,3 +208,17 @@ def test_the_package_exports_the_api_lazily():
     assert done.stdout == "ok\n", done.stderr
     with pytest.raises(AttributeError, match="module 'retdmctl' has no attribute 'nothing'"):
         retdmctl.nothing  # noqa: B018
+
+
+def test_the_scene_bench_drives_the_api(tmp_path):
+    """bench/scene.py's variant runner, on the tiny set-up: through Workspace.train and
+    Workspace.evaluate, retdm.toml never written (every variant brings its own config)."""
+    from bench.scene import run_variant
+    from tests.conftest import tiny_config
+
+    base = tiny_config(frozen=True)
+    ws = retdmctl.Workspace(tmp_path / "bench")
+    result = run_variant(ws, base, "bce")
+    assert 0.0 <= result["val_mAP"] <= 1.0 and set(result["test"]) == {"per_class", "global", "fixed"}
+    assert ws.evaluation()["split"] == "test" and ws.layout.read_manifest("classifier") is not None
+    assert not (ws.root / "retdm.toml").exists()
