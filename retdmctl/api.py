@@ -76,17 +76,14 @@ def merge_overrides(overrides: Overrides = None, sections: Mapping[str, Mapping[
 
 
 def resolve_config(layout: Layout, config_file: Path | None, overrides: dict[str, dict[str, Any]],
-                   base: Config | None = None) -> Config:
+                   base: Config | None = None, origin: str = "overrides") -> Config:
     """The config: retdm.toml < ``config_file`` < ``overrides`` (or ``base`` < overrides
     when a Config is given), validated, as asked for (auto values kept: :func:`run_stages`
     makes them concrete); by rank 0 under torchrun: every rank gets its config, or its error."""
 
     def resolve() -> Config:
-        if base is None:
-            asked = layout.load_config(config_file, overrides)
-        else:
-            asked = copy.deepcopy(base)
-            apply(asked, overrides, "overrides")
+        asked = layout.load_config(config_file) if base is None else copy.deepcopy(base)
+        apply(asked, overrides, origin)  # ``origin`` names them in errors
         validate(copy.deepcopy(asked))  # every value checked; the auto ones stay auto in ``asked``
         return asked
 

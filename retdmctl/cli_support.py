@@ -105,7 +105,7 @@ def resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None)
     """The config: retdm.toml < --config < --set < flags (None = not given), validated,
     as asked for (:func:`retdmctl.api.resolve_config`, which the Python API uses too)."""
     merged = merge_overrides(sets or [], overrides)
-    return resolve_config(workspace(), STATE.config, merged)
+    return resolve_config(workspace(), STATE.config, merged, origin="command line")
 
 
 def run_stages(asked: Config, names: list[str], force: bool, *, persist: bool = True, with_upstream: bool = True) -> Workspace:

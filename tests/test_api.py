@@ -131,7 +131,7 @@ def test_a_rejected_run_leaves_retdm_toml_as_it_was(tiny):
     assert str(err.value) == "loss.alpha must be >= 0, got -1.0"
     with pytest.raises(ConfigError) as err:
         tiny.run(overrides={"model.nope": 1})
-    assert str(err.value).startswith("command line: unknown option model.nope; known: backbone, ")
+    assert str(err.value).startswith("overrides: unknown option model.nope; known: backbone, ")
     assert (tiny.root / "retdm.toml").read_text() == toml
 
 
