@@ -62,7 +62,6 @@ The published report (docs/) was made so, with cut epochs and grid (see its head
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -74,15 +73,12 @@ from pathlib import Path
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
 
 from bench.scene import configure, kept_val_map, run_until, test_metrics  # noqa: E402
+import retdmctl  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
 from retdmctl.config import Config, apply, parse_set, validate  # noqa: E402
 from retdmctl.data.dataset import read_dataset  # noqa: E402
-from retdmctl.pipeline import Context, run_stage  # noqa: E402
-from retdmctl.workspace import Workspace  # noqa: E402
-from stages import BY_NAME, PIPELINE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS: dict[str, list[str]] = {
@@ -123,21 +119,21 @@ def grid_points(args, pick: str = "clml") -> list[list[str]]:
     return [[f"loss.clml={lam:g}", f"loss.clml_tau={tau:g}"] for lam in args.clml_grid for tau in args.tau_grid]
 
 
-def snapshot(ws: Workspace, stage: str, dest: Path) -> None:
+def snapshot(ws: retdmctl.Workspace, stage: str, dest: Path) -> None:
     """Copy a stage's folder and manifest aside (the grid's best so far)."""
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(ws.stage_dir(stage), dest / "dir")
-    shutil.copy2(ws.manifest_path(stage), dest / "manifest.json")
+    shutil.copytree(ws.layout.stage_dir(stage), dest / "dir")
+    shutil.copy2(ws.layout.manifest_path(stage), dest / "manifest.json")
 
 
-def restore(ws: Workspace, stage: str, src: Path) -> None:
+def restore(ws: retdmctl.Workspace, stage: str, src: Path) -> None:
     """Put a snapshot back: the stage is then up to date for the config it ran with."""
-    shutil.rmtree(ws.stage_dir(stage))
-    shutil.copytree(src / "dir", ws.stage_dir(stage))
-    shutil.copy2(src / "manifest.json", ws.manifest_path(stage))
+    shutil.rmtree(ws.layout.stage_dir(stage))
+    shutil.copytree(src / "dir", ws.layout.stage_dir(stage))
+    shutil.copy2(src / "manifest.json", ws.layout.manifest_path(stage))
 
 
-def choose_on_val(ws: Workspace, base: Config, settings: list[str], args, keep: Path,
+def choose_on_val(ws: retdmctl.Workspace, base: Config, settings: list[str], args, keep: Path,
                   pick: str = "clml") -> tuple[list[str], list[dict]]:
     """Train stage 1 at every grid point; leave the best (kept validation mAP) in the
     workspace. Returns its settings and every point's validation mAP."""
@@ -172,12 +168,12 @@ def base_config(dataset: str, args) -> Config:
     return base
 
 
-def run_one(ws: Workspace, base: Config, settings: list[str], stage: str, started: float | None = None) -> dict:
+def run_one(ws: retdmctl.Workspace, base: Config, settings: list[str], stage: str, started: float | None = None) -> dict:
     started = time.perf_counter() if started is None else started
     cfg = configure(base, settings)
     run_until(ws, cfg, stage)
     metrics = test_metrics(ws, cfg, stage)[0]["per_class"]  # eval.fusion off: the losses compared alone
-    hidden = ws.read_manifest(stage)["summary"].get("labels", {})
+    hidden = ws.layout.read_manifest(stage)["summary"].get("labels", {})
     return {
         "val_mAP": kept_val_map(ws, cfg, stage),
         "mAP": metrics["mAP"],
@@ -524,7 +520,7 @@ def main() -> None:
         return md
 
     for dataset in args.datasets:
-        ws = Workspace((workdir / dataset).resolve())
+        ws = retdmctl.Workspace(workdir / dataset)
         keep = (workdir / f"{dataset}-best").resolve()
         base = base_config(dataset, args)
         results[dataset], chosen[dataset] = {}, {}
@@ -537,9 +533,9 @@ def main() -> None:
                 base.labels.seed = base.classifier.seed = base.metric.seed = base.joint.seed = seed
             else:
                 base.ingest.seed = seed  # a new split; the image store and features are reused
-            run_stage(Context(ws, base, Console(file=io.StringIO())), BY_NAME["ingest"], PIPELINE)
+            ws.run(until="ingest", config=base, save=False)
             if dataset not in timing:
-                classes = read_dataset(ws.dataset).num_classes
+                classes = read_dataset(ws.layout.dataset).num_classes
                 timing[dataset] = {"classes": classes, **clml_step_fraction(classes)}
             results[dataset][seed], chosen[dataset][seed] = {}, {}
             for protocol in args.protocols:

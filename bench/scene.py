@@ -47,7 +47,6 @@ Writes ``docs/bench-scene.md`` and ``docs/bench-scene.json`` (``--out`` to chang
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -56,19 +55,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 
+import retdmctl  # noqa: E402
 from retdmctl.allocator import tune_allocator  # noqa: E402
 from retdmctl.config import Config, apply, parse_set, validate  # noqa: E402
 from retdmctl.data.dataset import read_dataset  # noqa: E402
 from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES, compute_metrics  # noqa: E402
 from retdmctl.model_io.checkpoint import decision_rule  # noqa: E402
-from retdmctl.pipeline import Context, run_stage  # noqa: E402
 from retdmctl.runtime import load_checkpoint  # noqa: E402
-from retdmctl.workspace import Workspace  # noqa: E402
-from stages import BY_NAME, PIPELINE  # noqa: E402
 from stages.evaluate import read_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,36 +104,33 @@ VARIANTS: dict[str, dict] = {
 RULES = ("per_class", "global", "fixed")
 
 
-def run_until(ws: Workspace, cfg: Config, last: str) -> float:
-    """Run the stages up to ``last`` (skipping what is up to date); wall seconds."""
-    names = [s.name for s in PIPELINE]
+def run_until(ws: retdmctl.Workspace, cfg: Config, last: str) -> float:
+    """Train ``last`` and the stages it reads from (skipping what is up to date) with
+    ``cfg``, retdm.toml left alone; wall seconds."""
     started = time.perf_counter()
-    ctx = Context(ws, cfg, Console(file=io.StringIO()))
-    for name in names[: names.index(last) + 1]:
-        if name in ("knn", "metric", "joint") and last == "classifier":
-            continue
-        run_stage(ctx, BY_NAME[name], PIPELINE)
+    ws.train(last, config=cfg, save=False)
     return time.perf_counter() - started
 
 
-def kept_val_map(ws: Workspace, cfg: Config, stage: str) -> float:
+def kept_val_map(ws: retdmctl.Workspace, cfg: Config, stage: str) -> float:
     """Validation mAP of the model as eval scores it: of the kept epoch, or of the fused
     scores where eval applies the checkpoint's neighbour vote."""
-    ckpt = load_checkpoint(ws.stage_dir(stage) / "checkpoint.pt")
+    ckpt = load_checkpoint(ws.layout.stage_dir(stage) / "checkpoint.pt")
     if cfg.eval.fusion and ckpt.get("fusion") is not None and ckpt["fusion"]["w"] > 0:
         return float(ckpt["fusion"]["val_mAP"])
     return float(next(r["val_mAP"] for r in ckpt["history"] if r.get("kept")))
 
 
-def test_metrics(ws: Workspace, cfg: Config, stage: str) -> tuple[dict[str, dict[str, float]], dict]:
+def test_metrics(ws: retdmctl.Workspace, cfg: Config, stage: str) -> tuple[dict[str, dict[str, float]], dict]:
     """Test scores through the product's eval stage, scored under each threshold rule, and
     the neighbour vote eval applied (empty: none)."""
     cfg.eval.checkpoint, cfg.eval.report, cfg.eval.split = stage, "none", "test"
-    run_stage(Context(ws, cfg, Console(file=io.StringIO())), BY_NAME["eval"], PIPELINE)
-    saved = read_scores(ws.stage_dir("eval") / "scores.h5", read_dataset(ws.dataset))
+    ws.evaluate(config=cfg)
+    layout = ws.layout
+    saved = read_scores(layout.stage_dir("eval") / "scores.h5", read_dataset(layout.dataset))
     labels, scores = saved["labels"], saved["scores"]
-    applied = json.loads((ws.stage_dir("eval") / "metrics.json").read_text()).get("fusion") or {}
-    path = ws.stage_dir(stage) / "checkpoint.pt"
+    applied = ws.evaluation().get("fusion") or {}
+    path = layout.stage_dir(stage) / "checkpoint.pt"
     decision = decision_rule(load_checkpoint(path), str(path), num_classes=labels.shape[1],
                              embed_dim=cfg.model.embed_dim, apply_vote=bool(applied))
     return {
@@ -154,7 +147,7 @@ def configure(base: Config, settings: list[str], fused: bool = False) -> Config:
     return cfg
 
 
-def run_variant(ws: Workspace, base: Config, name: str) -> dict:
+def run_variant(ws: retdmctl.Workspace, base: Config, name: str) -> dict:
     spec = VARIANTS[name]
     started = time.perf_counter()
     chosen: dict[str, float] = {}
@@ -241,7 +234,7 @@ def main() -> None:
     validate(base)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-scene-"))
-    ws = Workspace(workdir.resolve())
+    ws = retdmctl.Workspace(workdir)
     results: dict[int, dict] = {}
     started = time.perf_counter()
     for seed in args.seeds:

@@ -271,9 +271,7 @@ def status(workdir: Workdir = None) -> None:
 
     Example: retdmctl status
     """
-    from retdmctl.pipeline import Status
-    from retdmctl.pipeline import status as stage_status
-    from stages import PIPELINE
+    from retdmctl.api import Workspace as ApiWorkspace
 
     set_workdir(workdir)
     ws = read_workspace()
@@ -281,11 +279,9 @@ def status(workdir: Workdir = None) -> None:
     table = Table(title=escape(f"retdmctl status ({ws.root})"))
     for col in ("stage", "state", "reason", "command"):
         table.add_column(col)
-    known: dict[str, Status] = {}
-    for stage in PIPELINE:
-        st = stage_status(ws, cfg, stage, PIPELINE, known)
-        color = {"done": "green", "stale": "yellow", "missing": "red"}[st.state]
-        table.add_row(stage.name, f"[{color}]{st.state}[/]", escape(st.reason), stage.command)
+    for name, st in ApiWorkspace(ws.root, config_file=STATE.config).status().items():
+        color = {"done": "green", "stale": "yellow", "missing": "red"}[st["state"]]
+        table.add_row(name, f"[{color}]{st['state']}[/]", escape(st["reason"]), st["command"])
     console.print(table)
     if (line := _labels_line(ws, cfg)) is not None:
         console.print(escape(line))

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
-from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, choice_enum, console, option, resolve, run_stages, set_workdir, workspace
-from retdmctl.config import Config, apply, load_toml
+from retdmctl.api import Workspace
+from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, choice_enum, console, set_workdir
+from retdmctl.config import Config
 from retdmctl.errors import InputError
 
 ingest_app = typer.Typer(
@@ -21,31 +21,11 @@ ingest_app = typer.Typer(
 
 
 # --- ingest ------------------------------------------------------------------
-# Settings that belong to one dataset: reset when another dataset is ingested.
-DATASET_SPECIFIC = (("model", "image_size"),)
-
-
 def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool) -> None:
-    """Ingest with this command's flags over retdm.toml's [ingest]. When the workspace
-    held another dataset, the settings of that dataset are reset first and the command
-    says so: nothing of an earlier dataset's options leaks into this one."""
-    previous = workspace().load_config()
-    overrides: dict[str, dict[str, Any]] = {"ingest": {**opts, "source": source, "path": path, "images": images}}
-    notes = []
-    if previous.ingest.source and (previous.ingest.source, previous.ingest.path) != (source, path):
-        fresh = Config()
-        if STATE.config is not None:  # a --config file still counts, retdm.toml's old values do not
-            apply(fresh, load_toml(STATE.config), str(STATE.config))
-        for section, key in DATASET_SPECIFIC + tuple(("ingest", k) for k in fresh.to_dict()["ingest"]):
-            old, new = getattr(getattr(previous, section), key), getattr(getattr(fresh, section), key)
-            if old != new and key not in ("source", "path", "images"):
-                if overrides.setdefault(section, {}).get(key) is None:  # not given as a flag
-                    overrides[section][key] = new
-                    notes.append(f"{section}.{key} reset from {old!r} to {new!r}")
-    cfg = resolve(overrides)
-    if notes:
-        console.print(escape("note: another dataset: " + "; ".join(notes)), soft_wrap=True)
-    run_stages(cfg, ["ingest"], force)
+    """Ingest with this command's flags over retdm.toml's [ingest]
+    (:meth:`retdmctl.api.Workspace.ingest_resolved`): when the workspace held another
+    dataset, the settings of that dataset are reset first and the command says so."""
+    Workspace(STATE.workdir, config_file=STATE.config, console=console).ingest_resolved(source, path, images, opts, force)
 
 
 def _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction=None) -> dict:

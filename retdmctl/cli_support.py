@@ -6,8 +6,6 @@ retdm.toml; the other ranks get its decisions (``retdmctl.distributed.on_main``)
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import errno
 import json
 from enum import Enum
@@ -19,7 +17,9 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from retdmctl import distributed
-from retdmctl.config import CHOICES, Config, concrete, parse_set, validate
+from retdmctl.api import merge_overrides, resolve_config
+from retdmctl.api import run_stages as api_run_stages
+from retdmctl.config import CHOICES, Config
 from retdmctl.errors import RetdmError
 from retdmctl.workspace import Workspace
 
@@ -103,54 +103,17 @@ def read_workspace() -> Workspace:
 
 def resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None) -> Config:
     """The config: retdm.toml < --config < --set < flags (None = not given), validated,
-    as asked for (auto values kept: :func:`run_stages` makes them concrete); by rank 0
-    under torchrun: every rank gets its config, or its error."""
-    return distributed.on_main(lambda: _resolve(overrides, sets))
-
-
-def _resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None) -> Config:
-    merged = parse_set(sets or [])
-    for section, values in overrides.items():
-        merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    asked = workspace().load_config(STATE.config, merged)
-    validate(copy.deepcopy(asked))  # every value checked; the auto ones stay auto in ``asked``
-    return asked
+    as asked for (:func:`retdmctl.api.resolve_config`, which the Python API uses too)."""
+    merged = merge_overrides(sets or [], overrides)
+    return resolve_config(workspace(), STATE.config, merged, origin="command line")
 
 
 def run_stages(asked: Config, names: list[str], force: bool, *, persist: bool = True, with_upstream: bool = True) -> Workspace:
-    """Run the named stages (and, first, every stage they read from that is not up to
-    date) under the workspace lock, with ``asked`` (the config as resolved, auto values
-    included) made concrete. ``asked`` is saved to retdm.toml only after every stage
-    succeeded (``persist``), so a rejected or failed command leaves it as it was."""
-    from retdmctl.lock import workspace_lock
-    from retdmctl.pipeline import Context, run_stage, upstream
-    from stages import BY_NAME, PIPELINE
-    from stages.ingest import forget_parsed
-
-    forget_parsed()  # labels parsed by an earlier command of this process may be stale
+    """Run the named stages under the workspace lock, retdm.toml saved only after they
+    all succeeded (:func:`retdmctl.api.run_stages`, which the Python API uses too);
+    eval's metrics table printed."""
     ws = workspace()
-    cfg = concrete(copy.deepcopy(asked))
-
-    def plan() -> list[str]:
-        for name in names:
-            reason = BY_NAME[name].blocked(cfg)
-            if reason and name != "ingest":  # ingest's only block is "no dataset yet"
-                raise RetdmError(reason)
-        todo: list[str] = []
-        for name in names:
-            before = [s.name for s in upstream(BY_NAME[name], ws, cfg, PIPELINE)] if with_upstream else []
-            todo += [n for n in before + [name] if n not in todo]
-        return [s.name for s in PIPELINE if s.name in todo]
-
-    todo = distributed.on_main(plan)
-    with contextlib.ExitStack() as held:  # rank 0 holds the lock for every rank
-        distributed.on_main(lambda: held.enter_context(workspace_lock(ws.root)))
-        ctx = Context(ws, cfg, console, force=False)
-        for name in todo:
-            ctx.force = force and name in names
-            run_stage(ctx, BY_NAME[name], PIPELINE)
-        if persist:
-            distributed.on_main(lambda: ws.save_config(asked))
+    api_run_stages(ws, asked, names, force, console, persist=persist, with_upstream=with_upstream)
     if "eval" in names and distributed.is_main():
         print_metrics(ws)
     return ws

@@ -167,9 +167,25 @@ class Predictor:
         _, _, probs = score_batch(self.net, x, self.vote, cast=autocast(self.device))
         return probs.cpu().numpy()
 
-    def predict(self, images: list[Image.Image]) -> np.ndarray:
-        """Decoded RGB images -> ``(B, L)`` probabilities."""
-        return self.predict_tensor(torch.stack([self.preprocess(img) for img in images]))
+    def predict(self, images: list[Image.Image | str | Path]) -> np.ndarray:
+        """PIL images or image files -> ``(B, L)`` probabilities, in the order given
+        (a file is decoded as ingest decodes it; a PIL image is converted to RGB)."""
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        return self.predict_tensor(torch.stack([self._tensor(img) for img in images]))
+
+    def _tensor(self, image: Image.Image | str | Path) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            return self.preprocess(image if image.mode == "RGB" else image.convert("RGB"))
+        path = Path(image)
+        if not path.is_file():
+            raise RetdmError(f"{path}: no such image file")
+        try:
+            return self.preprocess.load(path)
+        except RetdmError:
+            raise
+        except Exception as exc:  # PIL's errors for a file that is not an image
+            raise RetdmError(f"{path}: not a readable image ({exc})") from None
 
     def metadata(self) -> dict[str, Any]:
         """Everything a consumer of an exported model needs besides the weights."""
