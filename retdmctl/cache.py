@@ -48,7 +48,7 @@ def entry_lock(path: Path, console=None) -> Iterator[None]:
         lock.acquire(timeout=0)
     except Timeout:  # another process is writing this entry
         if console is not None:
-            console.print(f"waiting for another process writing {display(path)}")
+            console.print(f"waiting for another process writing {display(path)}", soft_wrap=True)
         lock.acquire()
     try:
         remove_stale_tmp(path)

@@ -125,7 +125,7 @@ def _reuse(ws: Workspace, path: Path, key: dict, cfg: Config, console) -> bool:
         return False
     origin = read_cache_origin(path)
     made = f", extracted by workspace {origin}" if origin and origin != str(ws.root.resolve()) else ""
-    console.print(f"reusing cached {cfg.model.backbone} features ({display(path)}{made})")
+    console.print(f"reusing cached {cfg.model.backbone} features ({display(path)}{made})", soft_wrap=True)
     return True
 
 
