@@ -21,7 +21,7 @@ from retdmctl.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 from retdmctl.workspace import Workspace
 
 
-def compare(paths: list[Path]) -> dict[str, Any]:
+def compare(paths: list[str | Path]) -> dict[str, Any]:
     """The metrics of the runs in ``paths`` (workspaces, each evaluated) and their differing
     config keys::
 
