@@ -84,8 +84,7 @@ def differing(configs: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
+    """A config value as written in retdm.toml's terms (a missing one as -)."""
     if value is None:
         return "-"
     return json.dumps(value) if isinstance(value, str) and value == "" else str(value)
@@ -95,7 +94,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rows = []
     for name in result["metrics"]:
         arrow = "↑" if result["higher_is_better"][name] else "↓"
-        rows.append((f"{name} {arrow}", [_cell(run["metrics"][name]) for run in result["runs"]]))
+        rows.append((f"{name} {arrow}", [f"{run['metrics'][name]:.4f}" for run in result["runs"]]))
     for key, values in result["differing"].items():
         rows.append((key, [_cell(v) for v in values]))
     return rows

@@ -39,8 +39,16 @@ def test_compare_reads_the_metrics_and_the_differing_keys(runs):
     assert compare([runs / "a", runs / "a"])["differing"] == {}
 
 
-def test_differing_keys_name_a_missing_one_as_none():
+def test_differing_keys_name_a_missing_one_as_none_and_values_show_as_written():
+    from retdmctl.compare import to_markdown
+
     assert differing([{"x": 1, "y": 2}, {"x": 1}]) == {"y": [2, None]}
+    result = {"runs": [{"workspace": "p", "metrics": {}}, {"workspace": "q", "metrics": {}}], "metrics": [],
+              "higher_is_better": {}, "differing": {"loss.alpha": [1.0, 0.5], "model.weights_file": ["", "w.pt"],
+                                                    "x": [None, True]}}
+    assert to_markdown(result).splitlines() == [
+        "| metric / config | p | q |", "|---|---:|---:|", "| loss.alpha | 1.0 | 0.5 |",
+        '| model.weights_file | "" | w.pt |', "| x | - | True |"]
 
 
 def test_markdown_output(runs, monkeypatch):
