@@ -34,7 +34,7 @@ def display(path: Path) -> str:
     """``path`` with the home directory written as ``~``."""
     try:
         return "~/" + str(path.relative_to(Path.home()))
-    except ValueError:
+    except (ValueError, RuntimeError):  # elsewhere, or no home directory known
         return str(path)
 
 
