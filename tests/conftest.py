@@ -25,8 +25,11 @@ from typer.testing import CliRunner
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
 # The shared backbone cache of this test session: never the user's ~/.cache/retdmctl.
 # Set at import, so subprocesses (torchrun) inherit it; removed when the session ends.
-TEST_CACHE = Path(tempfile.mkdtemp(prefix="retdm-test-cache-"))
-os.environ["RETDM_CACHE_DIR"] = str(TEST_CACHE)
+# This module is imported twice (as pytest's conftest and as tests.conftest): one folder.
+if os.environ.get("RETDM_TEST_CACHE_PID") != str(os.getpid()):
+    os.environ["RETDM_CACHE_DIR"] = tempfile.mkdtemp(prefix="retdm-test-cache-")
+    os.environ["RETDM_TEST_CACHE_PID"] = str(os.getpid())
+TEST_CACHE = Path(os.environ["RETDM_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session", autouse=True)
