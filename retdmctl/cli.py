@@ -287,6 +287,45 @@ def status(workdir: Workdir = None) -> None:
         console.print(escape(line))
 
 
+class CompareFormat(str, Enum):
+    table = "table"
+    json = "json"
+    md = "md"
+
+
+@app.command()
+def compare(
+    workdirs: Annotated[list[Path], typer.Argument(metavar="WORKDIR", show_default=False,
+                                                   help="The workspaces to compare, each evaluated.")],
+    format: Annotated[Optional[CompareFormat], typer.Option(
+        "--format", metavar="table|json|md", show_default=False,
+        help="A table on the terminal (the default), JSON or Markdown.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="FILE", dir_okay=False,
+        help="Write to FILE instead of printing: JSON for a FILE ending in .json, else Markdown, unless --format says.")] = None,
+) -> None:
+    """Show runs side by side: each workspace's eval metrics and the config keys whose
+    values differ between them. Reads only.
+
+    Example: retdmctl compare retdm-work retdm-views1 --format md -o compare.md
+    """
+    from retdmctl.compare import compare as compare_runs
+    from retdmctl.compare import to_json, to_markdown, to_table
+
+    if format in (None, CompareFormat.table) and output is not None:
+        format = CompareFormat.json if output.suffix.lower() == ".json" else CompareFormat.md
+    result = compare_runs(workdirs)
+    if format in (None, CompareFormat.table):
+        console.print(to_table(result))
+        return
+    text = to_json(result) if format == CompareFormat.json else to_markdown(result)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        console.print(f"wrote {escape(str(output))}")
+
+
 def _labels_line(ws, cfg) -> str | None:
     """How the training stages read the labels, when not every label is there: a
     protocol hides some, or the dataset has unknown (?name) ones. None otherwise."""

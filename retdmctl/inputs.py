@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from retdmctl import distributed
+from retdmctl.cache import display, entry_lock
 from retdmctl.config import Config, concrete
 from retdmctl.data.dataset import DatasetInfo, read_dataset
+from retdmctl.data.store import records_digest
 from retdmctl.errors import BackboneError, InputError
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
 from retdmctl.runtime import (
@@ -37,6 +40,7 @@ from retdmctl.sources import (
     extract_backbone_features,
     extract_views,
     read_cache_key,
+    read_cache_origin,
     read_cached,
     read_features,
     views_cache_key,
@@ -63,19 +67,31 @@ def runs_cnn(cfg: Config) -> bool:
 
 
 def backbone_cache_key(ws: Workspace, cfg: Config, info: DatasetInfo, device: torch.device) -> dict:
-    """Everything the frozen backbone's cached features depend on: backbone, weights,
-    input size, the image store, the order of the dataset's rows (their ids' hash) and
-    the precision they are computed in on ``device``."""
-    return views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), ws.fingerprint(ws.lmdb),
+    """Everything the frozen backbone's cached features depend on: backbone, weights (by
+    content), input size, the images (the store's records, by content), the order of the
+    dataset's rows (their ids' hash) and the precision they are computed in on ``device``.
+    Nothing of the workspace itself: two workspaces that ingested the same images share
+    the cache."""
+    return views_cache_key(cfg.model, get_backbone_spec(cfg.model.backbone), images_digest(ws),
                            _weights_fp(ws, cfg), ids=info.ids_digest, precision=precision(device))
+
+
+def images_digest(ws: Workspace) -> str | None:
+    """The content of the image store as records (:func:`~retdmctl.data.store.records_digest`),
+    computed once per version of the store; None when there is none."""
+    data = ws.lmdb / "data.mdb"
+    if not data.is_file():
+        return None
+    return ws.derived(data, "records", lambda: records_digest(ws.lmdb))
 
 
 def backbone_cache_path(ws: Workspace, cfg: Config, info: DatasetInfo | None = None,
                         device: torch.device | None = None) -> Path:
-    """Where the frozen backbone's features for this config live: named by the hash of
+    """Where the frozen backbone's features for this config live, in the user cache shared
+    by every workspace (:func:`retdmctl.cache.cache_root`): named by the hash of
     :func:`backbone_cache_key`, so a cache is never replaced, only added, and never read
-    for another config, image order or precision. ``info``: dataset.h5's by default;
-    ``device``: ``runtime.device``'s by default."""
+    for other images, another config, image order or precision. ``info``: dataset.h5's by
+    default; ``device``: ``runtime.device``'s by default."""
     info = info if info is not None else read_dataset(ws.dataset)
     device = device if device is not None else pick_device(cfg.runtime.device)
     key = backbone_cache_key(ws, cfg, info, device)
@@ -88,13 +104,34 @@ def _weights_fp(ws: Workspace, cfg: Config) -> str | None:
 
 
 def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device, console) -> Path:
-    """Extract the frozen backbone's features once; reuse them while their key matches."""
-    m = cfg.model
+    """Extract the frozen backbone's features once, into the shared cache; reuse them
+    while their key matches, whichever workspace extracted them (the line says which).
+    Writers of one entry take its lock: two workspaces extracting at once do it once."""
     path = backbone_cache_path(ws, cfg, info, device)
     key = backbone_cache_key(ws, cfg, info, device)  # also in the file: a cache of other rows is never read
-    if distributed.on_main(lambda: read_cache_key(path) == key):
-        console.print(f"reusing cached {m.backbone} features ({ws.rel(path)})")
+    if distributed.on_main(lambda: _reuse(ws, path, key, cfg, console)):
         return path
+    if distributed.active():  # rank 0 takes the entry's lock where it writes
+        _extract(ws, cfg, info, device, path, key)
+        return path
+    with entry_lock(path, console):
+        if not _reuse(ws, path, key, cfg, console):  # another process may have made it meanwhile
+            _extract(ws, cfg, info, device, path, key)
+    return path
+
+
+def _reuse(ws: Workspace, path: Path, key: dict, cfg: Config, console) -> bool:
+    if read_cache_key(path) != key:
+        return False
+    origin = read_cache_origin(path)
+    made = f", extracted by workspace {origin}" if origin and origin != str(ws.root.resolve()) else ""
+    console.print(f"reusing cached {cfg.model.backbone} features ({display(path)}{made})", soft_wrap=True)
+    return True
+
+
+def _extract(ws: Workspace, cfg: Config, info: DatasetInfo, device, path: Path, key: dict) -> None:
+    m = cfg.model
+    origin = str(ws.root.resolve())
     backbone, spec = frozen_backbone(cfg)
     previous = torch.get_num_threads()
     set_threads(cnn=True)
@@ -105,18 +142,26 @@ def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device,
         if m.views > 1 or m.tune_blocks:
             backbone = prepare_model(backbone, device).eval()
             forward = (lambda x: backbone.forward_trunk(x, m.tune_blocks)) if m.tune_blocks else backbone
-            # under torchrun, rank 0 extracts the views while the others wait
-            distributed.on_main(lambda: extract_views(path, forward, pixels, m.views, key, device, autocast(device)))
+
+            def views() -> None:
+                with entry_lock(path) if distributed.active() else nullcontext():
+                    extract_views(path, forward, pixels, m.views, key, device, autocast(device), origin=origin)
+
+            distributed.on_main(views)  # under torchrun, rank 0 extracts the views while the others wait
         elif distributed.active():  # each rank its shard; rank 0 writes them all
             rows = distributed.shard(np.arange(len(info.ids)))
             part = backbone_features(backbone, pixels, rows, device, autocast(device))
             features = distributed.gather_rows(part, to_main=True)
-            distributed.on_main(lambda: write_backbone_features(path, features, key))
+
+            def write() -> None:
+                with entry_lock(path):
+                    write_backbone_features(path, features, key, origin=origin)
+
+            distributed.on_main(write)
         else:
-            extract_backbone_features(path, backbone, pixels, key, device, autocast(device))
+            extract_backbone_features(path, backbone, pixels, key, device, autocast(device), origin=origin)
     finally:
         torch.set_num_threads(previous)
-    return path
 
 
 def frozen_backbone(cfg: Config) -> tuple[torch.nn.Module, BackboneSpec]:

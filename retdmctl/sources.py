@@ -248,9 +248,24 @@ def read_cache_key(path: Path) -> dict | None:
         return None
 
 
+def read_cache_origin(path: Path) -> str | None:
+    """The workspace that extracted a cache file (not part of its key), if recorded."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return str(h5.attrs["workspace"])
+    except (OSError, KeyError):
+        return None
+
+
+def _cache_attrs(key: dict, origin: str | None) -> dict:
+    return {"key": json.dumps(key), "version": __version__, "created": now_iso(),
+            **({"workspace": origin} if origin else {})}
+
+
 @torch.no_grad()
 def extract_backbone_features(
-    path: Path, backbone: torch.nn.Module, pixels: PixelSource, key: dict, device: torch.device, autocast
+    path: Path, backbone: torch.nn.Module, pixels: PixelSource, key: dict, device: torch.device, autocast,
+    origin: str | None = None,
 ) -> None:
     """Run the backbone once over every image (centre crop) and cache the pooled features."""
     rows = np.arange(len(pixels.info.ids))
@@ -266,12 +281,13 @@ def extract_backbone_features(
                 out = h5.create_dataset("features", shape=(len(rows), feats.shape[1]), dtype=np.float16)
             out[r[0] : r[-1] + 1] = feats.astype(np.float16)  # rows come in order: a slice, not a point selection
             progress.advance(task, len(r))
-        h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
+        h5.attrs.update(_cache_attrs(key, origin))
 
 
 @torch.no_grad()
 def extract_views(
-    path: Path, forward, pixels: PixelSource, views: int, key: dict, device: torch.device, autocast
+    path: Path, forward, pixels: PixelSource, views: int, key: dict, device: torch.device, autocast,
+    origin: str | None = None,
 ) -> None:
     """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
     image: (N, V, ...) float16. Decoding as in :meth:`PixelSource.eval_batches`."""
@@ -302,7 +318,7 @@ def extract_views(
                                         chunks=(1, *acts.shape[1:]))
             out[r[0] : r[-1] + 1] = acts.astype(np.float16)
             progress.advance(task, len(r))
-        h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
+        h5.attrs.update(_cache_attrs(key, origin))
 
 
 @torch.no_grad()
@@ -317,11 +333,11 @@ def backbone_features(backbone: torch.nn.Module, pixels: PixelSource, rows: np.n
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
 
 
-def write_backbone_features(path: Path, features: np.ndarray, key: dict) -> None:
+def write_backbone_features(path: Path, features: np.ndarray, key: dict, origin: str | None = None) -> None:
     """The cache file :func:`extract_backbone_features` writes, from features in memory."""
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("features", data=features.astype(np.float16))
-        h5.attrs.update({"key": json.dumps(key), "version": __version__, "created": now_iso()})
+        h5.attrs.update(_cache_attrs(key, origin))
 
 
 def read_features(path: Path, name: str = "features") -> np.ndarray:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from retdmctl.atomic import (  # noqa: F401  (re-exported: the stages import the
     tmp_name,
     write_text_atomic,
 )
+from retdmctl.cache import cache_root
 from retdmctl.config import Config, apply, dump_toml, load_toml
 
 # Files that change without their content changing (LMDB's reader lock table).
@@ -63,8 +64,9 @@ class Workspace:
 
     @property
     def cache_dir(self) -> Path:
-        """Content-addressed caches (backbone features): never replaced, only added."""
-        return self.root / ".retdm" / "cache"
+        """Content-addressed caches (backbone features): never replaced, only added; one
+        directory shared by every workspace (:func:`retdmctl.cache.cache_root`)."""
+        return cache_root()
 
     @property
     def state_file(self) -> Path:
@@ -132,6 +134,15 @@ class Workspace:
         finally:
             state.save()
 
+    def derived(self, path: Path, name: str, compute: Callable[[], str]) -> str:
+        """``compute()``, a value derived from the file ``path`` (``name`` says which),
+        cached in the state file while ``path``'s size, mtime and inode match."""
+        state = _State(self.state_file)
+        try:
+            return state.derived(path, name, compute)
+        finally:
+            state.save()
+
 
 def _walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
@@ -164,6 +175,17 @@ class _State:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
         value = "sha256:" + digest.hexdigest()
+        self.entries[key] = [st.st_size, st.st_mtime_ns, value, st.st_ino]
+        self.dirty = True
+        return value
+
+    def derived(self, path: Path, name: str, compute: Callable[[], str]) -> str:
+        st = path.stat()
+        key = f"{name}:{path.resolve()}"
+        hit = self.entries.get(key)
+        if hit and hit[:2] == [st.st_size, st.st_mtime_ns] and hit[3:] == [st.st_ino]:
+            return hit[2]
+        value = compute()
         self.entries[key] = [st.st_size, st.st_mtime_ns, value, st.st_ino]
         self.dirty = True
         return value

@@ -3,8 +3,9 @@
 Reads the LMDB store and dataset.h5. Writes ``classifier/checkpoint.pt`` and
 ``classifier/features.h5`` (every image's embedding f, float16), from which the metric
 stage trains without any CNN pass. In frozen-backbone mode it first caches the backbone's
-pooled features (``.retdm/cache/backbone/``, reused while backbone, weights, image size
-and images are unchanged) and trains phi's projection and W_c on them. Last, it chooses
+pooled features (in the user cache shared by every workspace, ``$RETDM_CACHE_DIR``;
+reused while backbone, weights, image size and images are unchanged) and trains phi's
+projection and W_c on them. Last, it chooses
 on validation how the model decides (the neighbour vote of :mod:`retdmctl.fusion` and
 the thresholds) and saves that in the checkpoint.
 """

@@ -15,12 +15,35 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 os.environ.setdefault("RETDM_NO_PROGRESS", "1")
+# The shared backbone cache of this test session: never the user's ~/.cache/retdmctl.
+# Set at import, so subprocesses (torchrun) inherit it; removed when the session ends.
+# This module is imported twice (as pytest's conftest and as tests.conftest): one folder.
+if os.environ.get("RETDM_TEST_CACHE_PID") != str(os.getpid()):
+    os.environ["RETDM_CACHE_DIR"] = tempfile.mkdtemp(prefix="retdm-test-cache-")
+    os.environ["RETDM_TEST_CACHE_PID"] = str(os.getpid())
+TEST_CACHE = Path(os.environ["RETDM_CACHE_DIR"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache():
+    yield TEST_CACHE
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A cache directory of this test's own (for tests that count its files)."""
+    path = tmp_path / "retdm-cache"
+    monkeypatch.setenv("RETDM_CACHE_DIR", str(path))
+    return path
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

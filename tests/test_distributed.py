@@ -137,7 +137,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
     # two processes, gloo, through torchrun; every committed file is logged with its rank
     log = tmp_path / "writes.log"
-    env = {**os.environ, "RETDM_NO_PROGRESS": "1", "RETDM_WRITE_LOG": str(log), "RETDM_DIST_TIMEOUT": "120",
+    cache = tmp_path / "cache"  # a cache of its own: the two processes extract it, not reuse one's
+    env = {**os.environ, "RETDM_CACHE_DIR": str(cache), "RETDM_NO_PROGRESS": "1", "RETDM_WRITE_LOG": str(log), "RETDM_DIST_TIMEOUT": "120",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "retdmctl", "-w", str(two), "run"]
@@ -157,7 +158,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert (two / stage / "history.csv").is_file() and not (two / stage / "history.partial.csv").exists()
         if tracking.tensorboard_available():
             assert len(list((two / "runs" / stage).iterdir())) == 1, stage
-    assert len(list((two / ".retdm" / "cache" / "backbone").glob("*.h5"))) == 1
+    assert len(list((cache / "backbone").glob("*.h5"))) == 1
 
     # only rank 0 wrote, one process, and each stage's manifest exactly once
     lines = [line.split(" ", 2) for line in log.read_text().splitlines()]
@@ -225,7 +226,8 @@ def test_batch_terms_problem_names_what_is_refused():
 def test_two_processes_refuse_llr_and_clml_with_one_line(tmp_path):
     (tmp_path / "retdm.toml").write_text(TINY)
     assert runner.invoke(app, ["-w", str(tmp_path), "ingest", "demo"]).exit_code == 0
-    env = {**os.environ, "RETDM_NO_PROGRESS": "1", "RETDM_DIST_TIMEOUT": "120",
+    cache = tmp_path / "cache"  # a cache of its own: the two processes extract it, not reuse one's
+    env = {**os.environ, "RETDM_CACHE_DIR": str(cache), "RETDM_NO_PROGRESS": "1", "RETDM_DIST_TIMEOUT": "120",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "retdmctl", "-w", str(tmp_path), "train", "--stage", "classifier", "--set", "loss.base=llr"]

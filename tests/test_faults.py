@@ -358,7 +358,10 @@ def test_metrics_do_not_depend_on_a_preexisting_feature_cache(done, tmp_path):
     shutil.copytree(done, warm)
     for name in ("classifier", "metric", "joint", "eval"):
         shutil.rmtree(warm / name)
-    assert (warm / ".retdm" / "cache" / "backbone").is_dir()  # the features are cached already
+    from retdmctl.inputs import backbone_cache_path
+    from retdmctl.workspace import Workspace
+
+    assert backbone_cache_path(Workspace(warm), Workspace(warm).load_config()).is_file()  # cached already
     result = invoke("--workdir", warm, "run")
     assert result.exit_code == 0 and "reusing cached tiny_cnn features" in result.output
     fresh = json.loads((done / "eval" / "metrics.json").read_text())["metrics"]
@@ -447,7 +450,7 @@ def test_features_of_a_random_frozen_backbone_are_the_same_when_extracted_again(
     cache = backbone_cache_path(ws, ws.load_config())
     with h5py.File(cache) as h5:
         before = h5["features"][()]
-    shutil.rmtree(work / ".retdm" / "cache")
+    cache.unlink()
     torch.manual_seed(12345)  # whatever state the global RNG is in
     result = invoke("--workdir", work, "eval", "--force")
     assert result.exit_code == 0, result.output

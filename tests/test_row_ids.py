@@ -210,7 +210,7 @@ def plant(path: Path, key: dict, n: int) -> None:
 
 
 @pytest.fixture
-def small(tmp_path):
+def small(tmp_path, own_cache):  # a cache of its own: the planted files stay in this test
     from stages.ingest import read_source
 
     ws, cfg = Workspace(tmp_path / "w"), frozen_config()

@@ -180,7 +180,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
         assert torch.allclose(got["model"][key].float(), ref["model"][key].float(), atol=1e-6), key
 
 
-def test_frozen_backbone_mode_caches_features_once(tmp_path):
+def test_frozen_backbone_mode_caches_features_once(tmp_path, own_cache):
     ws, cfg = Workspace(tmp_path), tiny_config(frozen=True)
     cfg.joint.way2 = "forward"
     ran = run_all(ws, cfg)
@@ -188,7 +188,7 @@ def test_frozen_backbone_mode_caches_features_once(tmp_path):
     from retdmctl.inputs import backbone_cache_path
 
     cache = backbone_cache_path(ws, cfg)
-    assert list((ws.cache_dir / "backbone").iterdir()) == [cache]
+    assert ws.cache_dir == own_cache and list((own_cache / "backbone").glob("*.h5")) == [cache]
     mtime = cache.stat().st_mtime_ns
     cfg.classifier.lr = 0.02  # re-runs the classifier, but the backbone features still fit
     ran = run_all(ws, cfg)
@@ -196,7 +196,7 @@ def test_frozen_backbone_mode_caches_features_once(tmp_path):
     assert cache.stat().st_mtime_ns == mtime and backbone_cache_path(ws, cfg) == cache
     cfg.model.image_size = 48  # other features: a second cache beside the first, never replacing it
     run_all(ws, cfg)
-    assert cache.stat().st_mtime_ns == mtime and len(list((ws.cache_dir / "backbone").iterdir())) == 2
+    assert cache.stat().st_mtime_ns == mtime and len(list((own_cache / "backbone").glob("*.h5"))) == 2
     ckpt = load_checkpoint(ws.stage_dir("joint") / "checkpoint.pt")
     assert ckpt["frozen_backbone"] and not any(k.startswith("backbone.") for k in ckpt["model"])
 

@@ -33,6 +33,22 @@ def read_keys(path: Path) -> set[bytes]:
         env.close()
 
 
+def records_digest(path: Path) -> str:
+    """A hash of a finished store's records (key and bytes, in key order): the same for
+    two stores that hold the same images, however their pages were laid out (two ingests
+    of one dataset write different ``data.mdb`` files). Read without writing anything."""
+    digest = hashlib.sha256()
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+    try:
+        with env.begin() as txn:
+            for key, value in txn.cursor().iternext(keys=True, values=True):
+                digest.update(bytes(key) + len(value).to_bytes(8, "little"))
+                digest.update(value)
+    finally:
+        env.close()
+    return "records:" + digest.hexdigest()
+
+
 class ImageWriter:
     """Appends images in transactions; the map grows as needed. Committed writes survive
     a kill -9, which is what makes ingest resumable."""
