@@ -262,7 +262,7 @@ def test_lite_checkpoint_of_another_variant_does_not_fit():
 
 def test_unknown_backbone_is_rejected_with_the_known_names():
     expected = ("unknown backbone 'resnet18'; known: efficientnet_lite0, efficientnet_lite1, "
-                "efficientnet_lite2, resnet50, tiny_cnn, vgg16")
+                "efficientnet_lite2, resnet50, tiny_cnn, vgg16, or timm:<name>")
     with pytest.raises(BackboneError) as info:
         get_backbone_spec("resnet18")
     assert str(info.value) == expected
