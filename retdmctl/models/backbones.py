@@ -26,12 +26,7 @@ import torch
 from torch import nn
 
 from retdmctl.errors import BackboneError
-from retdmctl.models.efficientnet_lite import (
-    EfficientNetLite0,
-    EfficientNetLite1,
-    EfficientNetLite2,
-    package_checkpoint_path,
-)
+from retdmctl.models.lite import LiteBackbone, package_checkpoint_path
 from retdmctl.models.spec import BackboneSpec
 from retdmctl.models.timm_backbones import build_timm, is_timm_name, timm_spec
 from retdmctl.models.weights import load_strict, read_state_file
@@ -72,25 +67,6 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 # --- architectures -------------------------------------------------------------------
-
-
-class _PooledFeatures:
-    """Mixin for an EfficientNet-Lite: forward returns pooled features; ``_fc`` stays unused."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)
-
-
-class EfficientNetLite0Backbone(_PooledFeatures, EfficientNetLite0):
-    """EfficientNet-Lite0 whose forward returns the (B, 1280) pooled features."""
-
-
-class EfficientNetLite1Backbone(_PooledFeatures, EfficientNetLite1):
-    """EfficientNet-Lite1 whose forward returns the (B, 1280) pooled features."""
-
-
-class EfficientNetLite2Backbone(_PooledFeatures, EfficientNetLite2):
-    """EfficientNet-Lite2 whose forward returns the (B, 1280) pooled features."""
 
 
 class TinyCNN(nn.Module):
@@ -161,9 +137,9 @@ class _Arch:
 
 
 _ARCHS: dict[str, _Arch] = {
-    "efficientnet_lite0": _Arch(EfficientNetLite0Backbone, partial(package_checkpoint_path, "lite0")),
-    "efficientnet_lite1": _Arch(EfficientNetLite1Backbone, partial(package_checkpoint_path, "lite1")),
-    "efficientnet_lite2": _Arch(EfficientNetLite2Backbone, partial(package_checkpoint_path, "lite2")),
+    "efficientnet_lite0": _Arch(partial(LiteBackbone, "lite0"), partial(package_checkpoint_path, "lite0")),
+    "efficientnet_lite1": _Arch(partial(LiteBackbone, "lite1"), partial(package_checkpoint_path, "lite1")),
+    "efficientnet_lite2": _Arch(partial(LiteBackbone, "lite2"), partial(package_checkpoint_path, "lite2")),
     "resnet50": _Arch(_resnet50, _torchvision_cache("ResNet50_Weights.IMAGENET1K_V1"), ("fc.",)),
     "vgg16": _Arch(_vgg16, _torchvision_cache("VGG16_Weights.IMAGENET1K_V1"),
                    ("classifier.3.", "classifier.6.")),
