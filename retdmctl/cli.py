@@ -127,7 +127,7 @@ VIEWS = option(metavar="V", default="model.views",
 @app.command()
 def train(
     stage: Annotated[StageName, typer.Option("--stage", help="The stage to train; the stages it reads from run first when they are not up to date.")],
-    backbone: Annotated[Optional[str], option(metavar="NAME", default="model.backbone", help=f"Image backbone: {_BACKBONE_NAMES}.")] = None,
+    backbone: Annotated[Optional[str], option(metavar="NAME", default="model.backbone", help=f"Image backbone: {_BACKBONE_NAMES}, or timm:NAME (any timm model; weights from --weights-file or the local Hugging Face cache, never downloaded).")] = None,
     frozen_backbone: Annotated[
         Optional[bool],
         option("--frozen-backbone/--finetune-backbone", default="model.frozen_backbone",
@@ -135,7 +135,7 @@ def train(
     ] = None,
     pretrained: Annotated[Optional[bool], option("--pretrained/--no-pretrained", default="model.pretrained", help="Start from ImageNet weights.")] = None,
     weights_file: Annotated[
-        Optional[Path], option(metavar="FILE", help="Backbone weights file (a torch state dict); its content is part of the fingerprint.", exists=True, dir_okay=False)
+        Optional[Path], option(metavar="FILE", help="Backbone weights file (a torch state dict or .safetensors); its content is part of the fingerprint.", exists=True, dir_okay=False)
     ] = None,
     image_size: Annotated[Optional[int], option(metavar="PX", default="model.image_size", help="Input side in px.")] = None,
     batch_size: Annotated[Optional[int], option(metavar="N", default="model.batch_size", help="Images per batch.")] = None,

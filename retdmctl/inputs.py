@@ -96,7 +96,7 @@ def backbone_cache_path(ws: Workspace, cfg: Config, info: DatasetInfo | None = N
     device = device if device is not None else pick_device(cfg.runtime.device)
     key = backbone_cache_key(ws, cfg, info, device)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return ws.cache_dir / "backbone" / f"{cfg.model.backbone}-{digest}.h5"
+    return ws.cache_dir / "backbone" / f"{cfg.model.backbone.replace(':', '-')}-{digest}.h5"  # timm:NAME -> timm-NAME
 
 
 def _weights_fp(ws: Workspace, cfg: Config) -> str | None:

@@ -1,8 +1,7 @@
-"""Backbone registry, offline weight loading and the EfficientNet-Lite0/1/2 port."""
+"""Backbone registry, offline weight loading and EfficientNet-Lite0/1/2 served by timm."""
 
 from __future__ import annotations
 
-import math
 import socket
 from pathlib import Path
 
@@ -13,18 +12,7 @@ from PIL import Image
 
 from retdmctl.errors import BackboneError
 from retdmctl.models.backbones import BACKBONES, build_backbone, get_backbone_spec
-from retdmctl.models.efficientnet_lite import (
-    LITE_VARIANTS,
-    Conv2dSame,
-    EfficientNetLite,
-    EfficientNetLite0,
-    EfficientNetLite1,
-    EfficientNetLite2,
-    lite_stages,
-    load_package_weights,
-    package_checkpoint_path,
-    round_filters,
-)
+from retdmctl.models.lite import LITE_VARIANTS, LiteBackbone, package_checkpoint_path
 from tests.conftest import shared
 
 # Clear MIML scene photos and ImageNet classes that a working model ranks in its top 5.
@@ -48,24 +36,21 @@ def _load_photo(path: Path, size: int = 224) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
+# variant, native size, blocks, channels into the 1280-wide head
+LITES = [("lite0", 224, 16, 320), ("lite1", 240, 21, 320), ("lite2", 260, 21, 352)]
+
+
 @pytest.fixture(scope="module")
-def lite0() -> EfficientNetLite0:
-    model = EfficientNetLite0()
-    model.load_state_dict(torch.load(package_checkpoint_path(), map_location="cpu", weights_only=True),
-                          strict=True)
+def lite0() -> LiteBackbone:
+    model, _ = build_backbone("efficientnet_lite0")
     return model.eval()
 
 
-# variant, class, native size, blocks, channels into the 1280-wide head
-LITES = [("lite0", EfficientNetLite0, 224, 16, 320),
-         ("lite1", EfficientNetLite1, 240, 21, 320),
-         ("lite2", EfficientNetLite2, 260, 21, 352)]
-
-
 @pytest.fixture(scope="module", params=LITES[1:], ids=lambda lite: lite[0])
-def lite12(request) -> tuple[str, EfficientNetLite, int]:
-    variant, cls, size, _, _ = request.param
-    return variant, load_package_weights(cls(), variant).eval(), size
+def lite12(request) -> tuple[str, LiteBackbone, int]:
+    variant, size, _, _ = request.param
+    model, _ = build_backbone(f"efficientnet_{variant}")
+    return variant, model.eval(), size
 
 
 @pytest.fixture
@@ -79,138 +64,68 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.mark.parametrize("variant,cls,size,n_blocks,last_ch", LITES, ids=[lite[0] for lite in LITES])
-def test_lite_matches_package_checkpoint_keys_and_shapes(variant, cls, size, n_blocks, last_ch):
+@pytest.mark.parametrize("variant,size,n_blocks,last_ch", LITES, ids=[lite[0] for lite in LITES])
+def test_lite_state_dict_is_the_package_checkpoints(variant, size, n_blocks, last_ch, no_network):
+    """timm's architecture under the packaged (lukemelas) names: the same keys and shapes,
+    so the packaged weights and every earlier checkpoint load strictly."""
     state = torch.load(package_checkpoint_path(variant), map_location="cpu", weights_only=True)
-    ours = cls().state_dict()
-    assert list(ours) == list(state)  # every key, in the same order
+    model = LiteBackbone(variant)
+    ours = model.state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in state.items()}
-    assert sum(k.endswith("_depthwise_conv.weight") for k in ours) == n_blocks
-    assert ours["_conv_stem.weight"].shape == (32, 3, 3, 3)  # stem never scaled
+    assert sum(k.endswith("_depthwise_conv.weight") for k in ours) == n_blocks == model.tunable_blocks()
     assert ours["_conv_head.weight"].shape == (1280, last_ch, 1, 1)  # head never scaled
     assert LITE_VARIANTS[variant].resolution == size
-    cls().load_state_dict(state, strict=True)
-    assert list(EfficientNetLite.from_variant(variant).state_dict()) == list(state)
+    model.load_state_dict(state, strict=True)
+    for key, value in model.state_dict().items():  # every packaged tensor, loaded as is
+        assert torch.equal(value, state[key]), key
+    # timm's own names load too
+    timm_state = {f"net.{k}": v for k, v in model.net.state_dict().items()} | {
+        "_fc.weight": state["_fc.weight"], "_fc.bias": state["_fc.bias"]}
+    LiteBackbone(variant).load_state_dict(timm_state, strict=True)
 
 
 def test_package_checkpoint_path_per_variant():
     paths = {v: package_checkpoint_path(v) for v in LITE_VARIANTS}
     assert [p.name.split("-")[1] for p in paths.values()] == ["lite0", "lite1", "lite2"]
     assert all(p.is_file() for p in paths.values())
-    assert package_checkpoint_path() == paths["lite0"]  # the old no-argument call
+    assert package_checkpoint_path() == paths["lite0"]
     assert package_checkpoint_path("efficientnet_lite2") == paths["lite2"]
     with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant 'lite9'"):
         package_checkpoint_path("lite9")
 
 
-def test_lite_scaling_rules():
-    # The TF reference round_filters: nearest multiple of 8, never more than 10% down.
-    assert [round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 48, 88, 120, 208, 352]
-    assert [round_filters(c, 1.0) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 40, 80, 112, 192, 320]
-    assert round_filters(32, 1.4) == 48 and round_filters(24, 1.4) == 32
-    # Depth: ceil(r * depth), but the first and last stages keep one block (fix_head_stem).
-    assert [s.repeats for s in lite_stages(1.0, 1.0)] == [1, 2, 2, 3, 3, 4, 1]
-    assert [s.repeats for s in lite_stages(1.0, 1.1)] == [1, 3, 3, 4, 4, 5, 1]
-    assert [s.repeats for s in lite_stages(1.1, 1.2)] == [1, 3, 3, 4, 4, 5, 1]
-    assert [s.repeats for s in lite_stages(1.4, 1.8)] == [1, 4, 4, 6, 6, 8, 1]  # Lite4
-    assert lite_stages(1.1, 1.2)[0].in_ch == 32  # reads the unscaled stem
-
-
-# --- independent reference: timm's tf_efficientnet_lite* architecture -----------------
-
-# lukemelas module names -> timm's: top level, first block (depthwise-separable), the rest
-_TIMM_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-             "_fc": "classifier"}
-_TIMM_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_TIMM_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-            "_project_conv": "conv_pwl", "_bn2": "bn3"}
-
-
-def _to_timm(state: dict[str, torch.Tensor], timm_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Rename our state dict to timm's; our n-th block is timm's n-th block in stage order."""
-    positions = [f"blocks.{s}.{j}" for s, stage in enumerate(timm_model.blocks) for j in range(len(stage))]
-    out = {}
-    for key, value in state.items():
-        module, *rest = key.split(".")
-        if module == "_blocks":
-            n, module, *rest = rest
-            table = _TIMM_DS if n == "0" else _TIMM_IR
-            out[".".join([positions[int(n)], table[module], *rest])] = value
-        else:
-            out[".".join([_TIMM_TOP[module], *rest])] = value
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant,cls,size,n_blocks,last_ch", LITES, ids=[lite[0] for lite in LITES])
-def test_lite_logits_match_timm_reference(variant, cls, size, n_blocks, last_ch, no_network):
-    timm = pytest.importorskip("timm", reason="timm is not installed (it is in the dev extra): "
-                                              "no independent reference architecture")
-    reference = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval()
-    ours = load_package_weights(cls(), variant).eval()
-    # timm builds its own blocks, channels, "same" padding and ReLU6: a strict load checks
-    # the architecture, the logits check the forward pass.
-    reference.load_state_dict(_to_timm(ours.state_dict(), reference), strict=True)
-    assert sum(len(stage) for stage in reference.blocks) == n_blocks
-    generator = torch.Generator().manual_seed(0)
-    for shape in ((2, 3, size, size), (1, 3, size + 1, size - 15)):  # native, then odd and non-square
-        x = torch.randn(*shape, generator=generator)
-        with torch.no_grad():
-            expected = reference(x)
-            torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
-        assert expected.std() > 0.5  # real logits, not a degenerate output
-
-
-# --- TF "SAME" padding at the sizes Lite1 (240) and Lite2 (260) meet -----------------
-
-# (input side, kernel) -> sums of an all-ones 3x3/5x5 stride-2 kernel over an all-ones input
-# at the top-left and bottom-right outputs. TF "SAME" pads floor(total/2) before and the
-# rest after, so an even side pads only after (top-left window fully inside: k*k); a
-# symmetric padding=k//2 would give (k-1)^2 or (k-2)^2 there instead.
-SAME_CORNERS = {
-    (240, 3): (9, 4), (120, 3): (9, 4), (60, 5): (16, 9), (30, 3): (9, 4), (15, 5): (9, 9),
-    (260, 3): (9, 4), (130, 3): (9, 4), (65, 5): (9, 9), (33, 3): (4, 4), (17, 5): (9, 9),
-}
-
-
-@pytest.mark.parametrize("side,kernel", sorted(SAME_CORNERS))
-def test_conv2d_same_matches_tf_padding(side, kernel):
-    conv = Conv2dSame(1, 1, kernel, stride=2)
-    torch.nn.init.ones_(conv.weight)
+def test_lite_trunk_tail_split_maps_to_the_former_modules():
+    """The middle way trains the same modules as the hand-written port: the last blocks,
+    the head convolution and its batch norm."""
+    model = LiteBackbone("lite0")
+    names = {id(p): n for n, p in model.named_parameters()}
+    tail = {names[id(p)] for m in model.tail_modules(2) for p in m.parameters()}
+    expected = {k for k in model.state_dict() if k.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1."))
+                and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert {model._to_lukemelas[n] for n in tail} == expected
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        out = conv(torch.ones(1, 1, side, side))[0, 0]
-    assert out.shape == (math.ceil(side / 2),) * 2
-    assert (out[0, 0].item(), out[-1, -1].item()) == SAME_CORNERS[side, kernel]
+        assert torch.equal(model.forward_tail(model.forward_trunk(x, 3), 3), model(x))
 
 
-@pytest.mark.parametrize("cls,size,sides", [(EfficientNetLite1, 240, [240, 120, 60, 30, 15, 8]),
-                                            (EfficientNetLite2, 260, [260, 130, 65, 33, 17, 9])],
-                         ids=["lite1-240", "lite2-260"])
-def test_stride2_convs_see_the_expected_sides(cls, size, sides):
-    model = cls().eval()
-    seen: list[tuple[int, int, int]] = []  # (input side, kernel, output side)
-
-    def record(module, inputs, output):
-        seen.append((inputs[0].shape[-1], module.kernel_size[0], output.shape[-1]))
-
-    hooks = [m.register_forward_hook(record)
-             for m in model.modules() if isinstance(m, Conv2dSame) and m.stride[0] == 2]
-    with torch.no_grad():
-        model.forward_features(torch.zeros(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    assert [s for s, _, _ in seen] + [seen[-1][2]] == sides
-    assert {(s, k) for s, k, _ in seen} <= SAME_CORNERS.keys()  # each one checked above
+def test_lite_keeps_tf_training_details():
+    model = LiteBackbone("lite0")
+    momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.01} and eps == {1e-3}
+    rates = [b.drop_path.rate for stage in model.net.blocks for b in stage if hasattr(b.drop_path, "rate")]
+    assert rates == pytest.approx([0.2 * i / 16 for i in range(1, 16)])  # block 0: none, as the port
 
 
-def _assert_plausible_top5(model: torch.nn.Module, size: int) -> None:
+def _assert_plausible_top5(model: LiteBackbone, size: int) -> None:
     from torchvision.models import ResNet50_Weights  # the ImageNet class names (no download)
 
     images = shared("scene", "images")
     categories = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
     batch = torch.stack([_load_photo(images / name, size) for name in PHOTOS])
     with torch.no_grad():
-        top5 = model(batch).topk(5).indices
+        top5 = model._fc(model(batch)).topk(5).indices  # the unused ImageNet classifier, here used
     for (name, plausible), row in zip(PHOTOS.items(), top5.tolist()):
         predicted = [categories[i] for i in row]
         assert plausible & set(predicted), f"{name}: top-5 {predicted}, expected one of {sorted(plausible)}"
@@ -230,25 +145,19 @@ def test_lite1_lite2_classify_scene_photos_sensibly_at_native_size(lite12):
 def test_lite0_features_are_pooled_head_output(lite0):
     x = torch.randn(2, 3, 96, 80)
     with torch.no_grad():
-        features = lite0.forward_features(x)
-        logits = lite0(x)
-    assert features.shape == (2, 1280) and logits.shape == (2, 1000)
+        features = lite0(x)
+    assert features.shape == (2, 1280)
     assert (features >= 0).all() and (features <= 6).all()  # ReLU6 before the pool
-    torch.testing.assert_close(logits, lite0._fc(features))
 
 
 @pytest.mark.slow
 def test_lite1_lite2_backbones_load_strictly_and_pool_1280(lite12, no_network):
-    variant, reference, size = lite12
-    name = f"efficientnet_{variant}"
-    model, spec = build_backbone(name)
+    variant, model, size = lite12
+    spec = get_backbone_spec(f"efficientnet_{variant}")
     assert (spec.out_dim, spec.default_size, spec.mean, spec.std) == (1280, size, (0.5,) * 3, (0.5,) * 3)
-    for key, value in model.state_dict().items():  # every packaged tensor, loaded as is
-        assert torch.equal(value, reference.state_dict()[key]), key
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        features = model.eval()(x)
-        torch.testing.assert_close(features, reference.forward_features(x))
+        features = model(x)
     assert features.shape == (2, 1280) and (features >= 0).all() and (features <= 6).all()
 
 
@@ -262,7 +171,7 @@ def test_lite_checkpoint_of_another_variant_does_not_fit():
 
 def test_unknown_backbone_is_rejected_with_the_known_names():
     expected = ("unknown backbone 'resnet18'; known: efficientnet_lite0, efficientnet_lite1, "
-                "efficientnet_lite2, resnet50, tiny_cnn, vgg16")
+                "efficientnet_lite2, resnet50, tiny_cnn, vgg16, or timm:<name>")
     with pytest.raises(BackboneError) as info:
         get_backbone_spec("resnet18")
     assert str(info.value) == expected

@@ -88,7 +88,7 @@ def test_bad_config_value_is_a_one_line_error(tmp_path):
     assert result.output == "error: knn.k must be an integer, got 'ten'\n"
     result = invoke("--workdir", str(tmp_path), "train", "--stage", "classifier", "--backbone", "alexnet")
     assert result.exit_code == 1
-    assert result.output == "error: unknown backbone 'alexnet'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50, tiny_cnn, vgg16\n"
+    assert result.output == "error: unknown backbone 'alexnet'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50, tiny_cnn, vgg16, or timm:<name>\n"
     assert (tmp_path / "retdm.toml").read_text() == "[knn]\nk = 3\n"  # rejected values are not kept
 
 

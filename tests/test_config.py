@@ -82,7 +82,7 @@ def test_config_hash_covers_defaults_too():
         ("eval.checkpoint=metric", "eval.checkpoint must be one of classifier, joint, got 'metric'"),
         ("runtime.device=tpu", "runtime.device must be one of auto, cpu, cuda, got 'tpu'"),
         ("joint.way2=cache", "joint.way2 must be one of bank, forward, got 'cache'"),
-        ("model.backbone=alexnet", "unknown backbone 'alexnet'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50, tiny_cnn, vgg16"),
+        ("model.backbone=alexnet", "unknown backbone 'alexnet'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50, tiny_cnn, vgg16, or timm:<name>"),
     ],
 )
 def test_every_value_is_validated_with_its_allowed_range(setting, message):

@@ -8,6 +8,9 @@ Usage::
 
     model, spec = build_backbone("efficientnet_lite0")
     features = model((images - mean) / std)   # mean/std from spec
+
+Besides the names of :data:`BACKBONES`, any timm model is a backbone as ``timm:<name>``
+(:mod:`retdmctl.models.timm_backbones`).
 """
 
 from __future__ import annotations
@@ -23,29 +26,14 @@ import torch
 from torch import nn
 
 from retdmctl.errors import BackboneError
-from retdmctl.models.efficientnet_lite import (
-    EfficientNetLite0,
-    EfficientNetLite1,
-    EfficientNetLite2,
-    package_checkpoint_path,
-)
+from retdmctl.models.lite import LiteBackbone, package_checkpoint_path
+from retdmctl.models.spec import BackboneSpec
+from retdmctl.models.timm_backbones import build_timm, is_timm_name, timm_spec
+from retdmctl.models.weights import load_strict, read_state_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What a caller needs to know about a backbone without building it."""
-
-    name: str
-    out_dim: int  # size of the pooled feature vector forward() returns
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    default_size: int  # default input side in px
-    pretrained_source: str  # one line for help text
-    tunable_blocks: int = 0  # blocks model.tune_blocks may train on cached activations
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -67,34 +55,18 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    """The spec of a registered backbone; :class:`BackboneError` for unknown names."""
+    """The spec of a registered backbone or of ``timm:<name>``; :class:`BackboneError`
+    for unknown names."""
+    if is_timm_name(name):
+        return timm_spec(name)
     try:
         return BACKBONES[name]
     except KeyError:
         known = ", ".join(sorted(BACKBONES))
-        raise BackboneError(f"unknown backbone '{name}'; known: {known}") from None
+        raise BackboneError(f"unknown backbone '{name}'; known: {known}, or timm:<name>") from None
 
 
 # --- architectures -------------------------------------------------------------------
-
-
-class _PooledFeatures:
-    """Mixin for an EfficientNet-Lite: forward returns pooled features; ``_fc`` stays unused."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)
-
-
-class EfficientNetLite0Backbone(_PooledFeatures, EfficientNetLite0):
-    """EfficientNet-Lite0 whose forward returns the (B, 1280) pooled features."""
-
-
-class EfficientNetLite1Backbone(_PooledFeatures, EfficientNetLite1):
-    """EfficientNet-Lite1 whose forward returns the (B, 1280) pooled features."""
-
-
-class EfficientNetLite2Backbone(_PooledFeatures, EfficientNetLite2):
-    """EfficientNet-Lite2 whose forward returns the (B, 1280) pooled features."""
 
 
 class TinyCNN(nn.Module):
@@ -165,9 +137,9 @@ class _Arch:
 
 
 _ARCHS: dict[str, _Arch] = {
-    "efficientnet_lite0": _Arch(EfficientNetLite0Backbone, partial(package_checkpoint_path, "lite0")),
-    "efficientnet_lite1": _Arch(EfficientNetLite1Backbone, partial(package_checkpoint_path, "lite1")),
-    "efficientnet_lite2": _Arch(EfficientNetLite2Backbone, partial(package_checkpoint_path, "lite2")),
+    "efficientnet_lite0": _Arch(partial(LiteBackbone, "lite0"), partial(package_checkpoint_path, "lite0")),
+    "efficientnet_lite1": _Arch(partial(LiteBackbone, "lite1"), partial(package_checkpoint_path, "lite1")),
+    "efficientnet_lite2": _Arch(partial(LiteBackbone, "lite2"), partial(package_checkpoint_path, "lite2")),
     "resnet50": _Arch(_resnet50, _torchvision_cache("ResNet50_Weights.IMAGENET1K_V1"), ("fc.",)),
     "vgg16": _Arch(_vgg16, _torchvision_cache("VGG16_Weights.IMAGENET1K_V1"),
                    ("classifier.3.", "classifier.6.")),
@@ -191,6 +163,8 @@ def build_backbone(name: str, *, pretrained: bool = True,
     Raises:
         BackboneError: unknown name, missing weights, or a file that does not fit.
     """
+    if is_timm_name(name):
+        return build_timm(name, pretrained=pretrained, weights_file=weights_file)
     spec = get_backbone_spec(name)
     arch = _ARCHS[name]
     model = arch.build()
@@ -212,24 +186,4 @@ def build_backbone(name: str, *, pretrained: bool = True,
 
 def _load_weights(model: nn.Module, path: Path, arch: _Arch, name: str) -> None:
     """Strictly load a local state_dict into ``model``; one-line BackboneError otherwise."""
-    if not path.is_file():
-        raise BackboneError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickled objects, ...: all the user's to fix
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackboneError(f"weights file {path} cannot be read as a state_dict: {reason}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"weights file {path} is not a state_dict of tensors")
-
-    state = {k: v for k, v in state.items() if not k.startswith(arch.dropped_prefixes)}
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    mismatched = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        problems = [f"{len(keys)} {what} (e.g. {keys[0]})"
-                    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                       ("shape mismatches", mismatched)) if keys]
-        raise BackboneError(f"weights file {path} does not fit {name}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+    load_strict(model, read_state_file(path), path, name, arch.dropped_prefixes)
