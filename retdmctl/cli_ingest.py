@@ -187,13 +187,14 @@ def _format_opts(keep_empty: bool | None, **extra: Any) -> dict:
 def ingest_coco(
     annotations: Annotated[
         list[Path],
-        typer.Argument(help="instances_*.json files (2014 or 2017).", exists=True, dir_okay=False),
+        typer.Argument(metavar="JSON...", help="instances_*.json files (2014 or 2017).", exists=True, dir_okay=False),
     ],
     images: Annotated[
         Optional[list[Path]],
         typer.Option(
             "--images",
-            help="Image folder: one for all json files or one per file, in order "
+            metavar="DIR",
+            help="Image folder (repeatable): one for all json files or one per file, in order "
             "(default: the official layout, annotations/../train2017 for instances_train2017.json).",
             exists=True,
             file_okay=False,
@@ -201,7 +202,7 @@ def ingest_coco(
     ] = None,
     split: Annotated[
         Optional[list[CocoSplit]],
-        typer.Option("--split", help="train or test per json file, in order (default: train* -> train, val* -> test)."),
+        typer.Option("--split", help="(Repeatable) train or test per json file, in order (default: train* -> train, val* -> test)."),
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,
@@ -325,7 +326,7 @@ def ingest_nuswide(
     ],
     images: Annotated[
         Optional[Path],
-        typer.Option("--images", help="The image folder, <concept>/<file>.jpg (default: PATH/Flickr).", exists=True, file_okay=False),
+        typer.Option("--images", help="The image folder, CONCEPT/FILE.jpg (default: PATH/Flickr).", exists=True, file_okay=False),
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,

@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from retdmctl import distributed
 from retdmctl.config import CHOICES, Config, concrete, parse_set, validate
-from retdmctl.errors import RetdmError
+from retdmctl.errors import ConfigError, RetdmError, UsageError
 from retdmctl.workspace import Workspace
 
 console = Console(highlight=False)
@@ -40,10 +40,26 @@ def _os_error_message(exc: OSError) -> str:
 
 _UsageError = typer.BadParameter.__mro__[1]  # click's UsageError, as vendored by typer
 
+# The exit codes of every command (docs/cli.md).
+EXIT_ERROR = 1  # the command failed: bad input data, a missing stage, a busy workspace, a full disk
+EXIT_USAGE = 2  # the command line is wrong: an unknown option, a bad value, a missing argument, a bad --set
+EXIT_SOME_SKIPPED = 3  # predict: some inputs could not be read and were skipped, the others were scored
+EXIT_INTERRUPTED = 130  # Ctrl-C: finished work is kept
+
 
 class ErrorCatchingGroup(TyperGroup):
     """Turns every RetdmError (and an OS error such as a full disk or a read-only
-    folder) into ``error: <message>`` on stderr and exit code 1."""
+    folder) into ``error: <message>`` on stderr and exit code 1; a usage error (click's,
+    or :class:`~retdmctl.errors.UsageError`) into the same one line and exit code 2.
+    Its commands' help shows metavars, never Python types (:func:`plain_metavars`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        plain_metavars(self)
+
+    def get_command(self, ctx, cmd_name: str):
+        cmd = super().get_command(ctx, cmd_name)
+        return plain_metavars(cmd) if cmd is not None else None
 
     def list_commands(self, ctx) -> list[str]:
         names = list(self.commands)
@@ -53,19 +69,66 @@ class ErrorCatchingGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except distributed.PeerError:  # rank 0 failed and said why
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_ERROR) from None
         except RetdmError as exc:
             typer.echo(f"error: {_rank_prefix()}{exc}", err=True)
-            raise typer.Exit(1) from None
-        except _UsageError as exc:  # a path that does not exist, an unknown option: one line, exit 1
+            raise typer.Exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR) from None
+        except _UsageError as exc:  # a path that does not exist, an unknown option: one line, exit 2
             typer.echo(f"error: {exc.format_message()}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_USAGE) from None
         except OSError as exc:
             typer.echo(f"error: {_rank_prefix()}{_os_error_message(exc)}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def plain_metavars(cmd):
+    """Show ``cmd``'s parameters as a man page does: ``PATH...`` or ``auto|cpu|cuda``,
+    never Typer's type labels (``<list[str]>``, ``<dir>``) or its ``{PATH}`` usage
+    braces. A parameter without a metavar gets one from its type: FILE, DIR, PATH,
+    the choices joined by ``|``, or its name in capitals (an argument). Idempotent."""
+    for param in getattr(cmd, "params", ()):
+        if getattr(param, "_plain_metavar", False) or not hasattr(param, "display_type"):
+            continue
+        if param.metavar is None:
+            param.metavar = _metavar_of(param)
+        if param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None  # the metavar alone in the help
+            param._usage_display_name = _usage_name(param)
+        param._plain_metavar = True
+    return cmd
+
+
+def _metavar_of(param) -> str | None:
+    """A metavar from Typer's type label: ``<list[Path]>`` -> ``PATH``, ``<dir>`` ->
+    ``DIR``, ``<list[train|test]>`` -> ``train|test``; None (a flag) when it has none."""
+    if getattr(param, "is_flag", False):
+        return None
+    try:
+        label = param.display_type(None) or ""
+    except Exception:  # noqa: BLE001 - no label: an argument is named by its name
+        label = ""
+    label = label.strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]
+    if "|" in label:
+        return label
+    names = {"file": "FILE", "dir": "DIR", "path": "PATH", "Path": "PATH", "int": "N", "float": "X", "str": "TEXT"}
+    if param.param_type_name == "argument":
+        return param.name.upper() + ("..." if param.nargs != 1 else "")
+    return names.get(label, label.upper() or None)
+
+
+def _usage_name(param):
+    def usage() -> str:
+        name = param.metavar
+        if param.nargs != 1 and not name.endswith("..."):
+            name += "..."
+        return name if param.required else f"[{name}]"
+
+    return usage
 
 
 def _rank_prefix() -> str:
@@ -89,6 +152,12 @@ def set_workdir(workdir: Path | None) -> None:
         STATE.workdir, STATE.workdir_given = workdir, True
 
 
+def set_config(config: Path | None) -> None:
+    """``-c/--config`` given after the subcommand wins over the one before it."""
+    if config is not None:
+        STATE.config = config
+
+
 def workspace() -> Workspace:
     return Workspace(STATE.workdir.resolve())
 
@@ -109,11 +178,20 @@ def resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None = None)
 
 
 def _resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None) -> Config:
-    merged = parse_set(sets or [])
+    try:
+        merged = parse_set(sets or [])
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     for section, values in overrides.items():
         merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    asked = workspace().load_config(STATE.config, merged)
-    validate(copy.deepcopy(asked))  # every value checked; the auto ones stay auto in ``asked``
+    try:
+        asked = workspace().load_config(STATE.config, merged)
+        validate(copy.deepcopy(asked))  # every value checked; the auto ones stay auto in ``asked``
+    except ConfigError as exc:
+        if merged:  # the files alone are valid: the command line's values are not (exit 2)
+            validate(workspace().load_config(STATE.config))
+            raise UsageError(str(exc)) from None
+        raise
     return asked
 
 
@@ -190,6 +268,11 @@ Force = Annotated[bool, typer.Option("--force", help="Run even when up to date."
 Sets = Annotated[
     Optional[list[str]],
     typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Any config option, e.g. --set knn.k=5 (repeatable)."),
+]
+ConfigFile = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", metavar="FILE", exists=True, dir_okay=False, show_default=False,
+                 help="A TOML config file; flags override it (also accepted before the command)."),
 ]
 Workdir = Annotated[
     Optional[Path],
