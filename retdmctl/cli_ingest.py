@@ -9,7 +9,21 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, choice_enum, console, option, resolve, run_stages, set_workdir, workspace
+from retdmctl.cli_support import (
+    STATE,
+    ConfigFile,
+    ErrorCatchingGroup,
+    Force,
+    Sets,
+    Workdir,
+    choice_enum,
+    console,
+    resolve,
+    run_stages,
+    set_config,
+    set_workdir,
+    workspace,
+)
 from retdmctl.config import Config, apply, load_toml
 from retdmctl.errors import InputError
 
@@ -25,7 +39,7 @@ ingest_app = typer.Typer(
 DATASET_SPECIFIC = (("model", "image_size"),)
 
 
-def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool) -> None:
+def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool, sets: list[str] | None = None) -> None:
     """Ingest with this command's flags over retdm.toml's [ingest]. When the workspace
     held another dataset, the settings of that dataset are reset first and the command
     says so: nothing of an earlier dataset's options leaks into this one."""
@@ -42,7 +56,7 @@ def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bo
                 if overrides.setdefault(section, {}).get(key) is None:  # not given as a flag
                     overrides[section][key] = new
                     notes.append(f"{section}.{key} reset from {old!r} to {new!r}")
-    cfg = resolve(overrides)
+    cfg = resolve(overrides, sets)
     if notes:
         console.print(escape("note: another dataset: " + "; ".join(notes)), soft_wrap=True)
     run_stages(cfg, ["ingest"], force)
@@ -91,8 +105,10 @@ def ingest_demo(
     seed: Seed = None,
     val_fraction: ValFraction = None,
     workers: Workers = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Generate the built-in procedural demo set (seconds; no download).
 
@@ -101,9 +117,10 @@ def ingest_demo(
     A dense set, 4-6 of 20 labels per image: retdmctl ingest demo --classes 20 --labels 4-6
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, None, None, workers, None)
     opts.update({"demo_images": images, "demo_classes": classes, "demo_labels": labels})
-    _ingest("demo", "", "", opts, force)
+    _ingest("demo", "", "", opts, force, sets)
 
 
 @ingest_app.command("scene")
@@ -115,16 +132,19 @@ def ingest_scene(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read the MIML natural-scene set with the reference 80/20 split.
 
     Example: retdmctl ingest scene ../shared/data/scene --seed 0
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, 0.2)
-    _ingest("scene", str(path.resolve()), "", opts, force)
+    _ingest("scene", str(path.resolve()), "", opts, force, sets)
 
 
 @ingest_app.command("csv")
@@ -149,8 +169,10 @@ def ingest_csv(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read your own images and a label CSV (random test split).
 
@@ -160,9 +182,10 @@ def ingest_csv(
     Example: retdmctl ingest csv labels.csv --images photos/ --classes cat,dog,car
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts["classes"] = classes
-    _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force)
+    _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force, sets)
 
 
 KeepEmpty = Annotated[
@@ -212,14 +235,17 @@ def ingest_coco(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read MS-COCO instances_*.json files: 80 classes, train* -> train, val* -> test.
 
     Example: retdmctl ingest coco coco/annotations/instances_train2017.json coco/annotations/instances_val2017.json
     """
     set_workdir(workdir)
+    set_config(config)
     from retdmctl.data.readers.coco import default_image_dir
     from stages.ingest import join_list
 
@@ -233,7 +259,7 @@ def ingest_coco(
                 raise InputError(f"{ann}: image folder {folder} not found; give it with --images")
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(_format_opts(keep_empty, coco_splits=join_list(s.value for s in split or [])))
-    _ingest("coco", join_list(jsons), join_list(folders), opts, force)
+    _ingest("coco", join_list(jsons), join_list(folders), opts, force, sets)
 
 
 @ingest_app.command("voc")
@@ -258,14 +284,17 @@ def ingest_voc(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read PASCAL VOC 2007/2012: 20 classes, trainval -> train, test -> test.
 
     Example: retdmctl ingest voc VOCdevkit --year 2007
     """
     set_workdir(workdir)
+    set_config(config)
     from stages.ingest import join_list
 
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
@@ -276,7 +305,7 @@ def ingest_voc(
             voc_difficult=difficult.value if difficult else None,
         )
     )
-    _ingest("voc", str(path.resolve()), "", opts, force)
+    _ingest("voc", str(path.resolve()), "", opts, force, sets)
 
 
 @ingest_app.command("mirflickr")
@@ -301,17 +330,20 @@ def ingest_mirflickr(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read MIRFLICKR-25K: 24 labels (the *_r1 files are ignored), seeded 80/20 split.
 
     Example: retdmctl ingest mirflickr ~/data/mirflickr25k --seed 0
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(_format_opts(keep_empty))
-    _ingest("mirflickr", str(path.resolve()), str(images.resolve()) if images else "", opts, force)
+    _ingest("mirflickr", str(path.resolve()), str(images.resolve()) if images else "", opts, force, sets)
 
 
 @ingest_app.command("nuswide")
@@ -335,14 +367,17 @@ def ingest_nuswide(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read NUS-WIDE: 81 concepts, the official train/test split; missing images are counted.
 
     Example: retdmctl ingest nuswide ~/data/NUS-WIDE --images ~/data/NUS-WIDE/Flickr
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)
     opts.update(_format_opts(keep_empty))
-    _ingest("nuswide", str(path.resolve()), str(images.resolve()) if images else "", opts, force)
+    _ingest("nuswide", str(path.resolve()), str(images.resolve()) if images else "", opts, force, sets)

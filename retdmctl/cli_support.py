@@ -187,7 +187,7 @@ def _resolve(overrides: dict[str, dict[str, Any]], sets: list[str] | None) -> Co
     try:
         asked = workspace().load_config(STATE.config, merged)
         validate(copy.deepcopy(asked))  # every value checked; the auto ones stay auto in ``asked``
-    except ConfigError as exc:
+    except RetdmError as exc:  # a bad value, an unknown backbone
         if merged:  # the files alone are valid: the command line's values are not (exit 2)
             validate(workspace().load_config(STATE.config))
             raise UsageError(str(exc)) from None
