@@ -115,7 +115,7 @@ def _metavar_of(param) -> str | None:
         label = label[5:-1]
     if "|" in label:
         return label
-    names = {"file": "FILE", "dir": "DIR", "path": "PATH", "Path": "PATH", "int": "N", "float": "X", "str": "TEXT"}
+    names = {"file": "FILE", "dir": "DIR", "path": "PATH", "Path": "PATH", "int": "N", "float": "X", "str": "VALUE"}
     if param.param_type_name == "argument":
         return param.name.upper() + ("..." if param.nargs != 1 else "")
     return names.get(label, label.upper() or None)
