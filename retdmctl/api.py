@@ -251,10 +251,12 @@ class Workspace:
         where, folders, opts = _ingest_options(source, path, images, options)
         return self.ingest_resolved(source, where, folders, opts, force)
 
-    def ingest_resolved(self, source: str, path: str, images: str, options: dict[str, Any], force: bool = False) -> Workspace:
-        """:meth:`ingest` with resolved, "|"-joined paths and [ingest] keys (what the CLI passes)."""
+    def ingest_resolved(self, source: str, path: str, images: str, options: dict[str, Any], force: bool = False,
+                        sets: Overrides = None) -> Workspace:
+        """:meth:`ingest` with resolved, "|"-joined paths and [ingest] keys (what the CLI
+        passes); ``sets``: further overrides, as ``--set`` takes them."""
         overrides, notes = ingest_overrides(self.layout, self.config_file, source, path, images, options)
-        asked = resolve_config(self.layout, self.config_file, merge_overrides(None, overrides))
+        asked = resolve_config(self.layout, self.config_file, merge_overrides(sets, overrides))
         if notes:
             self.console.print(escape("note: another dataset: " + "; ".join(notes)), soft_wrap=True)
         self._run(asked, ["ingest"], force)

@@ -7,6 +7,7 @@ later ``retdmctl run`` runs with the same values. Errors a user can cause are
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -24,6 +25,7 @@ from retdmctl.allocator import tune_allocator
 from retdmctl.cli_ingest import ingest_app
 from retdmctl.cli_support import (
     STATE,
+    ConfigFile,
     ErrorCatchingGroup,
     Force,
     Sets,
@@ -34,6 +36,7 @@ from retdmctl.cli_support import (
     read_workspace,
     resolve,
     run_stages,
+    set_config,
     set_workdir,
     workspace,
 )
@@ -48,7 +51,9 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="RETDM multi-label image classification as a resumable pipeline:\n\n"
     "ingest -> knn -> train (classifier, metric, joint) -> eval.\n\n"
-    "Example: retdmctl quickstart",
+    "Example: retdmctl quickstart\n\n"
+    "Exit codes: 0 done; 1 error; 2 usage error (bad option, value, argument or --set); "
+    "3 predict skipped some inputs; 130 interrupted (docs/cli.md).",
 )
 app.add_typer(ingest_app, name="ingest")
 
@@ -105,12 +110,14 @@ def knn(
     sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Build the label-set kNN graph of the training split (knn.h5).
 
     Example: retdmctl knn --k 10
     """
     set_workdir(workdir)
+    set_config(config)
     cfg = resolve({"knn": {"k": k, "index": index.value if index else None}}, sets)
     run_stages(cfg, ["knn"], force)
 
@@ -141,8 +148,8 @@ def train(
     batch_size: Annotated[Optional[int], option(metavar="N", default="model.batch_size", help="Images per batch.")] = None,
     tune_blocks: Annotated[Optional[int], TUNE_BLOCKS] = None,
     views: Annotated[Optional[int], VIEWS] = None,
-    epochs: Annotated[Optional[int], option(metavar="N", help="Epochs of this stage.  [default: 20 (joint: 10), or <stage>.epochs in retdm.toml]")] = None,
-    lr: Annotated[Optional[float], option(metavar="LR", help="Learning rate of this stage.  [default: classifier 0.1, metric 0.01, joint 0.001, or <stage>.lr in retdm.toml]")] = None,
+    epochs: Annotated[Optional[int], option(metavar="N", help="Epochs of this stage.  [default: 20 (joint: 10), or STAGE.epochs in retdm.toml]")] = None,
+    lr: Annotated[Optional[float], option(metavar="LR", help="Learning rate of this stage.  [default: classifier 0.1, metric 0.01, joint 0.001, or STAGE.lr in retdm.toml]")] = None,
     alpha: Annotated[Optional[float], option(metavar="W", default="loss.alpha", help="Weight of the metric loss (>= 0).")] = None,
     beta: Annotated[Optional[float], option(metavar="W", default="loss.beta", help="Weight of the reconstruction loss (>= 0).")] = None,
     lam: Annotated[Optional[float], option("--lambda", metavar="W", default="loss.lam", help="Weight of way 2 (>= 0; 0 = one-way).")] = None,
@@ -159,6 +166,7 @@ def train(
     sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Train one stage: classifier (L_cls), metric (psi and W_r on cached features) or
     joint (everything with L = L_cls + alpha L_metric + beta L_rec).
@@ -166,6 +174,7 @@ def train(
     Example: retdmctl train --stage classifier --frozen-backbone --epochs 20
     """
     set_workdir(workdir)
+    set_config(config)
     name = stage.value
     overrides = {
         "model": {
@@ -201,17 +210,20 @@ def eval_(
                help="Fuse the scores with the vote of the nearest training images, as chosen on validation "
                     "when the model was trained (--no-fusion: the classifier's scores alone)."),
     ] = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Score a split with a trained model; write scores.h5, metrics.json and report.html.
 
-    The options here are for this evaluation only: they are not saved to retdm.toml, so
-    a later `retdmctl run` still evaluates what the config says.
+    The options here (--set included) are for this evaluation only: they are not saved
+    to retdm.toml, so a later `retdmctl run` still evaluates what the config says.
 
     Example: retdmctl eval --checkpoint classifier --split val
     """
     set_workdir(workdir)
+    set_config(config)
     overrides = {
         "eval": {
             "checkpoint": checkpoint.value if checkpoint else None,
@@ -222,7 +234,7 @@ def eval_(
             "fusion": fusion,
         }
     }
-    cfg = resolve(overrides)
+    cfg = resolve(overrides, sets)
     run_stages(cfg, ["eval"], force, persist=False)
 
 
@@ -249,6 +261,7 @@ def run(
     sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Run every stage in order, skipping those already up to date.
 
@@ -257,6 +270,7 @@ def run(
     from stages import PIPELINE
 
     set_workdir(workdir)
+    set_config(config)
     names = [s.name for s in PIPELINE]
     started = time.perf_counter()
     cfg = resolve({"model": {"frozen_backbone": frozen_backbone, "tune_blocks": tune_blocks, "views": views}}, sets)
@@ -265,25 +279,40 @@ def run(
 
 
 @app.command()
-def status(workdir: Workdir = None) -> None:
+def status(
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print JSON instead of the table: the workspace, each stage's name, state, reason "
+                                    "and command, and the labels line (null when every label is read); see docs/cli.md."),
+    ] = False,
+    workdir: Workdir = None,
+    config: ConfigFile = None,
+) -> None:
     """Show each stage as done, stale or missing, and why. Reads only: works while
     another command is writing the workspace.
 
-    Example: retdmctl status
+    Example: retdmctl status --json
     """
     from retdmctl.api import Workspace as ApiWorkspace
 
     set_workdir(workdir)
+    set_config(config)
     ws = read_workspace()
     cfg = ws.load_config(STATE.config)
+    states = ApiWorkspace(ws.root, config_file=STATE.config).status()  # pipeline.status, the one definition
+    line = _labels_line(ws, cfg)
+    if as_json:
+        stages = [{"name": name, **st} for name, st in states.items()]
+        typer.echo(json.dumps({"workspace": str(ws.root), "stages": stages, "labels": line}, indent=2))
+        return
     table = Table(title=escape(f"retdmctl status ({ws.root})"))
     for col in ("stage", "state", "reason", "command"):
         table.add_column(col)
-    for name, st in ApiWorkspace(ws.root, config_file=STATE.config).status().items():
+    for name, st in states.items():
         color = {"done": "green", "stale": "yellow", "missing": "red"}[st["state"]]
         table.add_row(name, f"[{color}]{st['state']}[/]", escape(st["reason"]), st["command"])
     console.print(table)
-    if (line := _labels_line(ws, cfg)) is not None:
+    if line is not None:
         console.print(escape(line))
 
 
@@ -354,13 +383,20 @@ def _labels_line(ws, cfg) -> str | None:
     return f"training labels: protocol {lab.protocol}{fraction} (seed {lab.seed}), {reading}{clml}{validation}{dataset}"
 
 QUICKSTART_WORKDIR = Path("retdm-quickstart")
+QuickstartWorkdir = Annotated[
+    Optional[Path],
+    typer.Option("--workdir", "-w", metavar="DIR", file_okay=False, show_default=False,
+                 help=f"Where the demo's artifacts live (also accepted before the command; $RETDM_WORKDIR is ignored).  "
+                      f"[default: ./{QUICKSTART_WORKDIR}]"),
+]
 
 
 @app.command()
 def quickstart(
     images: Annotated[int, typer.Option(metavar="N", help="Demo images.")] = 2000,
     force: Force = False,
-    workdir: Workdir = None,
+    workdir: QuickstartWorkdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Every stage on the built-in demo set (frozen EfficientNet-Lite0 on the CPU, pooled
     features: --tune-blocks 0 --views 1), then the metrics table. Takes about half a
@@ -371,6 +407,7 @@ def quickstart(
     Example: retdmctl quickstart
     """
     set_workdir(workdir)
+    set_config(config)
     if not STATE.workdir_given or (STATE.workdir_from_env and workdir is None):  # $RETDM_WORKDIR is not -w
         STATE.workdir = QUICKSTART_WORKDIR
     _refuse_another_dataset(workspace())

@@ -9,7 +9,18 @@ from typing import Annotated, Any, Optional
 import typer
 
 from retdmctl.api import Workspace
-from retdmctl.cli_support import STATE, ErrorCatchingGroup, Force, Workdir, choice_enum, console, set_workdir
+from retdmctl.cli_support import (
+    STATE,
+    ConfigFile,
+    ErrorCatchingGroup,
+    Force,
+    Sets,
+    Workdir,
+    choice_enum,
+    console,
+    set_config,
+    set_workdir,
+)
 from retdmctl.config import Config
 from retdmctl.errors import InputError
 
@@ -21,11 +32,12 @@ ingest_app = typer.Typer(
 
 
 # --- ingest ------------------------------------------------------------------
-def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool) -> None:
-    """Ingest with this command's flags over retdm.toml's [ingest]
+def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bool, sets: list[str] | None = None) -> None:
+    """Ingest with this command's flags (and ``--set``) over retdm.toml's [ingest]
     (:meth:`retdmctl.api.Workspace.ingest_resolved`): when the workspace held another
     dataset, the settings of that dataset are reset first and the command says so."""
-    Workspace(STATE.workdir, config_file=STATE.config, console=console).ingest_resolved(source, path, images, opts, force)
+    Workspace(STATE.workdir, config_file=STATE.config, console=console).ingest_resolved(
+        source, path, images, opts, force, sets=sets)
 
 
 def _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction=None) -> dict:
@@ -71,8 +83,10 @@ def ingest_demo(
     seed: Seed = None,
     val_fraction: ValFraction = None,
     workers: Workers = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Generate the built-in procedural demo set (seconds; no download).
 
@@ -81,9 +95,10 @@ def ingest_demo(
     A dense set, 4-6 of 20 labels per image: retdmctl ingest demo --classes 20 --labels 4-6
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, None, None, workers, None)
     opts.update({"demo_images": images, "demo_classes": classes, "demo_labels": labels})
-    _ingest("demo", "", "", opts, force)
+    _ingest("demo", "", "", opts, force, sets)
 
 
 @ingest_app.command("scene")
@@ -95,16 +110,19 @@ def ingest_scene(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read the MIML natural-scene set with the reference 80/20 split.
 
     Example: retdmctl ingest scene ../shared/data/scene --seed 0
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, 0.2)
-    _ingest("scene", str(path.resolve()), "", opts, force)
+    _ingest("scene", str(path.resolve()), "", opts, force, sets)
 
 
 @ingest_app.command("csv")
@@ -129,8 +147,10 @@ def ingest_csv(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read your own images and a label CSV (random test split).
 
@@ -140,9 +160,10 @@ def ingest_csv(
     Example: retdmctl ingest csv labels.csv --images photos/ --classes cat,dog,car
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts["classes"] = classes
-    _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force)
+    _ingest("csv", str(labels.resolve()), str(images.resolve()), opts, force, sets)
 
 
 KeepEmpty = Annotated[
@@ -167,13 +188,14 @@ def _format_opts(keep_empty: bool | None, **extra: Any) -> dict:
 def ingest_coco(
     annotations: Annotated[
         list[Path],
-        typer.Argument(help="instances_*.json files (2014 or 2017).", exists=True, dir_okay=False),
+        typer.Argument(metavar="JSON...", help="instances_*.json files (2014 or 2017).", exists=True, dir_okay=False),
     ],
     images: Annotated[
         Optional[list[Path]],
         typer.Option(
             "--images",
-            help="Image folder: one for all json files or one per file, in order "
+            metavar="DIR",
+            help="Image folder (repeatable): one for all json files or one per file, in order "
             "(default: the official layout, annotations/../train2017 for instances_train2017.json).",
             exists=True,
             file_okay=False,
@@ -181,7 +203,7 @@ def ingest_coco(
     ] = None,
     split: Annotated[
         Optional[list[CocoSplit]],
-        typer.Option("--split", help="train or test per json file, in order (default: train* -> train, val* -> test)."),
+        typer.Option("--split", help="(Repeatable) train or test per json file, in order (default: train* -> train, val* -> test)."),
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,
@@ -191,14 +213,17 @@ def ingest_coco(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read MS-COCO instances_*.json files: 80 classes, train* -> train, val* -> test.
 
     Example: retdmctl ingest coco coco/annotations/instances_train2017.json coco/annotations/instances_val2017.json
     """
     set_workdir(workdir)
+    set_config(config)
     from retdmctl.data.readers.coco import default_image_dir
     from stages.ingest import join_list
 
@@ -212,7 +237,7 @@ def ingest_coco(
                 raise InputError(f"{ann}: image folder {folder} not found; give it with --images")
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(_format_opts(keep_empty, coco_splits=join_list(s.value for s in split or [])))
-    _ingest("coco", join_list(jsons), join_list(folders), opts, force)
+    _ingest("coco", join_list(jsons), join_list(folders), opts, force, sets)
 
 
 @ingest_app.command("voc")
@@ -237,14 +262,17 @@ def ingest_voc(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read PASCAL VOC 2007/2012: 20 classes, trainval -> train, test -> test.
 
     Example: retdmctl ingest voc VOCdevkit --year 2007
     """
     set_workdir(workdir)
+    set_config(config)
     from stages.ingest import join_list
 
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
@@ -255,7 +283,7 @@ def ingest_voc(
             voc_difficult=difficult.value if difficult else None,
         )
     )
-    _ingest("voc", str(path.resolve()), "", opts, force)
+    _ingest("voc", str(path.resolve()), "", opts, force, sets)
 
 
 @ingest_app.command("mirflickr")
@@ -280,17 +308,20 @@ def ingest_mirflickr(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read MIRFLICKR-25K: 24 labels (the *_r1 files are ignored), seeded 80/20 split.
 
     Example: retdmctl ingest mirflickr ~/data/mirflickr25k --seed 0
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction)
     opts.update(_format_opts(keep_empty))
-    _ingest("mirflickr", str(path.resolve()), str(images.resolve()) if images else "", opts, force)
+    _ingest("mirflickr", str(path.resolve()), str(images.resolve()) if images else "", opts, force, sets)
 
 
 @ingest_app.command("nuswide")
@@ -305,7 +336,7 @@ def ingest_nuswide(
     ],
     images: Annotated[
         Optional[Path],
-        typer.Option("--images", help="The image folder, <concept>/<file>.jpg (default: PATH/Flickr).", exists=True, file_okay=False),
+        typer.Option("--images", help="The image folder, CONCEPT/FILE.jpg (default: PATH/Flickr).", exists=True, file_okay=False),
     ] = None,
     keep_empty: KeepEmpty = None,
     seed: Seed = None,
@@ -314,14 +345,17 @@ def ingest_nuswide(
     keep_original: KeepOriginal = None,
     workers: Workers = None,
     strict: Strict = None,
+    sets: Sets = None,
     force: Force = False,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Read NUS-WIDE: 81 concepts, the official train/test split; missing images are counted.
 
     Example: retdmctl ingest nuswide ~/data/NUS-WIDE --images ~/data/NUS-WIDE/Flickr
     """
     set_workdir(workdir)
+    set_config(config)
     opts = _split_opts(seed, val_fraction, short_side, keep_original, workers, strict)
     opts.update(_format_opts(keep_empty))
-    _ingest("nuswide", str(path.resolve()), str(images.resolve()) if images else "", opts, force)
+    _ingest("nuswide", str(path.resolve()), str(images.resolve()) if images else "", opts, force, sets)

@@ -13,13 +13,11 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from retdmctl.cli_support import STATE, Workdir, console, set_workdir
+from retdmctl.cli_support import EXIT_SOME_SKIPPED, STATE, ConfigFile, Sets, Workdir, console, resolve, set_config, set_workdir
 from retdmctl.config import CHOICES, CLASSIFYING_STAGES
-from retdmctl.errors import RetdmError
+from retdmctl.errors import RetdmError, UsageError
 from retdmctl import distributed
 from retdmctl.lock import workspace_lock
-
-EXIT_SOME_SKIPPED = 2
 
 
 class OutputFormat(str, Enum):
@@ -41,7 +39,11 @@ CheckpointOpt = Annotated[
         show_default=False,
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="|".join(CHOICES["runtime.device"]), help="auto (GPU when available), cpu or cuda.")]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", metavar="|".join(CHOICES["runtime.device"]), show_default=False,
+                 help="auto (GPU when available), cpu or cuda.  [default: runtime.device of the workspace's config: auto]"),
+]
 FusionOpt = Annotated[
     bool,
     typer.Option("--fusion/--no-fusion",
@@ -50,30 +52,34 @@ FusionOpt = Annotated[
 ]
 
 
-def _predictor(checkpoint: str | None, device: str, fusion: bool = True):
+def _predictor(checkpoint: str | None, device: str | None, fusion: bool = True, sets: list[str] | None = None):
+    """The predictor of ``checkpoint`` (a stage of the workdir or a file) on ``device``
+    (None: the config's runtime.device). The workspace's config, with ``sets`` over it,
+    gives the device and judges whether the model is out of date."""
     from retdmctl.inference import load_predictor
 
     if checkpoint is not None and checkpoint not in CLASSIFYING_STAGES:
         path = Path(checkpoint)
         if not path.is_file():
-            raise RetdmError(f"--checkpoint must be {', '.join(CLASSIFYING_STAGES)} or a checkpoint file; {checkpoint!r} is none of them")
-        return load_predictor(path, device=device, fusion=fusion)
+            raise UsageError(f"--checkpoint must be {', '.join(CLASSIFYING_STAGES)} or a checkpoint file; {checkpoint!r} is none of them")
+        cfg = resolve({}, sets) if sets or STATE.config else None
+        return load_predictor(path, device=device or (cfg.runtime.device if cfg else "auto"), fusion=fusion)
     root = STATE.workdir.resolve()
     if not root.is_dir():
         raise RetdmError(f"workdir {root} does not exist: pass -w WORKDIR (or train a model first)")
-    predictor = load_predictor(root, checkpoint, device=device, fusion=fusion)
-    _warn_if_stale(root, predictor.stage)
+    cfg = resolve({}, sets)
+    predictor = load_predictor(root, checkpoint, device=device or cfg.runtime.device, fusion=fusion)
+    _warn_if_stale(root, predictor.stage, cfg)
     return predictor
 
 
-def _warn_if_stale(root: Path, stage: str) -> None:
+def _warn_if_stale(root: Path, stage: str, cfg) -> None:
     """A model older than the workspace's config or data still predicts, but says so."""
     from retdmctl.pipeline import status
     from retdmctl.workspace import Workspace
     from stages import BY_NAME, PIPELINE
 
-    ws = Workspace(root)
-    st = status(ws, ws.load_config(STATE.config), BY_NAME[stage], PIPELINE)
+    st = status(Workspace(root), cfg, BY_NAME[stage], PIPELINE)
     if st.state != "done":
         typer.echo(f"warning: the {stage} model is out of date ({st.reason}); `retdmctl run` retrains it", err=True)
 
@@ -100,9 +106,11 @@ def predict(
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", help="At most this many labels per image, best first (0: no limit).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per forward pass.")] = 32,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     fusion: FusionOpt = True,
+    sets: Sets = None,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Predict the labels of new images with a trained model.
 
@@ -110,13 +118,17 @@ def predict(
     validation split when the checkpoint has them, else 0.5). Files that cannot be read
     or decoded are reported on stderr, one line each, and skipped.
 
-    Exit codes: 0 every image was scored; 2 some inputs were skipped (the others were
-    scored and written); 1 nothing could be scored, or bad options.
+    --set SECTION.KEY=VALUE applies to the workspace's config as read here (the device,
+    and whether the model is out of date); nothing is saved.
+
+    Exit codes: 0 every image was scored; 3 some inputs were skipped (the others were
+    scored and written); 1 nothing could be scored; 2 a usage error (bad option or value).
 
     Example: retdmctl predict photos/ --format jsonl
     """
     distributed.single_process("predict")
     set_workdir(workdir)
+    set_config(config)
     from retdmctl.predict import (
         Prediction,
         csv_header,
@@ -131,20 +143,20 @@ def predict(
     from retdmctl.workspace import write_text_atomic
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise RetdmError(f"--threshold must be between 0 and 1, got {threshold}")
+        raise UsageError(f"--threshold must be between 0 and 1, got {threshold}")
     if top_k < 0:
-        raise RetdmError(f"--top-k must be 0 or more, got {top_k}")
+        raise UsageError(f"--top-k must be 0 or more, got {top_k}")
     if fmt is None:
         fmt = OutputFormat.table if output is None else (OutputFormat.csv if output.suffix.lower() == ".csv" else OutputFormat.jsonl)
     if fmt is OutputFormat.table and output is not None:
-        raise RetdmError("--format table prints to the terminal; use --format jsonl or csv with --output")
+        raise UsageError("--format table prints to the terminal; use --format jsonl or csv with --output")
 
     files, skipped = expand_inputs(paths)
     for s in skipped:
         stderr_line(f"skipped {s.path}: {s.reason}")
     if not files:
         raise RetdmError("no image files to score")
-    predictor = _predictor(checkpoint, device, fusion)
+    predictor = _predictor(checkpoint, device, fusion, sets)
     thresholds = None if threshold is None else np.full(len(predictor.class_names), threshold)
 
     names = predictor.class_names
@@ -198,7 +210,9 @@ def export(
     ] = None,
     checkpoint: CheckpointOpt = None,
     fusion: FusionOpt = True,
+    sets: Sets = None,
     workdir: Workdir = None,
+    config: ConfigFile = None,
 ) -> None:
     """Export the image network (backbone, embedding, classification head) for serving.
 
@@ -212,6 +226,7 @@ def export(
     Example: retdmctl export --format onnx --output model.onnx
     """
     set_workdir(workdir)
+    set_config(config)
     distributed.single_process("export")
     from retdmctl.export import EXTRA_HINT
 
@@ -220,7 +235,7 @@ def export(
             import onnx  # noqa: F401
         except ImportError:
             raise RetdmError(EXTRA_HINT) from None
-    predictor = _predictor(checkpoint, "cpu", fusion)
+    predictor = _predictor(checkpoint, "cpu", fusion, sets)
     if output is None:
         name = f"{predictor.stage}.onnx" if fmt is ExportFormat.onnx else f"{predictor.stage}.torchscript.pt"
         output = STATE.workdir.resolve() / "export" / name

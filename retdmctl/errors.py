@@ -1,7 +1,8 @@
 """One exception hierarchy for every error a user can cause.
 
 The CLI catches :class:`RetdmError` once, prints ``error: <message>`` on one line and
-exits with code 1. Anything else is a bug and keeps its traceback.
+exits with code 1 (2 for a :class:`UsageError`). Anything else is a bug and keeps its
+traceback.
 """
 
 
@@ -31,3 +32,7 @@ class WorkspaceBusyError(RetdmError):
 
 class CheckpointError(RetdmError):
     """A checkpoint is unreadable or does not fit the model it is loaded into."""
+
+
+class UsageError(RetdmError):
+    """A bad option value, flag combination or ``--set`` on the command line: exit code 2."""

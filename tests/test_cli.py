@@ -24,8 +24,8 @@ def test_demo_labels_option_is_documented_and_checked(tmp_path):
     help_text = runner.invoke(app, ["ingest", "demo", "--help"], terminal_width=200).output
     assert "--labels" in help_text and "--classes 20 --labels 4-6" in help_text
     result = invoke("--workdir", str(tmp_path), "ingest", "demo", "--labels", "12")
-    assert (result.exit_code, result.output) == (
-        1, "error: ingest.demo_labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9 (e.g. 4-6), got '12'\n")
+    assert (result.exit_code, result.output) == (  # a bad option value: a usage error
+        2, "error: ingest.demo_labels must be K or MIN-MAX with 1 <= MIN <= MAX <= 9 (e.g. 4-6), got '12'\n")
     result = invoke("--workdir", str(tmp_path), "ingest", "demo", "--classes", "5", "--labels", "4-6")
     assert result.exit_code == 1
     assert result.output.endswith("error: demo: --labels 4-6 needs at least 6 classes, got --classes 5\n")
@@ -46,7 +46,7 @@ def test_a_stage_without_a_dataset_names_the_command_to_run_first(tmp_path):
 
 def test_missing_path_is_a_one_line_error(tmp_path):
     result = invoke("--workdir", str(tmp_path), "ingest", "scene", str(tmp_path / "nope"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error
     assert result.output.count("\n") == 1 and result.output.startswith("error: ")
     assert "nope" in result.output and "does not exist" in result.output
 
@@ -84,10 +84,10 @@ def test_unreadable_images_only_are_an_error(tmp_path):
 def test_bad_config_value_is_a_one_line_error(tmp_path):
     (tmp_path / "retdm.toml").write_text("[knn]\nk = 3\n")
     result = invoke("--workdir", str(tmp_path), "run", "--set", "knn.k=ten")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad --set is a usage error
     assert result.output == "error: knn.k must be an integer, got 'ten'\n"
     result = invoke("--workdir", str(tmp_path), "train", "--stage", "classifier", "--backbone", "alexnet")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output == "error: unknown backbone 'alexnet'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50, tiny_cnn, vgg16, or timm:<name>\n"
     assert (tmp_path / "retdm.toml").read_text() == "[knn]\nk = 3\n"  # rejected values are not kept
 
@@ -132,13 +132,13 @@ def test_version():
 def test_tune_blocks_and_views_need_a_frozen_backbone(tmp_path):
     args = ["-w", str(tmp_path), "train", "--stage", "classifier", "--finetune-backbone"]
     result = runner.invoke(app, [*args, "--tune-blocks", "2"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # flags that do not go together: a usage error
     assert result.output.strip() == ("error: model.tune_blocks applies to --frozen-backbone (cached inputs); "
                                      "fine-tuning trains the whole backbone on freshly augmented images")
     result = runner.invoke(app, [*args, "--views", "4"])
-    assert result.exit_code == 1 and "error: model.views applies to --frozen-backbone" in result.output
+    assert result.exit_code == 2 and "error: model.views applies to --frozen-backbone" in result.output
     result = runner.invoke(app, ["-w", str(tmp_path), "run", "--frozen-backbone", "--tune-blocks", "17"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.strip() == "error: model.tune_blocks must be <= 16 for efficientnet_lite0, got 17"
     assert not (tmp_path / "retdm.toml").exists()  # nothing saved
 

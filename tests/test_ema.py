@@ -157,7 +157,7 @@ def test_validate_rejects_an_ema_of_one(tmp_path):
         validate(cfg)
     assert str(err.value) == "classifier.ema must be in [0, 1), got 1.0"
     result = CliRunner().invoke(app, ["--workdir", str(tmp_path), "run", "--set", "joint.ema=1"])
-    assert (result.exit_code, result.output) == (1, "error: joint.ema must be in [0, 1), got 1.0\n")
+    assert (result.exit_code, result.output) == (2, "error: joint.ema must be in [0, 1), got 1.0\n")
 
 
 def test_set_takes_the_ema_of_each_stage(tmp_path):

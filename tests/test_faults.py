@@ -226,9 +226,9 @@ def test_leftovers_are_removed_only_when_their_writer_is_dead(tmp_path):
 def test_a_rejected_option_changes_nothing(work):
     before = snapshot(work)
     result = invoke("--workdir", work, "train", "--stage", "metric", "--alpha", "-5")
-    assert (result.exit_code, result.output) == (1, "error: loss.alpha must be >= 0, got -5.0\n")
+    assert (result.exit_code, result.output) == (2, "error: loss.alpha must be >= 0, got -5.0\n")
     result = invoke("--workdir", work, "run", "--set", "loss.alpha=-5")
-    assert (result.exit_code, result.output) == (1, "error: loss.alpha must be >= 0, got -5.0\n")
+    assert (result.exit_code, result.output) == (2, "error: loss.alpha must be >= 0, got -5.0\n")
     assert snapshot(work) == before  # retdm.toml byte-identical, metric checkpoint unchanged
     assert set(stage_states(work).values()) == {"done"}
 
@@ -324,7 +324,7 @@ def test_help_lists_commands_in_pipeline_order_without_type_names():
     train = runner.invoke(app, ["train", "--help"], terminal_width=200).output
     assert "[default: (224, or model.image_size in retdm.toml)]" in train
     eval_help = runner.invoke(app, ["eval", "--help"], terminal_width=200).output
-    assert "<classifier|joint>" in eval_help and "metric" not in eval_help.split("--checkpoint")[1].split("\n")[0]
+    assert "--checkpoint classifier|joint" in eval_help and "metric" not in eval_help.split("--checkpoint")[1].split("\n")[0]
 
 
 def test_workdir_is_accepted_after_the_command(work):

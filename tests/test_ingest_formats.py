@@ -465,5 +465,5 @@ def test_new_commands_have_examples_and_validate_paths(tmp_path):
         result = RUNNER.invoke(app, ["ingest", fmt, "--help"])
         assert result.exit_code == 0 and f"Example: retdmctl ingest {fmt} " in result.output, fmt
         missing = cli(tmp_path, "ingest", fmt, str(tmp_path / "nope"))
-        assert missing.exit_code == 1 and missing.output.count("\n") == 1, fmt
+        assert missing.exit_code == 2 and missing.output.count("\n") == 1, fmt  # a usage error
         assert missing.output.startswith("error: Invalid value for ") and "nope' does not exist." in missing.output

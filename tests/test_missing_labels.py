@@ -422,7 +422,7 @@ def test_train_flags_set_the_protocol_and_status_shows_it(tmp_path):
     result = invoke("train", "--stage", "classifier", "--labels-fraction", "1.5")
     assert result.exit_code != 0 and "labels.fraction must be in (0, 1], got 1.5" in result.output
     result = invoke("train", "--stage", "classifier", "--set", "loss.base=bce", "--set", "labels.unknown=ignore")
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.splitlines()[-1] == (
         "error: labels.unknown = ignore with labels.protocol = keep trains on positives only: every entry not kept is "
         "unknown, true negatives included; use labels.unknown = negative or loss.base = llr")

@@ -106,11 +106,11 @@ def test_predictor_matches_the_eval_scores(trained):
     assert np.abs(got - ref).max() < 1e-5
 
 
-def test_table_output_and_exit_code_2_for_skipped_files(trained, images):
+def test_table_output_and_exit_code_3_for_skipped_files(trained, images):
     ws, _ = trained
     root, paths, _ = images
     result = invoke(ws, str(root))
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     assert "broken.jpg: not an image file" in result.stderr
     assert "notes.txt" not in result.output  # folders yield image files only
     for p in paths:
