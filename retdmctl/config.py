@@ -105,7 +105,7 @@ class ModelConfig:
     dropout: float = 0.2
     batch_size: int = 64
     # The backbone's learning rate relative to the heads' when fine-tuning: pretrained
-    # layers want smaller steps than the new heads (see README, "Measured results").
+    # layers want smaller steps than the new heads (docs/results.md).
     backbone_lr_mult: float = 0.1
 
 
@@ -139,7 +139,7 @@ class LossConfig:
     # see: "clean" = the embedding before dropout, as the bank was initialised (eval mode);
     # "dropout" = the dropped-out embedding the classifier head sees
     metric_on: str = "clean"
-    # CLML (DESIGN.md section 3): weight of the low-rank label-structure term on the
+    # CLML (docs/method.md): weight of the low-rank label-structure term on the
     # classifier's embedding, added in the classifier and joint stages; 0 = off. The
     # authors' 1.0 is far too strong for this head; 0.01-0.1 on scene
     # (docs/bench-missing-labels.md)

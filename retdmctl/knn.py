@@ -1,4 +1,4 @@
-"""The label-set kNN graph (DESIGN.md section 2).
+"""The label-set kNN graph (docs/method.md).
 
 U is the set of distinct label vectors of the training split, sorted lexicographically
 (``np.unique``). For each u in U, the k nearest *other* label sets by Euclidean distance
@@ -45,7 +45,7 @@ from retdmctl.errors import InputError
 from retdmctl.workspace import atomic_path, now_iso
 
 # Below this many distinct label sets, ``auto`` searches exactly (deterministic ties, and
-# exact stays in seconds: 12.6 s at 61,066 sets of 80 labels on 2 cores, DESIGN.md 6).
+# exact stays in seconds: 12.6 s at 61,066 sets of 80 labels on 2 cores).
 # Exact grows quadratically and with the size of the tie groups (bench/knn.py: 5.4 CPU-s
 # already at 10,000 Zipf-distributed sets), while ivf is near-linear with recall@10 ~0.98
 # (3 CPU-s at 10^5, 74 CPU-s at 10^6, 80 labels).

@@ -4,7 +4,7 @@ Two rules, both saved with the model (``checkpoint["thresholds"]``) and used by 
 predict:
 
 * ``global``: one threshold for every class, the one that maximises C-F1 (the F1 of the
-  mean per-class precision and recall, DESIGN.md section 4) on validation;
+  mean per-class precision and recall, docs/metrics.md) on validation;
 * ``per_class``: each class its own threshold, the one that maximises that class's F1;
   a class without a positive in validation keeps the global one.
 

@@ -1,7 +1,7 @@
 """Stage ``eval``: score a split with a checkpoint's classification module and report.
 
 Writes ``eval/scores.h5`` (scores, labels, ids; ``known`` where a label is unknown), ``eval/metrics.json`` (the 12 metrics
-of DESIGN.md section 4 plus per-class AP) and ``eval/report.html`` (with report = none, an earlier
+of docs/metrics.md plus per-class AP) and ``eval/report.html`` (with report = none, an earlier
 report.html is removed once the stage has committed). With tensorboard installed the 12
 metrics also go to ``runs/eval/<split>/`` once the stage has committed (:mod:`retdmctl.tracking`).
 """

@@ -1,5 +1,5 @@
 """A device-side image path: batched JPEG decode, resize, the paper's random five-crop and
-flip, normalisation, channels_last, all on the accelerator (DESIGN.md section 6: nvjpeg
+flip, normalisation, channels_last, all on the accelerator (nvjpeg
 decodes ~10k img/s on an H100, PIL ~500 img/s per CPU core).
 
 It reproduces :func:`retdmctl.data.loaders.train_transform` / ``eval_transform``:

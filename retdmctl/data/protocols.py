@@ -4,7 +4,7 @@ Each protocol takes the full 0/1 label matrix ``labels`` (N, L), the indices ``r
 the training rows, and a seed, and returns the int8 *observed* matrix (N, L) with
 1 = observed positive, 0 = observed negative, -1 = unknown. Rows outside ``rows`` are
 returned fully observed (a copy of ``labels``): the test split always keeps the full
-labels (DESIGN.md section 3); validation rows get a draw of their own under
+labels (docs/method.md); validation rows get a draw of their own under
 ``labels.val_protocol = same`` (:mod:`retdmctl.training.labels`).
 
 * ``keep_positives(labels, rows, p, seed)``: keep ``round(p * k)`` of each training row's

@@ -1,4 +1,4 @@
-"""CLML: the low-rank label-structure term for missing labels (DESIGN.md section 3).
+"""CLML: the low-rank label-structure term for missing labels (docs/method.md).
 
 Paper: "Label Structure Preserving Contrastive Embedding for Multi-Label Learning with
 Missing Labels" (arXiv 2022, ``papers/clml-abstract.txt``). Authors' code:
@@ -28,7 +28,7 @@ Defaults (no config dataclass; these are the keyword defaults of :func:`clml_los
 * ``delta = 1.0`` (``DELTA`` in ``CLLoss``).
 * ``lam``: no default; ``train_clml.py`` uses ``--lambda_ 1.0``. The authors' code
   multiplies the global term by ``lam`` a second time
-  (``(Obj_c - lam * Obj_all) / N * lam``); this follows DESIGN.md (one ``lam``), which
+  (``(Obj_c - lam * Obj_all) / N * lam``); this follows docs/method.md (one ``lam``), which
   is identical at their default ``lam = 1``.
 
 Gradient: the authors hand-code the subgradient ``U V^T`` of each nuclear norm, dropping

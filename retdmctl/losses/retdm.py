@@ -1,4 +1,4 @@
-"""RETDM losses (DESIGN.md section 2): two-way metric loss, reconstruction, BCE, total."""
+"""RETDM losses (docs/method.md): two-way metric loss, reconstruction, BCE, total."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The RETDM networks (DESIGN.md section 2).
+"""The RETDM networks (docs/method.md).
 
 phi (image net) = backbone -> ``embed`` (Linear to D = 512, ReLU, dropout). For VGG-16 the
 backbone ends at fc6 and ``embed`` is the paper's fc7 cut to 512 units.

@@ -6,7 +6,7 @@ table prints it in, with the table's number and the dataset's label density and 
 (the paper's dataset section). ``EXCLUDED`` says which figures are left out and why;
 ``columns`` and ``note`` give what the report shows. docs/paper-figures.md tells the story.
 
-A figure is shown only where the paper's definition is ours (DESIGN.md section 4: hamming loss
+A figure is shown only where the paper's definition is ours (docs/metrics.md: hamming loss
 per entry, coverage 0-based, F1 the harmonic mean of P and R) and its value is plausible.
 The paper numbers its results tables I-III (scene, mirflickr, MS-COCO) in its text, which also
 calls the dataset table "Table I"; the numbers here follow the results text.

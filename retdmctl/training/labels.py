@@ -1,5 +1,5 @@
 """Training on incomplete labels: the ``[labels]`` protocol and the classification loss
-that reads it (DESIGN.md section 3).
+that reads it (docs/method.md).
 
 :func:`observed_labels` is the one place that decides which training labels a model sees:
 the protocol (``labels.protocol``, ``labels.fraction``, ``labels.seed``) applied to the
