@@ -71,7 +71,8 @@ def merge_overrides(overrides: Overrides = None, sections: Mapping[str, Mapping[
     for section, values in (sections or {}).items():
         if not isinstance(values, Mapping):
             raise ConfigError(f"{section}={values!r}: expected a dict of that section's options, e.g. {section}={{...}}")
-        merged.setdefault(section, {}).update(values)
+        # a keyword left at None (a flag not given) never hides the same key given above
+        merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     return {s: {k: v for k, v in vals.items() if v is not None} for s, vals in merged.items()}
 
 
@@ -257,6 +258,11 @@ class Workspace:
         passes); ``sets``: further overrides, as ``--set`` takes them."""
         overrides, notes = ingest_overrides(self.layout, self.config_file, source, path, images, options)
         asked = resolve_config(self.layout, self.config_file, merge_overrides(sets, overrides))
+        return self.ingest_config(asked, notes, force)
+
+    def ingest_config(self, asked: Config, notes: list[str], force: bool = False) -> Workspace:
+        """Run ingest with ``asked`` (a config resolved from :func:`ingest_overrides`),
+        saying first which settings of another dataset were reset (``notes``)."""
         if notes:
             self.console.print(escape("note: another dataset: " + "; ".join(notes)), soft_wrap=True)
         self._run(asked, ["ingest"], force)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from retdmctl.api import Workspace
+from retdmctl.api import Workspace, ingest_overrides
 from retdmctl.cli_support import (
     STATE,
     ConfigFile,
@@ -18,6 +18,7 @@ from retdmctl.cli_support import (
     Workdir,
     choice_enum,
     console,
+    resolve,
     set_config,
     set_workdir,
 )
@@ -36,8 +37,9 @@ def _ingest(source: str, path: str, images: str, opts: dict[str, Any], force: bo
     """Ingest with this command's flags (and ``--set``) over retdm.toml's [ingest]
     (:meth:`retdmctl.api.Workspace.ingest_resolved`): when the workspace held another
     dataset, the settings of that dataset are reset first and the command says so."""
-    Workspace(STATE.workdir, config_file=STATE.config, console=console).ingest_resolved(
-        source, path, images, opts, force, sets=sets)
+    ws = Workspace(STATE.workdir, config_file=STATE.config, console=console)
+    overrides, notes = ingest_overrides(ws.layout, STATE.config, source, path, images, opts)
+    ws.ingest_config(resolve(overrides, sets), notes, force)  # a bad value given here: a usage error (2)
 
 
 def _split_opts(seed, val_fraction, short_side, keep_original, workers, strict, test_fraction=None) -> dict:
