@@ -108,7 +108,7 @@ def test_missing_cache_and_unknown_name_are_one_line_cli_errors(tmp_path):
     work = tmp_path / "w"
     result = invoke("--workdir", work, "train", "--stage", "classifier", "--frozen-backbone",
                     "--backbone", "timm:not_a_model_xyz")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad value on the command line: a usage error
     assert result.output.strip().splitlines()[-1] == (
         "error: unknown timm backbone 'timm:not_a_model_xyz'; list the names with: "
         "python -c \"import timm; print(timm.list_models('*not_a_model_xyz*'))\"")
@@ -128,7 +128,7 @@ def test_missing_cache_and_unknown_name_are_one_line_cli_errors(tmp_path):
 def test_tune_blocks_refused_where_timm_has_no_generic_blocks(tmp_path):
     result = invoke("--workdir", tmp_path, "train", "--stage", "classifier", "--frozen-backbone",
                     "--backbone", "timm:resnet18", "--tune-blocks", "1")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad value on the command line: a usage error
     assert result.output.strip().splitlines()[-1] == (
         "error: model.tune_blocks: timm:resnet18 has no blocks to tune, got 1")
 
