@@ -35,14 +35,13 @@ from retdmctl.runtime import (
 )
 from retdmctl.sources import (
     CachedSource,
+    CacheRows,
     PixelSource,
     backbone_features,
     extract_backbone_features,
     extract_views,
     read_cache_key,
     read_cache_origin,
-    read_cached,
-    read_features,
     views_cache_key,
     write_backbone_features,
 )
@@ -187,9 +186,8 @@ def image_source(ws: Workspace, cfg: Config, info: DatasetInfo, spec: BackboneSp
     concrete(cfg)
     if cfg.model.frozen_backbone:
         path = ensure_backbone_cache(ws, cfg, info, device or torch.device("cpu"), console or _QUIET)
-        if cfg.model.views == 1 and not cfg.model.tune_blocks:
-            return CachedSource(read_features(path), info, cfg.model.batch_size)
-        return CachedSource(read_cached(path), info, cfg.model.batch_size, cfg.model.views)
+        # read batch by batch, never whole: a views cache is ~190 KB per image at 224 px
+        return CachedSource(CacheRows(path), info, cfg.model.batch_size, cfg.model.views)
     device = device or torch.device("cpu")
     workers = loader_workers(cfg, device)
     pixels = PixelSource(ws.lmdb, info, spec, cfg.model.image_size, cfg.model.batch_size, workers)

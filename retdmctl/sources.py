@@ -164,30 +164,94 @@ class PixelSource:
         return -(-len(rows) // self.batch_size)
 
 
+class CacheRows:
+    """The rows of a cache file's dataset, read on demand.
+
+    A batch reads its own rows and nothing else, so memory does not grow with the
+    number of images (a views cache is ~190 KB per image at 224 px: 23 GB for COCO).
+    The epoch's order is exactly the in-memory one (a seeded permutation of the rows),
+    only the reads change: the rows of a batch are read in file order, consecutive rows
+    as one slice, and put back in the batch's order. HDF5's own fancy indexing is not
+    used for chunked files: it is ~100 times slower than row-by-row reads there."""
+
+    def __init__(self, path: Path, name: str = "features") -> None:
+        self.path, self.name = Path(path), name
+        self._file = h5py.File(self.path, "r")
+        self._ds = self._file[name]
+        self.shape, self.dtype = self._ds.shape, self._ds.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self, rows: np.ndarray, views: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed), each at its view in ``views``
+        (None: the whole row), as stored."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if views is not None and len(views) and (np.asarray(views) == views[0]).all():
+            return self._runs(rows, (int(views[0]),))  # one view for all (eval: the centre crop)
+        if views is None:
+            return self._runs(rows, ())
+        keys = rows * self.shape[1] + np.asarray(views, dtype=np.int64)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        block = np.empty((len(uniq), *self.shape[2:]), dtype=self.dtype)
+        for j, key in enumerate(uniq.tolist()):
+            self._ds.read_direct(block, np.s_[key // self.shape[1], key % self.shape[1]], np.s_[j])
+        return block[inverse]
+
+    def _runs(self, rows: np.ndarray, view: tuple) -> np.ndarray:
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        block = np.empty((len(uniq), *self.shape[1 + len(view):]), dtype=self.dtype)
+        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1  # runs of consecutive rows
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)]) if len(uniq) else ():
+            a, b = int(uniq[lo]), int(uniq[hi - 1]) + 1
+            self._ds.read_direct(block, np.s_[(slice(a, b), *view)], np.s_[lo:hi])
+        return block[inverse]
+
+
+class _ArrayRows:
+    """:class:`CacheRows`' interface over an array in memory (small per-image data:
+    ``features.h5``'s embeddings, tests)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape = array, array.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, rows: np.ndarray, views: np.ndarray | None = None) -> np.ndarray:
+        return self.array[rows] if views is None else self.array[rows, views]
+
+
 class CachedSource:
     """Batches of cached backbone inputs: pooled features (N, F), or with several views
-    per image (N, V, ...) kept as stored (float16) and converted batch by batch. A
-    training batch takes one view per image, drawn from the epoch's seed; evaluation
-    always takes view 0, the centre crop."""
+    per image (N, V, ...) stored as float16 and converted batch by batch. ``features``
+    is a :class:`CacheRows` (the backbone caches, read batch by batch) or an array in
+    memory. A training batch takes one view per image, drawn from the epoch's seed;
+    evaluation always takes view 0, the centre crop."""
 
-    def __init__(self, features: np.ndarray, info: DatasetInfo, batch_size: int, views: int = 1) -> None:
-        self.multi = not (views == 1 and features.ndim == 2)  # (N, V, ...) rather than (N, F)
-        self.features = torch.from_numpy(features) if self.multi else torch.from_numpy(features.astype(np.float32))
+    def __init__(self, features: np.ndarray | CacheRows, info: DatasetInfo, batch_size: int, views: int = 1) -> None:
+        self.rows_of = features if isinstance(features, CacheRows) else _ArrayRows(features)
+        self.multi = not (views == 1 and len(self.rows_of.shape) == 2)  # (N, V, ...) rather than (N, F)
         self.views = views
         self.labels = torch.from_numpy(info.labels.astype(np.float32))
         self.batch_size = batch_size
 
-    def centre(self) -> torch.Tensor:
-        """Every image's view 0, as float32."""
-        return self.features[:, 0].float() if self.multi else self.features
+    def centre_of(self, rows: np.ndarray) -> torch.Tensor:
+        """The view 0 of images ``rows``, as float32."""
+        return self._read(np.asarray(rows), None)
+
+    def _read(self, r: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
+        if self.multi:
+            views = np.zeros(len(r), dtype=np.int64) if views is None else views
+            return torch.from_numpy(self.rows_of.read(r, views)).float()
+        return torch.from_numpy(self.rows_of.read(r)).float()
 
     def _take(self, r: np.ndarray, views: np.ndarray | None) -> Batch:
         """Rows ``r``, each at its view in ``views`` (None: view 0)."""
-        idx = torch.from_numpy(r)
-        if not self.multi:
-            return self.features[idx], self.labels[idx], r
-        v = torch.zeros_like(idx) if views is None else torch.from_numpy(views)
-        return self.features[idx, v].float(), self.labels[idx], r
+        return self._read(r, views), self.labels[torch.from_numpy(r)], r
 
     def _batches(self, rows: np.ndarray, views: np.ndarray | None) -> Iterator[Batch]:
         for start in range(0, len(rows), self.batch_size):
@@ -341,14 +405,10 @@ def write_backbone_features(path: Path, features: np.ndarray, key: dict, origin:
 
 
 def read_features(path: Path, name: str = "features") -> np.ndarray:
+    """A whole cache file in memory, as float32: for tests and small files only (stages
+    read caches batch by batch through :class:`CacheRows`)."""
     with h5py.File(path, "r") as h5:
         return h5[name][()].astype(np.float32)
-
-
-def read_cached(path: Path) -> np.ndarray:
-    """A cache of several views or of activations, as stored (float16)."""
-    with h5py.File(path, "r") as h5:
-        return h5["features"][()]
 
 
 def write_features(path: Path, features: np.ndarray, config: dict, ids: str) -> None:

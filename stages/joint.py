@@ -74,7 +74,7 @@ def run(ctx: Context) -> dict:
     features_path = ws.stage_dir("classifier") / "features.h5"
     bank = torch.from_numpy(read_row_features(features_path, info, ws.rel(features_path),
                                               "re-run retdmctl train --stage classifier")).to(device)
-    cached = source.centre().to(device) if cfg.joint.way2 == "forward" else None
+    fresh = cfg.joint.way2 == "forward"
     train_rows, val_rows = info.split("train"), info.split("val")
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
 
@@ -85,14 +85,16 @@ def run(ctx: Context) -> dict:
     class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)
         def __getitem__(self, picks):
             # one flat batch: cached trunk activations (model.tune_blocks) need 4-D input
-            f = model.embed_pair(cached[picks.reshape(-1)])[0 if clean else 1]
+            # read from the cache as needed, never all of it in memory
+            x = source.centre_of(picks.reshape(-1).cpu().numpy()).to(device)
+            f = model.embed_pair(x)[0 if clean else 1]
             return f.reshape(*picks.shape, f.shape[-1])
 
     def step(x, y, rows, rng):
         f_clean, f_dropped = model.embed_pair(x)
         f = f_clean if clean else f_dropped  # what the metric loss, W_r and the bank see
         logits = model.classify(f_dropped)
-        f_neg_source = FreshFeatures() if cached is not None else bank
+        f_neg_source = FreshFeatures() if fresh else bank
         metric, rec = metric_and_rec(model, f.float(), y, rows, sampler, f_neg_source, rng, cfg.loss)
         cls, clml = classification(logits.float(), y, rows, f_clean)
         parts = total_loss(cls, metric, rec, cfg.loss.alpha, cfg.loss.beta)
