@@ -350,6 +350,31 @@ class Workspace:
         """The trained model, ready to predict (see :func:`load_predictor`)."""
         return load_predictor(self, stage, device=device, fusion=fusion)
 
+    # --- the shared cache -------------------------------------------------------------
+    def caches(self, overrides: Overrides = None, **sections: Mapping[str, Any]) -> dict[str, Any]:
+        """The backbone caches shared by every workspace, as ``retdmctl cache --json``:
+        ``entries`` (path, size, used by this workspace's current config, summary,
+        created, extracted_by, owner, key), ``leftovers``, ``total``. Reads only.
+
+        Example: ``[e["path"] for e in ws.caches()["entries"] if e["used"]]``
+        """
+        from retdmctl.cache_admin import list_caches
+
+        return list_caches(self.layout, self.config(overrides, **sections)).to_json()
+
+    def prune_caches(self, *, all: bool = False, dry_run: bool = False, overrides: Overrides = None,
+                     **sections: Mapping[str, Any]) -> dict[str, Any]:
+        """Remove the unused backbone caches, as ``retdmctl cache --prune`` (``all``:
+        ``--all``; ``dry_run``: remove nothing): what was removed, skipped and kept, and
+        the bytes freed (``retdmctl cache --prune --json``). docs/cache.md says which go.
+
+        Example: ``ws.prune_caches(dry_run=True)["freed"]``
+        """
+        from retdmctl.cache_admin import prune_caches
+
+        _, pruned = prune_caches(self.layout, lambda: self.config(overrides, **sections), all_=all, dry_run=dry_run)
+        return pruned.to_json()
+
 
 def load_predictor(source: Workspace | str | Path, stage: str | None = None, *, device: str = "auto",
                    fusion: bool = True) -> Predictor:

@@ -477,3 +477,8 @@ from retdmctl.cli_predict import predict as _predict  # noqa: E402
 
 app.command("predict")(_predict)
 app.command("export")(_export)
+
+# --- the shared cache (retdmctl.cli_cache) ---------------------------------------
+from retdmctl.cli_cache import cache as _cache  # noqa: E402
+
+app.command("cache")(_cache)
