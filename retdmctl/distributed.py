@@ -155,15 +155,13 @@ def shard(rows: np.ndarray) -> np.ndarray:
     return np.array_split(rows, world_size())[rank()]
 
 
-def gather_rows(part: np.ndarray, *, to_main: bool = False) -> np.ndarray | None:
+def gather_rows(part: np.ndarray) -> np.ndarray:
     """The ranks' ``part`` arrays concatenated in rank order (the inverse of
-    :func:`shard`), on every rank, or on rank 0 only (None elsewhere) with ``to_main``."""
+    :func:`shard`), on every rank. For arrays that are small per row (scores,
+    embeddings); a backbone cache goes through part files instead
+    (:func:`retdmctl.inputs.ensure_backbone_cache`)."""
     if not active():
         return part
-    if to_main:
-        parts = [None] * world_size() if is_main() else None
-        dist.gather_object(part, parts, dst=0, group=_objects)
-        return _concat(parts) if is_main() else None
     parts = [None] * world_size()
     dist.all_gather_object(parts, part, group=_objects)
     return _concat(parts)

@@ -4,26 +4,30 @@ cache of its features, and the files a stage that builds the model depends on.
 
 Below both training and scoring: the training stages, eval, the report and predict's
 checks all take their inputs from here. Under torchrun, extracting the cache is sharded
-over the ranks and rank 0 writes it (``retdmctl.distributed``)."""
+over the ranks, each writing its part beside the cache, and rank 0 merges the parts."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from retdmctl import distributed
+from retdmctl import disk, distributed
 from retdmctl.cache import display, entry_lock
 from retdmctl.config import Config, concrete
 from retdmctl.data.dataset import DatasetInfo, read_dataset
 from retdmctl.data.store import records_digest
 from retdmctl.errors import BackboneError, InputError
 from retdmctl.models.backbones import BackboneSpec, build_backbone, get_backbone_spec
+from retdmctl.pace import Pace
 from retdmctl.runtime import (
     autocast,
     decode_threads,
@@ -37,13 +41,16 @@ from retdmctl.sources import (
     CachedSource,
     CacheRows,
     PixelSource,
-    backbone_features,
-    extract_backbone_features,
-    extract_views,
+    merge_parts,
+    output_shape,
+    part_path,
+    pooled_outputs,
     read_cache_key,
     read_cache_origin,
+    view_outputs,
     views_cache_key,
-    write_backbone_features,
+    write_cache,
+    write_part,
 )
 from retdmctl.workspace import Workspace
 
@@ -105,17 +112,29 @@ def _weights_fp(ws: Workspace, cfg: Config) -> str | None:
 def ensure_backbone_cache(ws: Workspace, cfg: Config, info: DatasetInfo, device, console) -> Path:
     """Extract the frozen backbone's features once, into the shared cache; reuse them
     while their key matches, whichever workspace extracted them (the line says which).
-    Writers of one entry take its lock: two workspaces extracting at once do it once."""
+    Writers of one entry take its lock: two workspaces extracting at once do it once.
+
+    Before anything is written (not even the lock file), the size of the cache is
+    computed and the disk's free space checked (:func:`retdmctl.disk.require_room`);
+    under torchrun every process extracts its shard (:func:`_run`)."""
     path = backbone_cache_path(ws, cfg, info, device)
     key = backbone_cache_key(ws, cfg, info, device)  # also in the file: a cache of other rows is never read
     if distributed.on_main(lambda: _reuse(ws, path, key, cfg, console)):
         return path
-    if distributed.active():  # rank 0 takes the entry's lock where it writes
-        _extract(ws, cfg, info, device, path, key)
-        return path
-    with entry_lock(path, console):
-        if not _reuse(ws, path, key, cfg, console):  # another process may have made it meanwhile
-            _extract(ws, cfg, info, device, path, key)
+    with _cnn_threads():
+        job = _job(ws, cfg, info, device, path, key)
+        distributed.on_main(lambda: _check_room(job))
+        with contextlib.ExitStack() as held:
+
+            def locked_reuse() -> bool:  # rank 0 holds the entry's lock while the ranks extract
+                held.enter_context(entry_lock(path, console))
+                for stale in path.parent.glob(f".{path.name}.part*"):  # parts are written under the lock only:
+                    stale.unlink(missing_ok=True)  # these are a killed run's
+                return _reuse(ws, path, key, cfg, console)  # another process may have made it meanwhile
+
+            if not distributed.on_main(locked_reuse):
+                distributed.on_main(lambda: console.print(_size_line(job), soft_wrap=True))
+                _run(job, console)
     return path
 
 
@@ -128,39 +147,123 @@ def _reuse(ws: Workspace, path: Path, key: dict, cfg: Config, console) -> bool:
     return True
 
 
-def _extract(ws: Workspace, cfg: Config, info: DatasetInfo, device, path: Path, key: dict) -> None:
+@dataclass
+class _Job:
+    """An extraction, ready to run: what it computes, and what it writes where."""
+
+    path: Path
+    key: dict
+    origin: str
+    pixels: PixelSource
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the backbone, or its trunk
+    views: int | None  # None: pooled features (N, F); else (N, V, ...)
+    shape: tuple[int, ...]  # what one image adds: (F,) or (V, C, H, W)
+    rows: int
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * math.prod(self.shape) * 2  # float16
+
+    def outputs(self, rows: np.ndarray):
+        if self.views is None:
+            return pooled_outputs(self.forward, self.pixels, rows, self.device, autocast(self.device))
+        return view_outputs(self.forward, self.pixels, self.views, rows, self.device, autocast(self.device))
+
+
+def _job(ws: Workspace, cfg: Config, info: DatasetInfo, device, path: Path, key: dict) -> _Job:
     m = cfg.model
-    origin = str(ws.root.resolve())
     backbone, spec = frozen_backbone(cfg)
-    previous = torch.get_num_threads()
-    set_threads(cnn=True)
+    backbone = prepare_model(backbone, device).eval()
     pixels = PixelSource(ws.lmdb, info, spec, m.image_size, m.batch_size, loader_workers(cfg, device))
     pixels.decode_threads = decode_threads(device)
-    # Not part of the stage's transaction: the cache is keyed by its content's inputs.
+    views = m.views if m.views > 1 or m.tune_blocks else None
+    forward = (lambda x: backbone.forward_trunk(x, m.tune_blocks)) if m.tune_blocks else backbone
+    shape = output_shape(forward, m.image_size, views, device, autocast(device))  # one blank image
+    return _Job(path, key, str(ws.root.resolve()), pixels, forward, views, shape, len(info.ids), device)
+
+
+def _size_line(job: _Job) -> str:
+    """``backbone inputs: 20,000 images x 10 views of 192x7x7, 1.23 GB, into PATH``."""
+    if job.views is None:
+        what = f"backbone features: {job.rows:,} images x {job.shape[0]}"
+    else:
+        each = "x".join(str(d) for d in job.shape[1:])
+        what = f"backbone inputs: {job.rows:,} images x {job.views} view{'s' if job.views > 1 else ''} of {each}"
+    by = f", extracted by {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    return f"{what}, {disk.size(job.nbytes)}, into {display(job.path)}{by}"
+
+
+def _check_room(job: _Job) -> None:
+    """Refuse an extraction the cache's disk has no room for, naming what would fit.
+    Under torchrun the shards' part files coexist with the merged file."""
+    world = distributed.world_size()
+    if job.views is None:
+        fix = "free space or point RETDM_CACHE_DIR at a larger disk"
+    else:
+        fewer = "cache fewer views (--set model.views=N) or " if job.views > 1 else "cache "
+        fix = f"free space, point RETDM_CACHE_DIR at a larger disk, or {fewer}pooled features (--tune-blocks 0 --views 1)"
+    if world == 1:
+        disk.require_room(job.path.parent, job.nbytes, "the backbone cache", fix)
+    else:
+        disk.require_room(job.path.parent, 2 * job.nbytes, f"the backbone cache with its {world} shard files",
+                          f"{fix}; one process (without torchrun) needs half")
+
+
+def _run(job: _Job, console) -> None:
+    """Extract and write the cache. Under torchrun each process extracts its contiguous
+    shard of the rows into a part file beside the cache, and rank 0 merges them a block
+    at a time into the cache file (the layout one process writes), then removes them:
+    nothing of the size of the dataset is held in memory by any process."""
+    description = "backbone features" if job.views is None else f"backbone inputs, {job.views} view(s)"
+    chunked = job.views is not None
+    say = lambda line: console.print(line, soft_wrap=True)  # noqa: E731 - quiet on ranks > 0
+    if not distributed.active():
+        with Pace(description, job.rows, say) as pace:
+            write_cache(job.path, job.outputs(np.arange(job.rows)), job.rows, job.key, job.origin,
+                        chunked=chunked, pace=pace)
+        return
+    world, rank = distributed.world_size(), distributed.rank()
+    shards = np.array_split(np.arange(job.rows), world)
+    parts = [part_path(job.path, r) for r in range(world) if len(shards[r])]
+    mine, error = shards[rank], None
     try:
-        if m.views > 1 or m.tune_blocks:
-            backbone = prepare_model(backbone, device).eval()
-            forward = (lambda x: backbone.forward_trunk(x, m.tune_blocks)) if m.tune_blocks else backbone
+        if len(mine):
+            with Pace(description, len(mine), say, processes=world) as pace:
+                write_part(job.path, rank, job.outputs(mine), mine, chunked=chunked, pace=pace)
+    except Exception as exc:  # noqa: BLE001 - the others learn of it below, then it is raised
+        error = exc
+    failed = distributed.sum_over_ranks({"failed": float(error is not None)})["failed"]
+    if error is not None:
+        raise error
+    if failed:
+        part_path(job.path, rank).unlink(missing_ok=True)
+        raise distributed.PeerError("another process failed to extract its shard of the backbone cache")
 
-            def views() -> None:
-                with entry_lock(path) if distributed.active() else nullcontext():
-                    extract_views(path, forward, pixels, m.views, key, device, autocast(device), origin=origin)
+    def merge() -> None:
+        try:
+            merge_parts(job.path, parts, job.rows, job.key, job.origin)
+        finally:
+            for part in parts:
+                part.unlink(missing_ok=True)
 
-            distributed.on_main(views)  # under torchrun, rank 0 extracts the views while the others wait
-        elif distributed.active():  # each rank its shard; rank 0 writes them all
-            rows = distributed.shard(np.arange(len(info.ids)))
-            part = backbone_features(backbone, pixels, rows, device, autocast(device))
-            features = distributed.gather_rows(part, to_main=True)
+    distributed.on_main(merge)
 
-            def write() -> None:
-                with entry_lock(path):
-                    write_backbone_features(path, features, key, origin=origin)
 
-            distributed.on_main(write)
-        else:
-            extract_backbone_features(path, backbone, pixels, key, device, autocast(device), origin=origin)
+@contextlib.contextmanager
+def _cnn_threads() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    set_threads(cnn=True)
+    try:
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _extract(ws: Workspace, cfg: Config, info: DatasetInfo, device, path: Path, key: dict) -> None:
+    """Extract this config's cache into ``path`` now (no lock, no room check)."""
+    with _cnn_threads():
+        _run(_job(ws, cfg, info, device, path, key), _QUIET)
 
 
 def frozen_backbone(cfg: Config) -> tuple[torch.nn.Module, BackboneSpec]:

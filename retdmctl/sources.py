@@ -35,7 +35,7 @@ from retdmctl.data.loaders import (
 from retdmctl.data.store import ImageReader
 from retdmctl.errors import InputError
 from retdmctl.models.backbones import BackboneSpec
-from retdmctl.progress import make_progress
+from retdmctl.pace import Pace
 from retdmctl.runtime import prepare_model, to_device
 from retdmctl.workspace import atomic_path, now_iso
 
@@ -326,39 +326,26 @@ def _cache_attrs(key: dict, origin: str | None) -> dict:
             **({"workspace": origin} if origin else {})}
 
 
-@torch.no_grad()
-def extract_backbone_features(
-    path: Path, backbone: torch.nn.Module, pixels: PixelSource, key: dict, device: torch.device, autocast,
-    origin: str | None = None,
-) -> None:
-    """Run the backbone once over every image (centre crop) and cache the pooled features."""
-    rows = np.arange(len(pixels.info.ids))
+# --- extracting the frozen backbone's cache ----------------------------------------------
+# Outputs: batches of a pass over the images, in row order: (float16 outputs, their rows).
+Outputs = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+def pooled_outputs(backbone: torch.nn.Module, pixels: PixelSource, rows: np.ndarray, device: torch.device, autocast) -> Outputs:
+    """The backbone's pooled features of ``rows`` (centre crop): (B, F) a batch."""
     backbone = prepare_model(backbone, device).eval()
-    out = None
-    with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
-        task = progress.add_task("backbone features", total=len(rows), info="")
-        for x, _, r in pixels.eval_batches(rows):
-            with autocast:
-                feats = backbone(to_device(x, device))
-            feats = feats.float().cpu().numpy()
-            if out is None:
-                out = h5.create_dataset("features", shape=(len(rows), feats.shape[1]), dtype=np.float16)
-            out[r[0] : r[-1] + 1] = feats.astype(np.float16)  # rows come in order: a slice, not a point selection
-            progress.advance(task, len(r))
-        h5.attrs.update(_cache_attrs(key, origin))
+    for x, _, r in pixels.eval_batches(rows):
+        with torch.no_grad(), autocast:
+            feats = backbone(to_device(x, device))
+        yield feats.float().cpu().numpy().astype(np.float16), r
 
 
-@torch.no_grad()
-def extract_views(
-    path: Path, forward, pixels: PixelSource, views: int, key: dict, device: torch.device, autocast,
-    origin: str | None = None,
-) -> None:
-    """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
-    image: (N, V, ...) float16. Decoding as in :meth:`PixelSource.eval_batches`."""
+def view_outputs(forward, pixels: PixelSource, views: int, rows: np.ndarray, device: torch.device, autocast) -> Outputs:
+    """``forward`` (the backbone, or its trunk) of the first ``views`` views of ``rows``:
+    (B, V, ...) a batch. Decoding as in :meth:`PixelSource.eval_batches`."""
     from retdmctl.data.loaders import ViewsTransform
 
     info = pixels.info
-    rows = np.arange(len(info.ids))
     tf = ViewsTransform(pixels.image_size, pixels.mean, pixels.std, views)
     per_batch = max(1, pixels.batch_size // views)
 
@@ -369,39 +356,106 @@ def extract_views(
                 r = rows[start : start + per_batch]
                 yield np.concatenate(decode_all(crops, [pixels.reader.get(info.ids[int(i)]) for i in r])), r
 
-    out = None
-    with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5, make_progress() as progress:
-        task = progress.add_task(f"backbone inputs, {views} view(s)", total=len(rows), info="")
-        for crops, r in pixels.fed(batches()):
-            x = normalize_batch(crops, pixels.mean, pixels.std)  # (B * V, 3, H, W), on the model's threads
-            with autocast:
-                acts = forward(to_device(x, device)).float()
-            acts = acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy()
-            if out is None:
-                out = h5.create_dataset("features", shape=(len(rows), *acts.shape[1:]), dtype=np.float16,
-                                        chunks=(1, *acts.shape[1:]))
-            out[r[0] : r[-1] + 1] = acts.astype(np.float16)
-            progress.advance(task, len(r))
-        h5.attrs.update(_cache_attrs(key, origin))
+    for crops, r in pixels.fed(batches()):
+        x = normalize_batch(crops, pixels.mean, pixels.std)  # (B * V, 3, H, W), on the model's threads
+        with torch.no_grad(), autocast:
+            acts = forward(to_device(x, device)).float()
+        yield acts.reshape(len(r), views, *acts.shape[1:]).cpu().numpy().astype(np.float16), r
 
 
-@torch.no_grad()
-def backbone_features(backbone: torch.nn.Module, pixels: PixelSource, rows: np.ndarray, device: torch.device, autocast) -> np.ndarray:
-    """The backbone's pooled features of ``rows`` (centre crop), float16, in memory: one
-    rank's shard of the cache that rank 0 writes with :func:`write_backbone_features`."""
-    backbone = prepare_model(backbone, device).eval()
-    parts = []
-    for x, _, _ in pixels.eval_batches(rows):
-        with autocast:
-            parts.append(backbone(to_device(x, device)).float().cpu().numpy().astype(np.float16))
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+def output_shape(forward, image_size: int, views: int | None, device: torch.device, autocast) -> tuple[int, ...]:
+    """What one image adds to a cache, from one forward of a blank image: (F,) pooled
+    features (``views`` None), else (V, ...) ``forward``'s output per view."""
+    with torch.no_grad(), autocast:
+        out = forward(to_device(torch.zeros(1, 3, image_size, image_size), device))
+    return tuple(out.shape[1:]) if views is None else (views, *out.shape[1:])
 
 
-def write_backbone_features(path: Path, features: np.ndarray, key: dict, origin: str | None = None) -> None:
-    """The cache file :func:`extract_backbone_features` writes, from features in memory."""
+def write_cache(path: Path, outputs: Outputs, rows: int, key: dict, origin: str | None = None, *,
+                chunked: bool, pace=None) -> None:
+    """The cache file of ``rows`` images' ``outputs``: ``features`` (N, ...) float16 (one
+    chunk per image when ``chunked``: the views and activations, read a row at a time),
+    its key and origin in the attributes; under a temporary name renamed when done, not at
+    the end of the stage's transaction: the cache is keyed by its content's inputs."""
     with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("features", data=features.astype(np.float16))
+        _fill(h5, outputs, rows, 0, chunked, pace)
         h5.attrs.update(_cache_attrs(key, origin))
+
+
+def _fill(h5: h5py.File, outputs: Outputs, rows: int, first: int, chunked: bool, pace) -> None:
+    out = None
+    for batch, r in outputs:
+        if out is None:
+            out = h5.create_dataset("features", shape=(rows, *batch.shape[1:]), dtype=np.float16,
+                                    chunks=(1, *batch.shape[1:]) if chunked else None)
+        out[r[0] - first : r[-1] + 1 - first] = batch  # rows come in order: a slice, not a point selection
+        if pace is not None:
+            pace.advance(len(r))
+
+
+def part_path(path: Path, rank: int) -> Path:
+    """Where process ``rank`` writes its shard of the cache ``path`` under torchrun."""
+    return path.with_name(f".{path.name}.part{rank}")
+
+
+def write_part(path: Path, rank: int, outputs: Outputs, rows: np.ndarray, *, chunked: bool, pace=None) -> None:
+    """Process ``rank``'s contiguous shard ``rows`` of the cache ``path``, into its part
+    file (:func:`part_path`; removed if this fails). Not through ``atomic_path``: every
+    rank writes its own, in the user cache, and rank 0 merges them (:func:`merge_parts`)."""
+    part = part_path(path, rank)
+    try:
+        with h5py.File(part, "w") as h5:
+            _fill(h5, outputs, len(rows), int(rows[0]), chunked, pace)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def merge_parts(path: Path, parts: list[Path], rows: int, key: dict, origin: str | None = None,
+                block_bytes: int = 64 * 2**20) -> None:
+    """The part files (in rank order, each a contiguous run of rows) copied into the cache
+    file ``path`` ``block_bytes`` at a time, with the layout :func:`write_cache` gives
+    (each part's, as written); each part is removed once copied."""
+    with atomic_path(path, defer=False) as tmp, h5py.File(tmp, "w") as h5:
+        out, at = None, 0
+        for part in parts:
+            with h5py.File(part, "r") as src:
+                feats = src["features"]
+                if out is None:
+                    out = h5.create_dataset("features", shape=(rows, *feats.shape[1:]), dtype=np.float16, chunks=feats.chunks)
+                step = max(1, block_bytes // (2 * int(np.prod(feats.shape[1:]))))  # rows a block
+                for start in range(0, len(feats), step):
+                    block = feats[start : start + step]
+                    out[at + start : at + start + len(block)] = block
+                at += len(feats)
+            part.unlink()
+        if at != rows:
+            raise RuntimeError(f"the parts of {path.name} hold {at} rows, not {rows}")
+        h5.attrs.update(_cache_attrs(key, origin))
+
+
+def extract_backbone_features(
+    path: Path, backbone: torch.nn.Module, pixels: PixelSource, key: dict, device: torch.device, autocast,
+    origin: str | None = None, say=None,
+) -> None:
+    """Run the backbone once over every image (centre crop) and cache the pooled features
+    (``say`` receives the estimate of the time left, :class:`~retdmctl.pace.Pace`)."""
+    rows = np.arange(len(pixels.info.ids))
+    with Pace("backbone features", len(rows), say) as pace:
+        write_cache(path, pooled_outputs(backbone, pixels, rows, device, autocast), len(rows), key, origin,
+                    chunked=False, pace=pace)
+
+
+def extract_views(
+    path: Path, forward, pixels: PixelSource, views: int, key: dict, device: torch.device, autocast,
+    origin: str | None = None, say=None,
+) -> None:
+    """Cache ``forward`` (the backbone, or its trunk) of the first ``views`` views of every
+    image: (N, V, ...) float16."""
+    rows = np.arange(len(pixels.info.ids))
+    with Pace(f"backbone inputs, {views} view(s)", len(rows), say) as pace:
+        write_cache(path, view_outputs(forward, pixels, views, rows, device, autocast), len(rows), key, origin,
+                    chunked=True, pace=pace)
 
 
 def read_features(path: Path, name: str = "features") -> np.ndarray:

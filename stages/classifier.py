@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from retdmctl import distributed
 from retdmctl.config import Config
+from retdmctl.disk import require_room_in_workspace
 from retdmctl.pipeline import Context, Stage
 from retdmctl.inputs import backbone_problem, image_source, model_inputs
 from retdmctl.model_io.checkpoint import build_model
@@ -49,6 +50,9 @@ def run(ctx: Context) -> dict:
     device, info, stage_dir = begin_training(ctx, "classifier", cfg.classifier.seed)
     info, observed, labels_summary = training_view(info, cfg)  # test rows keep full labels; val: labels.val_protocol
     announce(ctx.console, labels_summary)
+    # room for features.h5 (every image's f, float16) before anything is trained
+    distributed.on_main(lambda: require_room_in_workspace(stage_dir, len(info.ids) * cfg.model.embed_dim * 2,
+                                                          "classifier/features.h5"))
 
     if not cfg.model.frozen_backbone and device.type == "cpu":
         ctx.console.print(

@@ -18,6 +18,7 @@ from retdmctl import __version__, distributed
 from retdmctl.atomic import after_commit, remove
 from retdmctl.config import Config, check
 from retdmctl.data.dataset import ids_mismatch, read_dataset
+from retdmctl.disk import require_room_in_workspace
 from retdmctl.errors import InputError
 from retdmctl.metrics import (
     HIGHER_IS_BETTER,
@@ -68,6 +69,10 @@ def run(ctx: Context) -> dict:
     e = cfg.eval
     require_splits(info, (e.split,), ws)
     rows = info.split(e.split)
+    # room for scores.h5 before scoring: float32 scores, uint8 labels and known flags a
+    # class, a row number and an id (about 40 bytes in HDF5) an image
+    distributed.on_main(lambda: require_room_in_workspace(ws.stage_dir("eval"), len(rows) * (6 * info.num_classes + 48),
+                                                          "eval/scores.h5"))
     # The vote applied with eval.fusion (None: the classifier's scores alone); a vote
     # built for other dataset rows is an error.
     scored = score_split(ws, cfg, info, e.checkpoint, rows, device, ctx.console)
