@@ -17,7 +17,8 @@ no entry that it uses: a prune there removes only orphans, unreadable files and 
 dead writers left, and refuses ``--all``.
 
 Besides entries, a prune removes what killed writers left: temporary files
-(``.NAME.tmp-PID``, :func:`retdmctl.atomic.tmp_name`) whose process is gone, and lock
+(``.NAME.tmp-PID``, :func:`retdmctl.atomic.tmp_name`) whose process is gone, torchrun
+shards (``.NAME.partR``) no writer holds the entry's lock for, and lock
 files (``NAME.lock``) of entries that do not exist and that no process holds.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +221,8 @@ def _leftovers(folder: Path) -> list[Leftover]:
             pid = name.rsplit(_TMP_MARK, 1)[1]
             if pid.isdigit() and pid_alive(int(pid)):
                 continue
+        elif name.startswith(".") and re.fullmatch(r"\.(.+\.h5)\.part\d+", name):
+            entry = folder / name[1:].rsplit(".part", 1)[0]  # a torchrun shard (sources.part_path)
         elif name.endswith(".h5.lock"):
             entry = folder / name[: -len(".lock")]
             if entry.exists():
@@ -326,6 +330,8 @@ def _remove(entry: Path, with_entry: bool) -> bool:
         if with_entry:
             entry.unlink(missing_ok=True)
         remove_stale_tmp(entry)
+        for part in entry.parent.glob(f".{entry.name}.part*"):  # torchrun shards: written under this lock only
+            part.unlink(missing_ok=True)
         if not entry.exists():
             # Removed while held. A process that opened the old lock file just before
             # may then lock that unlinked file while a newcomer locks a new one: both

@@ -335,3 +335,25 @@ def test_help_says_what_prune_keeps_and_shows_examples():
                  "the entry in use always stays", "retdmctl cache --prune --dry-run", "-w, --workdir DIR",
                  "-c, --config FILE", "--set SECTION.KEY=VALUE", "--json"):
         assert part in text, part
+
+
+def test_a_torchrun_shard_goes_only_when_no_writer_holds_its_entry(work, own_cache):
+    """``.NAME.h5.partR``: a shard a process writes under torchrun (sources.part_path).
+    While the entry's lock is held its writers are at work: the shard stays."""
+    folder = own_cache / "backbone"
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / "efficientnet_lite0-00000000000000000009.h5"
+    part = folder / f".{entry.name}.part1"
+    part.write_bytes(b"\0" * 2048)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENTRY, str(entry) + ".lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = invoke("-w", work, "cache", "--prune")
+        assert busy.exit_code == 0, busy.output
+        assert part.exists() and not any(part.name in line for line in busy.output.splitlines())
+    finally:
+        holder.kill()
+        holder.wait()
+    result = invoke("-w", work, "cache", "--prune")
+    assert f"removed {part.name} (2.0 KiB): left by a dead writer" in result.output.splitlines()
+    assert not part.exists()
