@@ -219,7 +219,9 @@ def export(
     Input ``images`` (N, 3, H, W) float32 NCHW RGB, normalised as the metadata says;
     outputs ``logits`` and ``probabilities`` (N, L); the batch dimension is dynamic.
     Where the checkpoint has a neighbour vote, ``probabilities`` are the fused scores
-    and the training embeddings travel in the graph as a constant (--no-fusion: not).
+    and the training embeddings travel in the graph as a constant (--no-fusion: not);
+    past 1.5 GB of weights ONNX keeps them in OUTPUT.data, which must travel with the
+    model. A vote that searches an approximate index cannot be exported: use --no-fusion.
     ONNX uses opset 17 and keeps the labels, thresholds and the exact preprocessing as
     JSON in metadata_props["retdmctl"]; TorchScript writes them to OUTPUT.json.
 
@@ -249,10 +251,13 @@ def _export(fmt, predictor, output: Path) -> None:
     from retdmctl.export import OPSET, export_onnx, export_torchscript, onnx_parity, torchscript_parity
 
     if fmt is ExportFormat.onnx:
-        export_onnx(predictor, output)
+        meta = export_onnx(predictor, output)
         diff = onnx_parity(predictor, output)
         check = "" if diff is None else f"; onnxruntime vs PyTorch max |dp| = {diff:.2e}"
         console.print(escape(f"wrote {output} (ONNX opset {OPSET}, {len(predictor.class_names)} labels{check})"))
+        if data := meta["external_data"]:
+            console.print(escape(f"its weights are in {output.with_name(data)}: keep that file beside {output.name}, "
+                                 "it must travel with the model"))
     else:
         export_torchscript(predictor, output)
         diff = torchscript_parity(predictor, output)

@@ -224,7 +224,7 @@ def test_eval_fuses_with_the_saved_vote_and_its_thresholds(fused):
     bank, bank_y = ckpt["fusion"]["bank"].float().numpy(), ckpt["fusion"]["labels"].numpy()
     want = np.stack([0.6 * plain[i] + 0.4 * hand_vote(bank, bank_y, f[i], 3, 0.1) for i in range(len(rows))])
     assert np.abs(scores - want).max() < 1e-5
-    assert metrics["fusion"] == {"k": 3, "temp": 0.1, "w": 0.4, "bank_images": len(info.split("train"))}
+    assert metrics["fusion"] == {"k": 3, "temp": 0.1, "w": 0.4, "bank_images": len(info.split("train")), "search": "exact"}
     assert list(metrics["thresholds"]["values"].values()) == [0.2, 0.3, 0.4, 0.5, 0.6]
     assert metrics["metrics"]["C-F1"] == pytest.approx(
         compute_metrics(labels, want, threshold=np.array([0.2, 0.3, 0.4, 0.5, 0.6]))["C-F1"], abs=1e-9)
@@ -287,3 +287,62 @@ def test_onnx_export_carries_the_vote(fused, tmp_path):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     (probs,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["probabilities"], {"images": x.numpy()})
     assert np.abs(probs - predictor.predict_tensor(x)).max() < 1e-4
+
+
+def test_onnx_export_puts_large_weights_in_a_data_file_beside_the_model(fused, tmp_path, monkeypatch):
+    pytest.importorskip("onnx", reason="onnx is absent: pip install 'retdmctl[export]'")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is absent: pip install 'retdmctl[export]'")
+    import onnx
+
+    from retdmctl import export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)  # the tiny model's weights are past it
+    ws, _, _ = fused
+    out = tmp_path / "fused.onnx"
+    result = runner.invoke(app, ["-w", str(ws.root), "export", "--format", "onnx", "--output", str(out), "--checkpoint", "classifier"])
+    assert result.exit_code == 0, result.output
+    data = tmp_path / "fused.onnx.data"
+    assert (f"its weights are in {data}: keep that file beside fused.onnx, it must travel with the model"
+            in " ".join(result.output.split()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.onnx", "fused.onnx.data"]  # no temporary left
+    assert data.stat().st_size > 10 * out.stat().st_size
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}["retdmctl"])
+    assert meta["external_data"] == "fused.onnx.data" and meta["fusion"]["search"] == "exact"
+    predictor = load_predictor(ws.root, "classifier", device="cpu")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    (probs,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["probabilities"], {"images": x.numpy()})
+    assert np.abs(probs - predictor.predict_tensor(x)).max() < 1e-4
+    # exported again under the threshold: one file, the stale weights removed
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1 << 40)
+    result = runner.invoke(app, ["-w", str(ws.root), "export", "--format", "onnx", "--output", str(out), "--checkpoint", "classifier"])
+    assert result.exit_code == 0 and "travel" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.onnx"]
+
+
+def test_export_refuses_a_vote_that_searches_an_approximate_index(fused, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is absent: pip install 'retdmctl[export]'")
+    from retdmctl.fusion.search import train_ivf
+
+    ws, _, ckpt = fused
+    ckpt = {**ckpt, "fusion": {**ckpt["fusion"], "search": train_ivf(ckpt["fusion"]["bank"].float())}}
+    path = tmp_path / "ivf.pt"
+    torch.save(ckpt, path)
+    n = len(ckpt["fusion"]["rows"])
+    for fmt, name in (("onnx", "ONNX"), ("torchscript", "TorchScript")):
+        result = runner.invoke(app, ["-w", str(ws.root), "export", "--format", fmt, "--output", str(tmp_path / "m"),
+                                     "--checkpoint", str(path)])
+        assert result.exit_code == 1
+        assert result.output == (f"error: this model's neighbour vote searches an approximate index (ivf, {n} training "
+                                 f"images) that {name} cannot reproduce: export with --no-fusion\n")
+    assert not (tmp_path / "m").exists()
+    plain = runner.invoke(app, ["-w", str(ws.root), "export", "--format", "onnx", "--output", str(tmp_path / "m.onnx"),
+                                "--checkpoint", str(path), "--no-fusion"])
+    assert plain.exit_code == 0, plain.output
+    # predict applies the IVF vote as saved: scanning all its lists here, it finds the exact
+    # search's neighbours, at float16 cosines
+    predictor = load_predictor(path, device="cpu")
+    assert predictor.vote.kind == "ivf" and predictor.metadata()["fusion"]["search"] == "ivf"
+    assert predictor.vote.index.nprobe == predictor.vote.index.nlist == round(n ** 0.5)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    exact = load_predictor(ws.root, "classifier", device="cpu")
+    assert np.abs(predictor.predict_tensor(x) - exact.predict_tensor(x)).max() < 1e-2

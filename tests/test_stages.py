@@ -66,7 +66,7 @@ def test_eval_writes_the_test_scores_and_their_metrics(finished):
     assert list(cut) == rule.choice["per_class"] == ckpt["thresholds"]
     assert saved["fusion"] == (None if ckpt["fusion"]["w"] == 0 else
                                {"k": ckpt["fusion"]["k"], "temp": ckpt["fusion"]["temp"], "w": ckpt["fusion"]["w"],
-                                "bank_images": len(info.split("train"))})
+                                "bank_images": len(info.split("train")), "search": "exact"})
     assert saved["metrics"] == pytest.approx(compute_metrics(labels, scores, threshold=cut))
     assert saved["checkpoint"] == "joint/checkpoint.pt" and set(saved["per_class_ap"]) == set(info.class_names)
     page = (ws.stage_dir("eval") / "report.html").read_text()

@@ -15,6 +15,11 @@ thresholds are then chosen on the fused validation scores. Everything the vote n
 (the bank, its labels and rows, k, t, w and both threshold choices) is saved in the
 checkpoint under ``"fusion"``, and eval, predict, the report and export all apply the
 one :class:`NeighbourVote` built from it.
+
+The k nearest are searched exactly below :data:`~retdmctl.fusion.search.EXACT_MAX` bank
+images and in a FAISS IVF index from there on (:mod:`retdmctl.fusion.search`); the kind
+and its index are saved under ``fusion["search"]``, and validation chooses (k, t, w)
+with that very search.
 """
 
 from __future__ import annotations
@@ -25,33 +30,40 @@ from torch import nn
 
 from retdmctl.data.dataset import ids_mismatch
 from retdmctl.errors import CheckpointError
+from retdmctl.fusion import search as _search
+from retdmctl.fusion.search import EXACT, normalize
 
 GRID = {"k": (5, 10, 20, 40), "temp": (0.05, 0.1, 1.0), "w": (0.0, 0.1, 0.2, 0.3, 0.5)}
-CHUNK = 1024  # query rows per similarity block: (CHUNK, N_train) floats at a time
-
-
-def normalize(f: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(f.float(), dim=1, eps=1e-12)
 
 
 class NeighbourVote(nn.Module):
     """The fused scorer: ``forward(f, p)`` -> (1 - w) p + w * vote(f)."""
 
-    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, k: int, temp: float, w: float) -> None:
+    def __init__(self, bank: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, k: int, temp: float, w: float,
+                 search: dict | None = None) -> None:
         super().__init__()
-        self.register_buffer("bank", normalize(bank))  # (N, D), unit rows
+        self.search = dict(search or EXACT)  # as saved: kind, and the IVF's parameters
+        self.kind, self.size = self.search["kind"], int(bank.shape[0])
+        self.index = None
+        if self.kind == "exact":
+            self.register_buffer("bank", normalize(bank))  # (N, D), unit rows
+        else:  # the IVF holds the unit rows (float16, on the CPU): no float32 copy
+            self.index = _search.ivf_index(bank, self.search)
         self.register_buffer("labels", labels.float())  # (N, L)
         self.rows = rows.cpu().numpy().astype(np.int64)  # dataset rows of the bank (to leave an image out of its own vote)
         self.k, self.temp, self.w = int(k), float(temp), float(w)
 
+    def top(self, f: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosines, bank positions), each (B, k), nearest first, by this vote's search."""
+        q = normalize(f)
+        if self.index is None:
+            return _search.exact_top(q, self.bank, k, exclude)
+        return _search.ivf_top(self.index, q, k, exclude)
+
     def vote(self, f: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) label vote of each row's k nearest bank images; ``exclude`` (B,) is a bank
         position per row to leave out (-1 for none), so a training image never votes for itself."""
-        sim = normalize(f) @ self.bank.T
-        if exclude is not None:
-            hit = exclude >= 0
-            sim[hit, exclude[hit]] = float("-inf")
-        top, idx = sim.topk(self.k, dim=1)
+        top, idx = self.top(f, self.k, exclude)
         weights = torch.softmax(top / self.temp, dim=1)
         return (weights.unsqueeze(-1) * self.labels[idx]).sum(dim=1)
 
@@ -65,10 +77,10 @@ class NeighbourVote(nn.Module):
         inside = at < len(self.rows)
         inside[inside] = self.rows[at[inside]] == rows[inside]
         pos[inside] = at[inside]
-        return torch.from_numpy(pos).to(self.bank.device)
+        return torch.from_numpy(pos).to(self.labels.device)
 
     def describe(self) -> dict:
-        return {"k": self.k, "temp": self.temp, "w": self.w, "bank_images": int(self.bank.shape[0])}
+        return {"k": self.k, "temp": self.temp, "w": self.w, "bank_images": self.size, "search": self.kind}
 
 
 # --- choosing (k, t, w) on validation ----------------------------------------------------
@@ -79,15 +91,6 @@ def _mean_ap(y: np.ndarray, s: np.ndarray, known: np.ndarray | None = None) -> f
 
     ap = per_class_average_precision(y, s, known)
     return float(np.nanmean(ap)) if not np.isnan(ap).all() else float("nan")
-
-
-def _top(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    sims, idxs = [], []
-    for start in range(0, len(query), CHUNK):
-        top, idx = (query[start : start + CHUNK] @ bank.T).topk(k, dim=1)
-        sims.append(top)
-        idxs.append(idx)
-    return torch.cat(sims), torch.cat(idxs)
 
 
 def choose(
@@ -102,11 +105,15 @@ def choose(
     ``train_rows`` are, saved with them (see :func:`from_checkpoint`)."""
     from retdmctl import thresholds
 
-    # the bank is saved as float16: choose with exactly the bank that eval and predict apply
+    # the bank is saved as float16: choose with exactly the bank and the search that eval
+    # and predict apply
     train_f = np.asarray(train_f, dtype=np.float16).astype(np.float32)
-    bank, labels = normalize(torch.from_numpy(train_f)), torch.from_numpy(train_y).float()
+    bank, labels = torch.from_numpy(train_f), torch.from_numpy(train_y).float()
+    search = _search.train_ivf(bank) if _search.plan(len(bank)) == "ivf" else EXACT
     ks = sorted({min(k, len(bank)) for k in GRID["k"]})
-    top, idx = _top(normalize(torch.from_numpy(val_f)), bank, ks[-1])  # sorted: the first k are the k nearest
+    vote_module = NeighbourVote(bank, labels, torch.from_numpy(np.asarray(train_rows)), ks[-1], 1.0, 1.0, search)
+    # nearest first, and the k nearest of both searches are the first k of their k_max nearest
+    top, idx = vote_module.top(torch.from_numpy(val_f), ks[-1])
     p = torch.from_numpy(val_p).float()
     plain = _mean_ap(val_y, val_p, val_known)
     best = (plain, ks[0], GRID["temp"][0], 0.0)
@@ -120,7 +127,7 @@ def choose(
                 if score > best[0]:
                     best = (score, k, temp, w)
     score, k, temp, w = best
-    vote_module = NeighbourVote(torch.from_numpy(train_f), labels, torch.from_numpy(train_rows), k, temp, w)
+    vote_module.k, vote_module.temp, vote_module.w = k, float(temp), float(w)
     with torch.no_grad():
         fused = vote_module(torch.from_numpy(val_f), p).numpy()
     return {
@@ -130,6 +137,7 @@ def choose(
         "labels": torch.from_numpy(train_y).to(torch.uint8),
         "rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)),
         "ids_digest": ids,  # the dataset those rows are rows of
+        "search": search,  # how the k nearest are found (an IVF's centroids and lists)
         "threshold_choice": thresholds.choose(val_y, fused, val_known),
     }
 
@@ -156,10 +164,13 @@ def from_checkpoint(ckpt: dict, source: str, *, embed_dim: int, num_classes: int
                               f"labels {tuple(labels.shape)}, embedding {embed_dim}, {num_classes} classes)")
     if not 1 <= int(saved["k"]) <= n:
         raise CheckpointError(f"{source}: its neighbour vote has k = {saved['k']} for {n} bank images")
+    search = saved.get("search") or EXACT  # saved before the IVF existed: exact
+    if why := _search.check(search, n, embed_dim):
+        raise CheckpointError(f"{source}: {why}")
     if ids is None:
         rows = torch.zeros(0, dtype=torch.int64)
     elif why := ids_mismatch(saved.get("ids_digest"), ids):
         raise CheckpointError(f"{source}: its neighbour vote {why}: train again")
     else:
         rows = saved["rows"]
-    return NeighbourVote(bank, labels, rows, saved["k"], saved["temp"], saved["w"])
+    return NeighbourVote(bank, labels, rows, saved["k"], saved["temp"], saved["w"], search)
