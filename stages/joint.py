@@ -74,27 +74,19 @@ def run(ctx: Context) -> dict:
     features_path = ws.stage_dir("classifier") / "features.h5"
     bank = torch.from_numpy(read_row_features(features_path, info, ws.rel(features_path),
                                               "re-run retdmctl train --stage classifier")).to(device)
-    fresh = cfg.joint.way2 == "forward"
     train_rows, val_rows = info.split("train"), info.split("val")
     sampler = MetricSampler.build(graph, info, np.array([], dtype=np.int64))
 
     clean = cfg.loss.metric_on == "clean"
+    fresh = FreshFeatures(model, source, device, clean) if cfg.joint.way2 == "forward" else None
     counter = EpochCounter(source.num_batches(train_rows))
     classification = Classification(cfg, observed, counter, device)
-
-    class FreshFeatures:  # f_{i_j} recomputed with the current phi (frozen mode only)
-        def __getitem__(self, picks):
-            # one flat batch: cached trunk activations (model.tune_blocks) need 4-D input
-            # read from the cache as needed, never all of it in memory
-            x = source.centre_of(picks.reshape(-1).cpu().numpy()).to(device)
-            f = model.embed_pair(x)[0 if clean else 1]
-            return f.reshape(*picks.shape, f.shape[-1])
 
     def step(x, y, rows, rng):
         f_clean, f_dropped = model.embed_pair(x)
         f = f_clean if clean else f_dropped  # what the metric loss, W_r and the bank see
         logits = model.classify(f_dropped)
-        f_neg_source = FreshFeatures() if fresh else bank
+        f_neg_source = fresh if fresh is not None else bank
         metric, rec = metric_and_rec(model, f.float(), y, rows, sampler, f_neg_source, rng, cfg.loss)
         cls, clml = classification(logits.float(), y, rows, f_clean)
         parts = total_loss(cls, metric, rec, cfg.loss.alpha, cfg.loss.beta)
@@ -127,6 +119,22 @@ def run(ctx: Context) -> dict:
                                    backbone_from=backbone_from)
     summary = finish_training(stage_dir, state, history)
     return {**summary, "backbone_from": backbone_from, **labels_summary}
+
+
+class FreshFeatures:
+    """f_{i_j} recomputed with the current phi (joint.way2 = "forward", frozen mode only),
+    from the way-2 images' cached inputs, read as needed (never all of them in memory).
+    A module-level class, not one local to ``run``: a local class is freed only by the
+    cycle collector, and would keep the stage's image source (an open LMDB) alive."""
+
+    def __init__(self, model, source, device, clean: bool) -> None:
+        self.model, self.source, self.device, self.clean = model, source, device, clean
+
+    def __getitem__(self, picks):
+        # one flat batch: cached trunk activations (model.tune_blocks) need 4-D input
+        x = self.source.centre_of(picks.reshape(-1).cpu().numpy()).to(self.device)
+        f = self.model.embed_pair(x)[0 if self.clean else 1]
+        return f.reshape(*picks.shape, f.shape[-1])
 
 
 def _inputs(ws, cfg) -> list:
