@@ -7,7 +7,9 @@ own ``retdmctl`` process: ``knn``, ``train --stage classifier``, ``train --stage
 
     wall time, and per image (wall / N; N counts every split),
     peak RSS of that process: ``ru_maxrss`` from ``os.wait4`` (the child's own high-water
-        mark; a worker it forked and reaped counts as its own peak, never added),
+        mark; a worker it forked and reaped counts as its own peak, never added; Linux
+        also counts the parent's memory at the fork, kept across exec, so this script
+        stays small: no torch, no data),
     the sampled peak of the process tree's summed RSS (the child and its workers, read
         from /proc every --poll seconds; what the machine had to hold),
     disk after the stage: the workspace and the backbone cache. Each run has its own
