@@ -468,14 +468,15 @@ def read_features(path: Path, name: str = "features") -> np.ndarray:
 def write_features(path: Path, features: np.ndarray, config: dict, ids: str) -> None:
     """``features.h5``: row i is the image ``ids[i]`` of the dataset whose ids hash to ``ids``."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("features", data=features.astype(np.float16))
+        h5.create_dataset("features", data=np.asarray(features, dtype=np.float16))
         h5.attrs.update({"config": json.dumps(config), "ids_digest": ids, "version": __version__, "created": now_iso()})
 
 
-def read_row_features(path: Path, info: DatasetInfo, source: str, fix: str) -> np.ndarray:
-    """``features.h5`` as float32, only where it was written for ``info``'s ordered ids
-    (else an InputError naming ``source`` and ``fix``): its rows are read as the dataset's."""
+def read_row_features(path: Path, info: DatasetInfo, source: str, fix: str, dtype=np.float32) -> np.ndarray:
+    """``features.h5`` as ``dtype`` (float16: as stored, half the memory), only where it
+    was written for ``info``'s ordered ids (else an InputError naming ``source`` and
+    ``fix``): its rows are read as the dataset's."""
     with h5py.File(path, "r") as h5:
         if why := ids_mismatch(h5.attrs.get("ids_digest"), info.ids_digest):
             raise InputError(f"{source} {why}: {fix}")
-        return h5["features"][()].astype(np.float32)
+        return h5["features"][()].astype(dtype, copy=False)

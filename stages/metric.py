@@ -45,7 +45,9 @@ def run(ctx: Context) -> dict:
     model.to(device)
 
     features_path = ws.stage_dir("classifier") / "features.h5"
-    features = read_row_features(features_path, info, ws.rel(features_path), "re-run retdmctl train --stage classifier")
+    # float16 as stored (each batch is converted to float32 as it is read)
+    features = read_row_features(features_path, info, ws.rel(features_path), "re-run retdmctl train --stage classifier",
+                                 dtype=np.float16)
     f_bank = torch.from_numpy(features).to(device)
     source = CachedSource(features, info, cfg.metric.batch_size)
     train_rows, val_rows = info.split("train"), info.split("val")

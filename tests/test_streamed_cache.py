@@ -144,3 +144,32 @@ def test_an_epoch_after_a_resume_is_the_epoch_of_an_uninterrupted_run(tmp_path, 
         for (x, r), (x0, r0) in zip(got, want):
             np.testing.assert_array_equal(r, r0)
             assert torch.equal(x, x0)
+
+
+def test_the_image_store_is_remapped_as_it_is_read_and_every_image_is_read_right(tmp_path, monkeypatch):
+    """LMDB's pages stay mapped, in the process's RSS, until the environment closes: the
+    reader closes it every REMAP_BYTES read and reopens it on the next read."""
+    from retdmctl.data.store import ImageReader, ImageWriter
+
+    images = {f"img{i}.jpg": bytes([i]) * (1000 + i) for i in range(30)}
+    store = ImageWriter(tmp_path / "images.lmdb")
+    store.put_many(images.items())
+    store.close()
+    monkeypatch.setattr(ImageReader, "REMAP_BYTES", 5000)
+    reader = ImageReader(tmp_path / "images.lmdb")
+    opened = []
+    real_open = ImageReader._open
+
+    def counting_open(self):
+        if self._env is None:
+            opened.append(1)
+        return real_open(self)
+
+    monkeypatch.setattr(ImageReader, "_open", counting_open)
+    for name, data in list(images.items()) * 2:
+        assert reader.get(name) == data
+    total = 2 * sum(len(d) for d in images.values())
+    assert len(opened) >= total // 5000  # reopened as it went, never more than 5000 bytes mapped
+    assert reader._mapped < 5000
+    with pytest.raises(KeyError):
+        reader.get("missing.jpg")

@@ -8,6 +8,7 @@ LMDB rejects keys over 511 bytes, and an image id is a relative path that may be
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -88,11 +89,22 @@ class ImageWriter:
 
 
 class ImageReader:
-    """Read-only access; opens lazily so that it can be shared with DataLoader workers."""
+    """Read-only access; opens lazily so that it can be shared with DataLoader workers.
+
+    LMDB reads through a memory map, and every page read stays mapped, counted in the
+    process's resident memory, until the environment is closed: one pass over a store
+    would hold all of it. So the environment is closed, and reopened on the next read,
+    after every :data:`REMAP_BYTES` read: the pages stay in the OS page cache (a second
+    pass still reads from memory), not in this process. A lock keeps a read and that
+    close apart where threads share a reader (the device path's prefetch thread)."""
+
+    REMAP_BYTES = 256 << 20
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._env: lmdb.Environment | None = None
+        self._mapped = 0  # bytes read since the environment was opened
+        self._lock = threading.Lock()
 
     def _open(self) -> lmdb.Environment:
         if self._env is None:
@@ -104,20 +116,34 @@ class ImageReader:
     def get(self, image_id: str) -> bytes:
         """The stored bytes of an image id. Stores written before ids were hashed keyed
         the id itself: that key is tried when the digest is absent."""
-        with self._open().begin() as txn:
-            value = txn.get(store_key(image_id))
+        with self._lock:
+            with self._open().begin() as txn:
+                value = txn.get(store_key(image_id))
+                if value is None:
+                    legacy = image_id.encode()
+                    if 0 < len(legacy) <= _LMDB_MAX_KEY:
+                        value = txn.get(legacy)
+                if value is not None:
+                    value = bytes(value)  # a copy: the map may be closed below
             if value is None:
-                legacy = image_id.encode()
-                if 0 < len(legacy) <= _LMDB_MAX_KEY:
-                    value = txn.get(legacy)
-        if value is None:
-            raise KeyError(image_id)
-        return bytes(value)
+                raise KeyError(image_id)
+            self._mapped += len(value)
+            if self._mapped >= self.REMAP_BYTES:
+                self._close()
+        return value
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_env": None}
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
+        self._mapped = 0

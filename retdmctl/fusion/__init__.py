@@ -46,7 +46,9 @@ class NeighbourVote(nn.Module):
         self.kind, self.size = self.search["kind"], int(bank.shape[0])
         self.index = None
         if self.kind == "exact":
-            self.register_buffer("bank", normalize(bank))  # (N, D), unit rows
+            # (N, D), unit rows, normalised in place: one float32 copy of a float16 bank
+            unit = bank.float().clone() if bank.dtype == torch.float32 else bank.float()
+            self.register_buffer("bank", torch.nn.functional.normalize(unit, dim=1, eps=1e-12, out=unit))
         else:  # the IVF holds the unit rows (float16, on the CPU): no float32 copy
             self.index = _search.ivf_index(bank, self.search)
         self.register_buffer("labels", labels.float())  # (N, L)
@@ -107,8 +109,8 @@ def choose(
 
     # the bank is saved as float16: choose with exactly the bank and the search that eval
     # and predict apply
-    train_f = np.asarray(train_f, dtype=np.float16).astype(np.float32)
-    bank, labels = torch.from_numpy(train_f), torch.from_numpy(train_y).float()
+    # (float16 in, one float32 copy of it: the vote's unit rows)
+    bank, labels = torch.from_numpy(np.ascontiguousarray(train_f, dtype=np.float16)), torch.from_numpy(train_y).float()
     search = _search.train_ivf(bank) if _search.plan(len(bank)) == "ivf" else EXACT
     ks = sorted({min(k, len(bank)) for k in GRID["k"]})
     vote_module = NeighbourVote(bank, labels, torch.from_numpy(np.asarray(train_rows)), ks[-1], 1.0, 1.0, search)
@@ -133,7 +135,7 @@ def choose(
     return {
         "k": k, "temp": float(temp), "w": float(w),
         "val_mAP": float(score), "plain_val_mAP": float(plain),
-        "bank": torch.from_numpy(train_f).to(torch.float16),
+        "bank": bank,
         "labels": torch.from_numpy(train_y).to(torch.uint8),
         "rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)),
         "ids_digest": ids,  # the dataset those rows are rows of

@@ -76,36 +76,45 @@ def score_rows(model: RETDM, source, rows: np.ndarray, device: torch.device, vot
         return empty, empty.copy(), np.zeros((0, dim), np.float32)
     if vote is not None:
         vote = vote.to(device)
-    scores, labels, feats = [], [], []
+    # filled batch by batch: a list of parts concatenated at the end holds every row twice
+    scores = np.empty((len(rows), num_classes), np.float32)
+    labels, feats = np.empty_like(scores), np.empty((len(rows), dim), np.float32)
+    at = 0
     for x, y, r in track(source.eval_batches(rows), source.num_batches(rows), "scoring"):
         exclude = vote.positions(np.asarray(r)) if vote is not None else None
         f, _, p = score_batch(model, to_device(x, device), vote, exclude, autocast(device))
-        scores.append(p.cpu().numpy())
-        labels.append(y.numpy())
-        feats.append(f.float().cpu().numpy())
-    return np.concatenate(scores), np.concatenate(labels), np.concatenate(feats)
+        end = at + len(r)
+        scores[at:end], labels[at:end], feats[at:end] = p.cpu().numpy(), y.numpy(), f.float().cpu().numpy()
+        at = end
+    return scores, labels, feats
 
 
 @torch.no_grad()
-def embed_rows(model: RETDM, source, rows: np.ndarray, device: torch.device, progress: str | None = None) -> np.ndarray:
-    """f = phi(x) of ``rows`` (eval mode, centre crop), float32, in the order of ``rows``,
-    on this process; behind a progress bar named ``progress`` where given."""
+def embed_rows(model: RETDM, source, rows: np.ndarray, device: torch.device, progress: str | None = None,
+               dtype=np.float32) -> np.ndarray:
+    """f = phi(x) of ``rows`` (eval mode, centre crop), in the order of ``rows``, on this
+    process, as ``dtype``; behind a progress bar named ``progress`` where given."""
     model.eval()
     batches = source.eval_batches(rows)
     if progress is not None:
         batches = track(batches, source.num_batches(rows), progress)
-    out = []
+    out = np.empty((len(rows), model.cls_head.in_features), dtype)  # filled batch by batch
+    at = 0
     for x, _, _ in batches:  # in the order of rows
         with autocast(device):
-            out.append(model.embed_images(to_device(x, device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.cls_head.in_features), np.float32)
+            f = model.embed_images(to_device(x, device)).float().cpu().numpy()
+        out[at : at + len(f)] = f  # numpy's float32 -> float16 rounding, as features.h5's
+        at += len(f)
+    return out
 
 
 @torch.no_grad()
 def embed_all(model: RETDM, source, n: int, device: torch.device) -> np.ndarray:
-    """f = phi(x) for every image (eval mode, centre crop); sharded under torchrun."""
+    """f = phi(x) for every image (eval mode, centre crop), float16 (as ``features.h5``
+    and the vote's bank keep them: half the memory, the same values downstream); sharded
+    under torchrun."""
     rows = distributed.shard(np.arange(n))
-    return distributed.gather_rows(embed_rows(model, source, rows, device, "embedding"))
+    return distributed.gather_rows(embed_rows(model, source, rows, device, "embedding", dtype=np.float16))
 
 
 @dataclass

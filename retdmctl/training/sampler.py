@@ -65,7 +65,7 @@ def metric_and_rec(model: RETDM, f, y, rows, sampler: MetricSampler, f_bank: tor
     g_uniq = model.label_net(sampler.label_sets.to(y.device)[torch.from_numpy(uniq).long()])
     g_neg = g_uniq[torch.from_numpy(inverse.reshape(neighbors.shape)).to(y.device)]
     picks = torch.from_numpy(sampler.way2_images(neighbors, rng)).to(y.device)
-    f_neg = f_bank[picks]
+    f_neg = f_bank[picks].float()  # the metric stage's bank is float16, as features.h5 holds it
     metric = two_way_metric_loss(f, g_pos, g_neg, f_neg, loss_cfg.lam, loss_cfg.margin)
     rec = reconstruction_loss(model.rec_head(g_pos), y)
     return metric, rec
