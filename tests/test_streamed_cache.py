@@ -173,3 +173,25 @@ def test_the_image_store_is_remapped_as_it_is_read_and_every_image_is_read_right
     assert reader._mapped < 5000
     with pytest.raises(KeyError):
         reader.get("missing.jpg")
+
+
+@pytest.mark.parametrize("remap", [1, 2500, 1 << 30])
+def test_the_records_digest_is_the_one_pass_hash_however_often_the_store_is_reopened(tmp_path, monkeypatch, remap):
+    import hashlib
+
+    import lmdb
+
+    from retdmctl.data import store
+
+    writer = store.ImageWriter(tmp_path / "s.lmdb")
+    writer.put_many([(f"img{i}.jpg", bytes([i % 256]) * (500 + i)) for i in range(60)])
+    writer.env.close()
+    digest = hashlib.sha256()  # every record, in key order, in one pass
+    env = lmdb.open(str(tmp_path / "s.lmdb"), readonly=True, lock=False, subdir=True)
+    with env.begin() as txn:
+        for key, value in txn.cursor().iternext(keys=True, values=True):
+            digest.update(bytes(key) + len(value).to_bytes(8, "little"))
+            digest.update(value)
+    env.close()
+    monkeypatch.setattr(store.ImageReader, "REMAP_BYTES", remap)
+    assert store.records_digest(tmp_path / "s.lmdb") == "records:" + digest.hexdigest()

@@ -37,18 +37,31 @@ def read_keys(path: Path) -> set[bytes]:
 def records_digest(path: Path) -> str:
     """A hash of a finished store's records (key and bytes, in key order): the same for
     two stores that hold the same images, however their pages were laid out (two ingests
-    of one dataset write different ``data.mdb`` files). Read without writing anything."""
+    of one dataset write different ``data.mdb`` files). Read without writing anything,
+    reopening the store every :data:`ImageReader.REMAP_BYTES` read (see
+    :class:`ImageReader`): a pass over the whole store never holds all of it mapped."""
     digest = hashlib.sha256()
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
-    try:
-        with env.begin() as txn:
-            for key, value in txn.cursor().iternext(keys=True, values=True):
-                digest.update(bytes(key) + len(value).to_bytes(8, "little"))
-                digest.update(value)
-    finally:
-        env.close()
-    return "records:" + digest.hexdigest()
-
+    after: bytes | None = None  # the last key hashed
+    while True:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+        try:
+            with env.begin() as txn:
+                cursor = txn.cursor()
+                found = cursor.first() if after is None else cursor.set_range(after)
+                if found and after is not None and cursor.key() == after:
+                    found = cursor.next()
+                mapped = 0
+                while found and mapped < ImageReader.REMAP_BYTES:
+                    key, value = cursor.key(), cursor.value()
+                    digest.update(bytes(key) + len(value).to_bytes(8, "little"))
+                    digest.update(value)
+                    mapped += len(value)
+                    after = bytes(key)
+                    found = cursor.next()
+        finally:
+            env.close()
+        if not found:
+            return "records:" + digest.hexdigest()
 
 class ImageWriter:
     """Appends images in transactions; the map grows as needed. Committed writes survive
