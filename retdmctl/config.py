@@ -214,6 +214,21 @@ class EvalConfig:
 
 
 @dataclass
+class DecisionConfig:
+    """How a classifying stage chooses its neighbour vote and thresholds once trained.
+
+    ``folds`` >= 2: on out-of-fold scores. The training split is cut into ``folds``
+    seeded folds; a copy of the stage (and of every stage it builds on) is trained
+    without each fold, for the epochs the full run kept, and scores it. The choices are
+    made on those scores and the full model's validation scores together: every training
+    and validation image, each scored by a model that never trained on it (never the test
+    split). 0 = on the validation split alone (the cheaper, noisier choice)."""
+
+    folds: int = 5
+    seed: int = 0  # which training images fall in which fold
+
+
+@dataclass
 class LabelsConfig:
     """Which training labels the models see (missing-label protocols; the test split
     always keeps its full labels, validation under ``val_protocol``)."""
@@ -241,6 +256,7 @@ class Config:
     joint: JointConfig = field(default_factory=JointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -418,6 +434,7 @@ _RULES: dict[str, Any] = {
     "eval.split": _one_of(*CHOICES["eval.split"]),
     "eval.threshold": _open_unit,
     "eval.report": _one_of(*CHOICES["eval.report"]),
+    "decision.folds": lambda v: None if v == 0 or 2 <= v <= 20 else "must be 0 (validation only) or in [2, 20]",
     "runtime.device": _one_of(*CHOICES["runtime.device"]),
     "runtime.workers": _at_least(-1),
     "runtime.decode": _one_of(*CHOICES["runtime.decode"]),

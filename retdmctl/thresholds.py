@@ -91,3 +91,44 @@ def resolve(choice: dict | None, rule: str, fixed: float, num_classes: int) -> n
     if rule == "global":
         return np.full(num_classes, choice["global"])
     return np.asarray(choice["per_class"], dtype=np.float64)
+
+
+def cross_fitted_cf1(y: np.ndarray, s: np.ndarray, groups: np.ndarray, known: np.ndarray | None = None) -> float:
+    """C-F1 of per-class thresholds judged on images that did not choose them: for each
+    group g (a fold, or the validation split), the thresholds chosen on every other group
+    (:func:`best_class_thresholds`) decide group g's images; the true and false positives
+    and false negatives of all groups are summed, and C-F1 is the F1 of the mean per-class
+    precision and recall over the classes with a (known) positive (docs/metrics.md). What
+    it measures is how well thresholds chosen this way transfer, not how well they fit."""
+    tp = fp = fn = 0
+    for g in np.unique(groups):
+        inside = groups == g
+        cut = best_class_thresholds(y[~inside], s[~inside], known=None if known is None else known[~inside])
+        counts = _decided(y[inside], s[inside] >= cut, None if known is None else known[inside])
+        tp, fp, fn = tp + counts[0], fp + counts[1], fn + counts[2]
+    return _c_f1(tp, fp, fn)
+
+
+def c_f1(y: np.ndarray, pred: np.ndarray, known: np.ndarray | None = None) -> float:
+    """C-F1 of the (N, L) decisions ``pred`` (as :func:`retdmctl.metrics.compute_metrics`)."""
+    return _c_f1(*_decided(y, pred, known))
+
+
+def _decided(y: np.ndarray, pred: np.ndarray, known: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class true positives, false positives and false negatives over the known entries."""
+    y = y.astype(bool)
+    if known is not None:
+        y, pred = y & known, pred & known
+    return (pred & y).sum(axis=0), (pred & ~y).sum(axis=0), (~pred & y).sum(axis=0)
+
+
+def _c_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
+    """F1 of the mean per-class precision and recall over the classes with a positive
+    (a class without a predicted positive has precision 0)."""
+    present = tp + fn > 0
+    if not present.any():
+        return 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)[present].mean()
+        r = (tp / np.maximum(tp + fn, 1))[present].mean()
+    return float(2 * p * r / (p + r)) if p + r > 0 else 0.0

@@ -6,8 +6,9 @@ stage trains without any CNN pass. In frozen-backbone mode it first caches the b
 pooled features (in the user cache shared by every workspace, ``$RETDM_CACHE_DIR``;
 reused while backbone, weights, image size and images are unchanged) and trains phi's
 projection and W_c on them. Last, it chooses
-on validation how the model decides (the neighbour vote of :mod:`retdmctl.fusion` and
-the thresholds) and saves that in the checkpoint.
+how the model decides (the neighbour vote of :mod:`retdmctl.fusion` and the thresholds)
+on validation and, with ``decision.folds`` (default 5), on out-of-fold scores of the
+training images (:mod:`retdmctl.training.folds`), and saves that in the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from retdmctl.inputs import backbone_problem, image_source, model_inputs
 from retdmctl.model_io.checkpoint import build_model
 from retdmctl.model_io.scoring import embed_all
 from retdmctl.training.decision import choose_decision, val_bce_and_map
+from retdmctl.training.folds import kept_epoch
 from retdmctl.training.setup import begin_training, finish_training
 from retdmctl.training.labels import (
     Classification,
@@ -33,6 +35,7 @@ from retdmctl.training.loop import fit
 from retdmctl.runtime import prepare_model
 from retdmctl.sources import write_features
 from retdmctl.workspace import Workspace
+from stages.folds import out_of_fold
 
 
 def _outputs(ws: Workspace, cfg: Config) -> list:
@@ -98,8 +101,11 @@ def run(ctx: Context) -> dict:
     features = embed_all(model, source, len(info.ids), device)  # every rank, sharded
     config = cfg.sections(STAGE.sections)
     distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config, info.ids_digest))
-    # the neighbour vote and the thresholds, chosen on validation (retdmctl.fusion)
-    decision = choose_decision(model, source, info, device, train_features=features[train_rows], console=ctx.console, stage="classifier")
+    # the neighbour vote and the thresholds, chosen on validation and, with
+    # decision.folds, on the training images scored by fold copies that never saw them
+    parts, record = out_of_fold(ctx, "classifier", info, {"classifier": kept_epoch(history)}, device)
+    decision = choose_decision(model, source, info, device, train_features=features[train_rows], console=ctx.console,
+                               stage="classifier", out_of_fold=parts, record=record)
     state = image_model_checkpoint("classifier", model, spec, cfg, config, info.class_names, decision)
     return {**finish_training(stage_dir, state, history), **labels_summary}
 
@@ -108,7 +114,7 @@ STAGE = Stage(
     name="classifier",
     command="retdmctl train --stage classifier",
     sections=("model", "classifier", "loss.base", "loss.clml", "loss.clml_tau", "loss.clml_start_epoch",
-              "loss.clml_delta", "loss.clml_every", "loss.llr_delta_rel", "labels"),
+              "loss.clml_delta", "loss.clml_every", "loss.llr_delta_rel", "labels", "decision"),
     inputs=_inputs,
     outputs=_outputs,
     run=run,

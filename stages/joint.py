@@ -8,8 +8,9 @@ extra CNN passes); ``"forward"`` recomputes them with the current phi, which in
 frozen-backbone mode costs one linear layer on cached features.
 
 Last, the neighbour vote (:mod:`retdmctl.fusion`) over the joint model's own embeddings
-of the training images and the thresholds are chosen on validation and saved in the
-checkpoint: one more pass over the training and validation images.
+of the training images and the thresholds are chosen and saved in the checkpoint: on
+validation and, with ``decision.folds``, on the training images scored by fold copies of
+the whole chain trained without them (:mod:`retdmctl.training.folds`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from retdmctl.pipeline import Context, Stage
 from retdmctl.inputs import backbone_problem, image_source, model_inputs
 from retdmctl.model_io.checkpoint import build_model, load_parts, restore_image_model
 from retdmctl.training.decision import choose_decision, val_bce_and_map
+from retdmctl.training.folds import kept_epoch
 from retdmctl.training.sampler import MetricSampler, metric_and_rec
 from retdmctl.training.setup import begin_training, finish_training
 from retdmctl.training.labels import (
@@ -41,6 +43,7 @@ from retdmctl.runtime import (
     prepare_model,
 )
 from retdmctl.sources import read_row_features
+from stages.folds import out_of_fold
 
 
 def _blocked(cfg: Config) -> str | None:
@@ -113,8 +116,14 @@ def run(ctx: Context) -> dict:
         on_epoch=counter,
     )
     config = cfg.sections(STAGE.sections)
-    # the neighbour vote over this model's own embeddings, and the thresholds
-    decision = choose_decision(model, source, info, device, console=ctx.console, stage="joint")
+    # the neighbour vote over this model's own embeddings, and the thresholds; with
+    # decision.folds, fold copies of the whole chain (knn, classifier, metric, joint)
+    # score the training images they never saw
+    epochs = {"classifier": kept_epoch(classifier["history"]), "metric": kept_epoch(load_checkpoint(metric_path)["history"]),
+              "joint": kept_epoch(history)}
+    parts, record = out_of_fold(ctx, "joint", info, epochs, device)
+    decision = choose_decision(model, source, info, device, console=ctx.console, stage="joint",
+                               out_of_fold=parts, record=record)
     state = image_model_checkpoint("joint", model, spec, cfg, config, info.class_names, decision,
                                    backbone_from=backbone_from)
     summary = finish_training(stage_dir, state, history)
@@ -146,7 +155,7 @@ def _inputs(ws, cfg) -> list:
 STAGE = Stage(
     name="joint",
     command="retdmctl train --stage joint",
-    sections=("model", "loss", "joint", "labels"),
+    sections=("model", "loss", "joint", "labels", "decision"),
     inputs=_inputs,
     outputs=lambda ws, cfg: [ws.stage_dir("joint") / "checkpoint.pt"],
     run=run,

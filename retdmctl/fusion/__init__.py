@@ -24,6 +24,8 @@ with that very search.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -85,7 +87,7 @@ class NeighbourVote(nn.Module):
         return {"k": self.k, "temp": self.temp, "w": self.w, "bank_images": self.size, "search": self.kind}
 
 
-# --- choosing (k, t, w) on validation ----------------------------------------------------
+# --- choosing (k, t, w) ------------------------------------------------------------------
 
 
 def _mean_ap(y: np.ndarray, s: np.ndarray, known: np.ndarray | None = None) -> float:
@@ -95,52 +97,119 @@ def _mean_ap(y: np.ndarray, s: np.ndarray, known: np.ndarray | None = None) -> f
     return float(np.nanmean(ap)) if not np.isnan(ap).all() else float("nan")
 
 
+@dataclass
+class Scored:
+    """Images scored by one model, with their k_max nearest in that model's own bank:
+    validation images under the full model, or a fold's held-out training images under
+    the model trained without them (``retdmctl.training.folds``)."""
+
+    p: np.ndarray  # (n, L) the classifier's probabilities
+    y: np.ndarray  # (n, L) labels
+    known: np.ndarray | None  # (n, L) False where a label is unknown; None: all known
+    cos: torch.Tensor  # (n, k_max) cosines to the nearest bank images, nearest first
+    idx: torch.Tensor  # (n, k_max) their bank positions
+    bank_labels: torch.Tensor  # (N_bank, L) uint8
+
+    def vote(self, k: int, temp: float, chunk: int = 4096) -> np.ndarray:
+        """(n, L) the vote of the k nearest, in chunks of rows (no (n, k, L) float block)."""
+        out = np.empty(self.p.shape, np.float32)
+        for a in range(0, len(out), chunk):
+            weights = torch.softmax(self.cos[a:a + chunk, :k] / temp, dim=1).unsqueeze(-1)
+            out[a:a + chunk] = (weights * self.bank_labels[self.idx[a:a + chunk, :k]].float()).sum(dim=1).numpy()
+        return out
+
+
+def neighbours(vote: NeighbourVote, f: np.ndarray, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosines, bank positions), each (n, k), of rows ``f`` in ``vote``'s bank, in chunks."""
+    cos, idx = [], []
+    for a in range(0, len(f), chunk):
+        c, i = vote.top(torch.from_numpy(np.asarray(f[a:a + chunk], dtype=np.float32)), k)
+        cos.append(c)
+        idx.append(i)
+    if not cos:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
+    return torch.cat(cos), torch.cat(idx)
+
+
+def _pooled(parts: list[Scored], what) -> np.ndarray | None:
+    arrays = [what(s) for s in parts]
+    if any(a is None for a in arrays):
+        if all(a is None for a in arrays):
+            return None
+        arrays = [np.ones(s.p.shape, bool) if a is None else a for s, a in zip(parts, arrays)]
+    return np.concatenate(arrays)
+
+
 def choose(
     train_f: np.ndarray, train_y: np.ndarray, train_rows: np.ndarray,
     val_f: np.ndarray, val_p: np.ndarray, val_y: np.ndarray, val_known: np.ndarray | None = None,
-    ids: str | None = None,
+    ids: str | None = None, out_of_fold: list[Scored] = (),
 ) -> dict:
-    """The (k, t, w) of :data:`GRID` with the best validation mAP of the fused scores, and
-    the thresholds chosen on those scores. w = 0 is tried first and kept on ties.
-    ``val_known``: False where a validation label is unknown (left out of both choices).
+    """The vote's (k, t, w) and the thresholds of the fused scores, chosen on the
+    validation images (scored by this model, voted by its bank of training embeddings
+    ``train_f``) and the ``out_of_fold`` images (each part scored and voted by a model
+    that never trained on it), pooled.
+
+    (k, t, w) is the point of :data:`GRID` with the best pooled mAP; the vote is kept
+    only where it also improves C-F1 as thresholds transfer
+    (:func:`~retdmctl.thresholds.cross_fitted_cf1`, each part's images decided by
+    thresholds chosen on the other parts; with validation alone, C-F1 of thresholds
+    chosen on it). Else w = 0: no vote.
+    ``val_known``: False where a validation label is unknown (left out of every choice).
     ``ids``: the :func:`~retdmctl.data.dataset.ids_digest` of the dataset whose rows
     ``train_rows`` are, saved with them (see :func:`from_checkpoint`)."""
     from retdmctl import thresholds
 
     # the bank is saved as float16: choose with exactly the bank and the search that eval
-    # and predict apply
-    # (float16 in, one float32 copy of it: the vote's unit rows)
+    # and predict apply (float16 in, one float32 copy of it: the vote's unit rows)
     bank, labels = torch.from_numpy(np.ascontiguousarray(train_f, dtype=np.float16)), torch.from_numpy(train_y).float()
     search = _search.train_ivf(bank) if _search.plan(len(bank)) == "ivf" else EXACT
-    ks = sorted({min(k, len(bank)) for k in GRID["k"]})
+    ks = sorted({min(k, len(bank), *(len(s.bank_labels) for s in out_of_fold)) for k in GRID["k"]})
     vote_module = NeighbourVote(bank, labels, torch.from_numpy(np.asarray(train_rows)), ks[-1], 1.0, 1.0, search)
     # nearest first, and the k nearest of both searches are the first k of their k_max nearest
-    top, idx = vote_module.top(torch.from_numpy(val_f), ks[-1])
-    p = torch.from_numpy(val_p).float()
-    plain = _mean_ap(val_y, val_p, val_known)
+    cos, idx = neighbours(vote_module, val_f, ks[-1])
+    parts = [Scored(val_p, val_y, val_known, cos, idx, torch.from_numpy(np.asarray(train_y, dtype=np.uint8))),
+             *out_of_fold]
+    p, y = np.concatenate([s.p for s in parts]), np.concatenate([s.y for s in parts])
+    known = _pooled(parts, lambda s: s.known)
+    group = np.concatenate([np.full(len(s.p), g) for g, s in enumerate(parts)])
+
+    def cf1(s: np.ndarray) -> float:
+        if len(parts) > 1:
+            return thresholds.cross_fitted_cf1(y, s, group, known)
+        cut = thresholds.best_class_thresholds(y, s, known=known)
+        return thresholds.c_f1(y, s >= cut, known)
+
+    plain = _mean_ap(y, p, known)
     best = (plain, ks[0], GRID["temp"][0], 0.0)
     for k in ks:
         for temp in GRID["temp"]:
-            vote = (torch.softmax(top[:, :k] / temp, dim=1).unsqueeze(-1) * labels[idx[:, :k]]).sum(dim=1)
+            vote = np.concatenate([s.vote(k, temp) for s in parts])
             for w in GRID["w"]:
                 if w == 0.0:
                     continue
-                score = _mean_ap(val_y, ((1 - w) * p + w * vote).numpy(), val_known)
+                score = _mean_ap(y, (1 - w) * p + w * vote, known)
                 if score > best[0]:
-                    best = (score, k, temp, w)
-    score, k, temp, w = best
-    vote_module.k, vote_module.temp, vote_module.w = k, float(temp), float(w)
-    with torch.no_grad():
-        fused = vote_module(torch.from_numpy(val_f), p).numpy()
+                    best = (score, k, temp, w, vote)
+    plain_cf1 = cf1(p)
+    score, k, temp, w = best[:4]
+    fused = p if w == 0 else (1 - w) * p + w * best[4]
+    fused_cf1 = cf1(fused) if w > 0 else plain_cf1
+    kept = w > 0 and fused_cf1 > plain_cf1
+    if not kept:  # no vote: it did not improve both mAP and C-F1
+        fused = p
     return {
-        "k": k, "temp": float(temp), "w": float(w),
-        "val_mAP": float(score), "plain_val_mAP": float(plain),
+        "k": k, "temp": float(temp), "w": float(w) if kept else 0.0,
+        "val_mAP": float(score if kept else plain), "plain_val_mAP": float(plain),
+        # the best vote found on mAP, and C-F1 with and without it (why it was kept or not)
+        "considered": {"k": k, "temp": float(temp), "w": float(w), "mAP": float(score),
+                       "C-F1": float(fused_cf1), "plain_C-F1": float(plain_cf1), "images": int(len(p))},
         "bank": bank,
         "labels": torch.from_numpy(train_y).to(torch.uint8),
         "rows": torch.from_numpy(np.asarray(train_rows, dtype=np.int64)),
         "ids_digest": ids,  # the dataset those rows are rows of
         "search": search,  # how the k nearest are found (an IVF's centroids and lists)
-        "threshold_choice": thresholds.choose(val_y, fused, val_known),
+        "threshold_choice": thresholds.choose(y, fused, known),
     }
 
 
