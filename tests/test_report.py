@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from retdmctl.metrics import METRIC_NAMES
-from retdmctl.report import paper
+from retdmctl.report import calibration, paper
 from retdmctl.report.build import gather, per_class_table, pca_2d, pr_curves, worst_first
 from retdmctl.report.page import render_page
 
@@ -55,6 +55,8 @@ def sample_data(source: str = "scene") -> dict:
         "per_class": per_class_table(labels, scores, thr),
         "per_class_note": "",
         "pr_curves": pr_curves(labels, scores),
+        "calibration": calibration.summary(labels, scores),
+        "calibration_note": f"classifier model <{EVIL}>",
         "cooccurrence": (labels.T.astype(int) @ labels.astype(int)).tolist(),
         "cooccurrence_note": "Training split",
         "history": {"classifier": [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_mAP": 0.5 + e / 50, "lr": 0.1}
@@ -86,7 +88,7 @@ def test_page_is_self_contained():
 
 def test_page_sections():
     page = render_page(sample_data())
-    for heading in ("Metrics", "Per-class results", "Precision-recall curves", "Training curves",
+    for heading in ("Metrics", "Per-class results", "Precision-recall curves", "Calibration", "Training curves",
                     "Test images, worst mistakes first", "Image embeddings (2-D projection)", "Label co-occurrence",
                     "Configuration"):
         assert f"<h2>{heading}</h2>" in page, heading

@@ -23,7 +23,7 @@ from retdmctl.data.dataset import DatasetInfo
 from retdmctl.inputs import image_source
 from retdmctl.metrics import compute_metrics, per_class_average_precision
 from retdmctl.model_io.scoring import embed_rows, score_split
-from retdmctl.report import paper
+from retdmctl.report import calibration, paper
 from retdmctl.report.page import render_page
 from retdmctl.runtime import load_checkpoint
 from retdmctl.workspace import Workspace, now_iso
@@ -262,6 +262,10 @@ def gather(ws: Workspace, cfg: Config, info: DatasetInfo, result: Mapping[str, A
                            "images; mAP is their mean. Not to be confused with the avg. precision (label ranking) "
                            "metric, an average over images."),
         "pr_curves": pr_curves(labels, scores, known=known),
+        "calibration": calibration.summary(labels, scores, known),
+        "calibration_note": (f"{stage} model, {split} split, every (image, class) entry pooled"
+                             + (", scores fused with the neighbour vote" if vote else "")
+                             + ("; unknown labels left out" if known is not None else "") + "."),
         "cooccurrence": cooc,
         "cooccurrence_note": f"Training split ({len(train_rows)} images)",
         "history": history,
