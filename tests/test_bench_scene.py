@@ -18,6 +18,7 @@ TINY = ["--set", "ingest.source=demo", "--set", "ingest.demo_images=60", "--set"
         "--set", "runtime.device=cpu", "--set", "classifier.epochs=1", "--set", "metric.epochs=1",
         "--set", "joint.epochs=1"]
 DEFAULTS = ["default", "default_joint_plain", "default_classifier_vote", "default_classifier_plain"]
+RECHOSEN = ["default_val_only", "default_val_map"]
 
 
 # --- the seed sets and the variants asked --------------------------------------------------
@@ -129,9 +130,9 @@ def test_before_any_confirmation_seed_the_table_shows_dev_alone():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One dev seed and one confirmation seed: bce, the four default scorings and a
-    default_val_only whose setting is a no-op here (decision.folds is not a key yet),
-    with every training, scoring and write recorded."""
+    """One dev seed and one confirmation seed: bce, the four default scorings and the two
+    decisions chosen again on validation (default_val_only, default_val_map), with every
+    training, scoring and write recorded."""
     root = tmp_path_factory.mktemp("scene-bench")
     out = root / "out"
     trained: list[tuple[str, str]] = []  # (workspace, last stage)
@@ -157,8 +158,7 @@ def tiny_run(tmp_path_factory):
         mp.setattr(scene, "run_until", spy_train)
         mp.setattr(scene, "test_metrics", spy_score)
         mp.setattr(scene, "write", spy_write)
-        mp.setitem(scene.FAMILIES, "default_val_only", ["joint.epochs=1"])
-        scene.main(["--seeds", "0", "--confirm-seeds", "10", "--variants", "bce", *DEFAULTS, "default_val_only",
+        scene.main(["--seeds", "0", "--confirm-seeds", "10", "--variants", "bce", *DEFAULTS, *RECHOSEN,
                     "--workdir", str(root / "ws"), "--out", str(out), *TINY])
     return {"root": root, "out": out, "trained": trained, "scored": scored, "written": written}
 
@@ -169,7 +169,7 @@ def test_the_json_says_which_set_each_seed_belongs_to_and_is_written_after_every
     assert saved["seed_sets"] == {"development": [0], "confirmation": [10]}
     assert saved["seed_set"] == {"0": "development", "10": "confirmation"}
     assert list(saved["results"]) == ["0", "10"]
-    assert list(saved["results"]["10"]) == ["bce", *DEFAULTS, "default_val_only"]
+    assert list(saved["results"]["10"]) == ["bce", *DEFAULTS, *RECHOSEN]
     assert tiny_run["written"] == [["0"], ["0", "10"]]
 
 
@@ -183,23 +183,22 @@ def test_the_markdown_has_a_section_per_seed_set_and_the_transfer_table(tiny_run
     assert md.count("### Paired difference from bce (variant − bce; thresholds: per class)") == 2
     rows = [line.split(" | ")[0] for line in md[md.index("| variant | mAP dev | mAP confirmation | C-F1 dev | "
                                                            "C-F1 confirmation | holds |") + 2:] if line.startswith("| ")]
-    assert rows == [f"| {v}" for v in [*DEFAULTS, "default_val_only"]]
+    assert rows == [f"| {v}" for v in [*DEFAULTS, *RECHOSEN]]
 
 
 @pytest.mark.slow
 def test_the_default_scorings_come_from_one_training_per_seed(tiny_run):
-    """Per seed: bce in the bench's workspace, one training in WORKDIR/default, one in
-    WORKDIR/default_val_only; the four scorings read the one checkpoint pair, unchanged
-    (same mtimes) from the first scoring to the last."""
-    assert tiny_run["trained"] == [("ws", "classifier"), ("default", "joint"), ("default_val_only", "joint")] * 2
+    """Per seed: bce in the bench's workspace, one training in WORKDIR/default (the
+    re-chosen decisions train nothing); the four scorings read the one checkpoint pair,
+    unchanged (same mtimes) from the first scoring to the last."""
+    assert tiny_run["trained"] == [("ws", "classifier"), ("default", "joint")] * 2
     scored = tiny_run["scored"]
     assert [s[:3] for s in scored] == [
         ("ws", "classifier", False),
         ("default", "joint", True), ("default", "joint", False),
-        ("default", "classifier", True), ("default", "classifier", False),
-        ("default_val_only", "joint", True)] * 2
+        ("default", "classifier", True), ("default", "classifier", False)] * 2
     for seed in range(2):
-        four = scored[6 * seed + 1: 6 * seed + 5]
+        four = scored[5 * seed + 1: 5 * seed + 5]
         assert len({s[3:] for s in four}) == 1
 
 
@@ -225,13 +224,28 @@ def test_each_default_scoring_records_its_checkpoints_decision(tiny_run):
 
 
 def test_an_unknown_setting_of_a_variant_stops_the_bench_before_the_first_seed(tmp_path, monkeypatch):
-    monkeypatch.setitem(scene.FAMILIES, "default_val_only", ["nosuch.key=0"])
+    monkeypatch.setitem(scene.FAMILIES, "default", ["nosuch.key=0"])
     with pytest.raises(SystemExit) as exit_:
-        scene.main(["--variants", "bce", "default_val_only", "--workdir", str(tmp_path / "ws"),
+        scene.main(["--variants", "bce", "default", "--workdir", str(tmp_path / "ws"),
                     "--out", str(tmp_path / "out"), *TINY])
-    assert str(exit_.value).startswith("bench/scene.py: variant default_val_only: ")
+    assert str(exit_.value).startswith("bench/scene.py: variant default: ")
     assert not (tmp_path / "ws").exists() and not (tmp_path / "out.json").exists()
 
 
 def test_the_docstring_names_every_variant():
     assert all(f"    {name} " in scene.__doc__ for name in scene.VARIANTS)
+
+
+@pytest.mark.slow
+def test_a_decision_chosen_again_on_validation_scores_as_the_product_does_with_no_folds(tmp_path):
+    """With decision.folds = 0 the product itself chooses on validation alone: the bench's
+    default_val_only, chosen again from the trained model, must give exactly its test
+    metrics and vote."""
+    out = tmp_path / "out"
+    scene.main(["--seeds", "0", "--confirm-seeds", "--variants", "default", "default_val_only",
+                "--baseline", "default", "--workdir", str(tmp_path / "ws"), "--out", str(out), *TINY,
+                "--set", "decision.folds=0", "--set", "ingest.demo_images=120"])
+    got = json.loads(out.with_suffix(".json").read_text())["results"]["0"]
+    assert got["default_val_only"]["test"] == got["default"]["test"]
+    assert got["default_val_only"]["chosen"] == {k: got["default"]["chosen"][k] for k in ("k", "temp", "w")} \
+        if got["default"]["chosen"] else got["default_val_only"]["chosen"] == {}
