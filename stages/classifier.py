@@ -103,7 +103,7 @@ def run(ctx: Context) -> dict:
     distributed.on_main(lambda: write_features(stage_dir / "features.h5", features, config, info.ids_digest))
     # the neighbour vote and the thresholds, chosen on validation and, with
     # decision.folds, on the training images scored by fold copies that never saw them
-    parts, record = out_of_fold(ctx, "classifier", info, {"classifier": kept_epoch(history)}, device)
+    parts, record = out_of_fold(ctx, "classifier", info, {"classifier": kept_epoch(history)}, device, source)
     decision = choose_decision(model, source, info, device, train_features=features[train_rows], console=ctx.console,
                                stage="classifier", out_of_fold=parts, record=record)
     state = image_model_checkpoint("classifier", model, spec, cfg, config, info.class_names, decision)

@@ -10,6 +10,7 @@ fold resumes from its stage's ``resume.pt`` as any training does.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -30,16 +31,21 @@ _CHAIN = {"classifier": ("classifier",), "joint": ("knn", "classifier", "metric"
 _DEPS = {"knn": (), "classifier": (), "metric": ("knn", "classifier"), "joint": ("knn", "classifier", "metric")}
 
 
-def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, int], device) -> tuple[list[fusion.Scored], dict]:
+def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, int], device,
+                source=None) -> tuple[list[fusion.Scored], dict]:
     """The held-out parts for ``stage``'s decision (none with ``decision.folds = 0``) and
     the record of how they were made (saved in the checkpoint as ``decision``).
     ``view``: the parent's training view of the dataset (the labels the decision reads);
-    ``epochs``: the full run's kept epoch of each trained stage in the chain."""
+    ``epochs``: the full run's kept epoch of each trained stage in the chain; ``source``:
+    the parent's image source, whose image store is closed while the copies run (LMDB
+    refuses to open one store twice in a process; the reader reopens it when next read)."""
     ws, cfg = ctx.ws, ctx.cfg
     k_folds = cfg.decision.folds
     if k_folds == 0:
         return [], {}
     from stages import BY_NAME  # the stage modules import this one
+
+    _close_images(source)
 
     started = time.perf_counter()
     raw = read_dataset(ws.dataset)  # as ingested: each fold applies the label protocol itself
@@ -64,6 +70,7 @@ def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, i
                 continue
             with transaction():  # the fold's outputs are in place as soon as it succeeds
                 BY_NAME[name].run(Context(fws, fcfg, quiet))
+            gc.collect()  # the copy's image source, and its open store, with it
             record[name] = keys[name]
             distributed.on_main(lambda: write_text_atomic(fws.root / "folds.json", json.dumps(record, indent=1), defer=False))
         known = view.known_at(held)
@@ -82,6 +89,12 @@ def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, i
         "seconds": round(time.perf_counter() - started, 1),
     }
     return parts, record
+
+
+def _close_images(source) -> None:
+    reader = getattr(source, "reader", None)
+    if reader is not None:
+        reader.close()
 
 
 def _key(base: dict, sections: dict, upstream: list[str]) -> str:

@@ -121,7 +121,7 @@ def run(ctx: Context) -> dict:
     # score the training images they never saw
     epochs = {"classifier": kept_epoch(classifier["history"]), "metric": kept_epoch(load_checkpoint(metric_path)["history"]),
               "joint": kept_epoch(history)}
-    parts, record = out_of_fold(ctx, "joint", info, epochs, device)
+    parts, record = out_of_fold(ctx, "joint", info, epochs, device, source)
     decision = choose_decision(model, source, info, device, console=ctx.console, stage="joint",
                                out_of_fold=parts, record=record)
     state = image_model_checkpoint("joint", model, spec, cfg, config, info.class_names, decision,

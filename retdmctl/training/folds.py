@@ -101,7 +101,12 @@ def held_out(ws: FoldWorkspace, cfg: Config, info: DatasetInfo, stage: str, rows
     model, spec = build_model(cfg, info.num_classes, pretrained=False)
     restore_image_model(model, ckpt, cfg, ws.rel(path))
     prepare_model(model, device)
-    p, _, f = predict_with_embeddings(model, image_source(ws, cfg, info, spec, device, None), rows, device)
+    source = image_source(ws, cfg, info, spec, device, None)
+    try:
+        p, _, f = predict_with_embeddings(model, source, rows, device)
+    finally:  # the store is shared with the parent stage: closed again (it reopens when read)
+        if getattr(source, "reader", None) is not None:
+            source.reader.close()
     saved = ckpt["fusion"]
     k_max = min(max(fusion.GRID["k"]), len(saved["labels"]))
     bank = fusion.NeighbourVote(saved["bank"], saved["labels"], saved["rows"], k_max, 1.0, 1.0, saved.get("search"))
