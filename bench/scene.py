@@ -52,6 +52,11 @@ workspace (WORKDIR/default) and scored four ways:
     default_val_map           the same, with the earlier release's rule: the vote kept
                               wherever it improves validation mAP (not run by default)
 
+The val mAP column: of the kept epoch, or of the fused scores where the vote applies; for
+default_* with out-of-fold choices, the mAP of the scores the decision was chosen on
+(validation and out-of-fold images); for default_val_only and default_val_map, of their
+validation scores.
+
 Each default_* result records its checkpoint's decision: the vote chosen (k, temp, w,
 val_mAP, plain_val_mAP) and how the choices were made (the checkpoint's "decision").
 
@@ -279,8 +284,10 @@ def rechosen_metrics(ws: retdmctl.Workspace, cfg: Config, stage: str, how: str) 
         with torch.no_grad():
             p_val = fuse(torch.from_numpy(f_val), torch.from_numpy(p_val)).numpy()
             p = fuse(torch.from_numpy(f), torch.from_numpy(p)).numpy()
-    choice = thresholds.choose(y_val, p_val, view.known_at(val_rows))
+    known = view.known_at(val_rows)
+    choice = thresholds.choose(y_val, p_val, known)
     test = {rule: compute_metrics(y, p, threshold=thresholds.resolve(choice, rule, 0.5, y.shape[1])) for rule in RULES}
+    test["val_mAP"] = compute_metrics(y_val, p_val, known=known)["mAP"]  # of the scores it chose on
     return test, ({"k": k, "temp": temp, "w": w} if w > 0 else {})
 
 
@@ -296,11 +303,13 @@ def run_family(workdir: Path, product: Config, family: str, names: list[str]) ->
         spec = VARIANTS[name]
         started = time.perf_counter()
         cfg = configure(product, settings, spec["fusion"])
+        val_map = kept_val_map(ws, cfg, spec["checkpoint"])
         if "rechoose" in spec:
             test, applied = rechosen_metrics(ws, cfg, spec["checkpoint"], spec["rechoose"])
+            val_map = test.pop("val_mAP")
         else:
             test, applied = test_metrics(ws, cfg, spec["checkpoint"])
-        out[name] = {"val_mAP": kept_val_map(ws, cfg, spec["checkpoint"]), "test": test, "chosen": applied,
+        out[name] = {"val_mAP": val_map, "test": test, "chosen": applied,
                      "decision": decisions[spec["checkpoint"]], "train_seconds": train_seconds,
                      "seconds": train_seconds + time.perf_counter() - started}
     return out
@@ -411,6 +420,31 @@ def transfer_table(results: dict, variants: list[str], dev: list[int], confirm: 
     return "\n".join(lines)
 
 
+def choices_table(results: dict, pairs: list[tuple[str, str]], dev: list[int], confirm: list[int],
+                  rule: str = "per_class") -> str:
+    """One row per choice (``A`` over ``B``): A's paired difference from B on the
+    development and the confirmation seeds, and whether it holds."""
+    lines = ["## The choices, pair by pair", "",
+             f"Each row: the first variant's paired difference from the second (mean ± sd, better on n seeds; "
+             f"thresholds: {rule.replace('_', ' ')}). Holds: on the confirmation seeds each mean is above 0 or within one "
+             "paired sd of it.", "",
+             "| choice | " + " | ".join(f"{k} dev | {k} confirmation" for k in TRANSFER_KEYS) + " | holds |",
+             "|---|" + "---|" * (2 * len(TRANSFER_KEYS) + 1)]
+    for a, b in pairs:
+        cells = []
+        for k in TRANSFER_KEYS:
+            for seeds in (dev, confirm):
+                if seeds:
+                    mean, sd, better = paired(results, a, b, seeds, rule, k)
+                    cells.append(f"{mean:+.4f} ± {sd:.4f} ({better}/{len(seeds)})")
+                else:
+                    cells.append("—")
+        failed = [k for k in TRANSFER_KEYS if confirm and not holds(*paired(results, a, b, confirm, rule, k)[:2], k)]
+        cells.append("—" if not confirm else "yes" if not failed else f"no ({', '.join(failed)})")
+        lines.append(f"| {a} over {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/scene.py", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scene"))
@@ -428,7 +462,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="applied to every variant")
     parser.add_argument("--workdir", help="reuse this workspace (default: a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench-scene"))
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also tabulate A's paired difference from B on both seed sets (a choice of A over B)")
+    parser.add_argument("--render", metavar="JSON", help="write the tables again from this run's JSON; runs nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        return args
     if shared := sorted(set(args.seeds) & set(args.confirm_seeds)):
         parser.error(f"seed {', '.join(map(str, shared))} is in both --seeds and --confirm-seeds: "
                      "a confirmation seed must not be one the choices were made on")
@@ -474,6 +513,8 @@ def check_variants(base: Config, product: Config, variants: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     tune_allocator()  # as the CLI does: the CNN runs 2.5-3x faster on the CPU
     try:
         base, product = configs(args)
@@ -524,13 +565,42 @@ def write(args, base: Config, product: Config, results: dict, total: float) -> N
             md += [table(results, args.variants, seeds, rule, args.baseline), ""]
     dev, confirm = ([s for s in sets[n] if s in results] for n in SETS)
     md += [transfer_table(results, args.variants, dev, confirm, args.baseline), ""]
+    if getattr(args, "compare", None):
+        md += [choices_table(results, [tuple(pair) for pair in args.compare], dev, confirm), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(md))
     seed_set = {seed: name for name, asked in sets.items() for seed in asked}
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "seed_sets": sets, "seed_set": seed_set,
-                                                    "results": results}, indent=1))
+                                                    "minutes": total / 60, "results": results}, indent=1))
     print("\n".join(md), flush=True)
+
+
+def render(args: argparse.Namespace) -> None:
+    """The tables of a finished (or partial) run again from its JSON, with this call's
+    ``--baseline``, ``--compare`` and ``--out`` (the run's other arguments as saved)."""
+    saved = json.loads(Path(args.render).read_text())
+    run = argparse.Namespace(**saved["args"])
+    run.baseline = args.baseline if args.baseline != "bce" or "bce" in run.variants else run.baseline
+    run.compare, run.out = args.compare, args.out
+    if run.baseline not in run.variants:
+        raise SystemExit(f"bench/scene.py: --baseline {run.baseline} was not run in {args.render}")
+    for a, b in run.compare:
+        if a not in run.variants or b not in run.variants:
+            raise SystemExit(f"bench/scene.py: --compare {a} {b}: not both run in {args.render}")
+    base, product = configs(run)
+    results = {int(seed): r for seed, r in saved["results"].items()}
+    write(run, base, product, results, saved["minutes"] * 60 if "minutes" in saved else elapsed(results))
+
+
+def elapsed(results: dict) -> float:
+    """Seconds a run took, from its results (for a JSON saved before it recorded them):
+    each seed's family training once, each variant's own time on top."""
+    total = 0.0
+    for r in results.values():
+        trained = {v["train_seconds"] for v in r.values() if "train_seconds" in v}
+        total += sum(trained) + sum(v["seconds"] - v.get("train_seconds", 0.0) for v in r.values())
+    return total
 
 
 if __name__ == "__main__":

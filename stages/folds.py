@@ -68,8 +68,14 @@ def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, i
             outputs = BY_NAME[name].outputs(fws, fcfg)
             if record.get(name) == keys[name] and all(p.exists() for p in outputs):
                 continue
-            with transaction():  # the fold's outputs are in place as soon as it succeeds
-                BY_NAME[name].run(Context(fws, fcfg, quiet))
+            step = BY_NAME[name]
+
+            def run_copy() -> None:
+                with transaction():  # the fold's outputs are in place as soon as it succeeds
+                    step.run(Context(fws, fcfg, quiet))
+
+            # under torchrun as the pipeline runs stages: a training stage on every rank
+            run_copy() if step.parallel else distributed.on_main(run_copy)
             gc.collect()  # the copy's image source, and its open store, with it
             record[name] = keys[name]
             distributed.on_main(lambda: write_text_atomic(fws.root / "folds.json", json.dumps(record, indent=1), defer=False))

@@ -249,3 +249,28 @@ def test_a_decision_chosen_again_on_validation_scores_as_the_product_does_with_n
     assert got["default_val_only"]["test"] == got["default"]["test"]
     assert got["default_val_only"]["chosen"] == {k: got["default"]["chosen"][k] for k in ("k", "temp", "w")} \
         if got["default"]["chosen"] else got["default_val_only"]["chosen"] == {}
+
+
+def test_the_choices_table_pairs_two_variants_on_both_seed_sets():
+    def result(m, c):
+        return {"test": {"per_class": {"mAP": m, "C-F1": c}}}
+
+    results = {0: {"a": result(0.90, 0.80), "b": result(0.89, 0.81)}, 1: {"a": result(0.92, 0.82), "b": result(0.90, 0.82)},
+               10: {"a": result(0.91, 0.80), "b": result(0.92, 0.82)}, 11: {"a": result(0.93, 0.84), "b": result(0.93, 0.83)}}
+    lines = scene.choices_table(results, [("a", "b")], [0, 1], [10, 11]).splitlines()
+    assert lines[0] == "## The choices, pair by pair"
+    # dev mAP diffs 0.01, 0.02: mean 0.015, sd 0.0071; confirmation -0.01, 0: mean -0.005, sd 0.0071 (holds);
+    # C-F1 dev -0.01, 0: -0.005 ± 0.0071; confirmation -0.02, 0.01: -0.005 ± 0.0212 (holds)
+    assert lines[-1] == ("| a over b | +0.0150 ± 0.0071 (2/2) | -0.0050 ± 0.0071 (0/2) | -0.0050 ± 0.0071 (0/2) | "
+                         "-0.0050 ± 0.0212 (1/2) | yes |")
+
+
+def test_render_rewrites_the_tables_from_the_json_with_other_comparisons(tiny_run, tmp_path):
+    out = tmp_path / "again"
+    scene.main(["--render", str(tiny_run["out"].with_suffix(".json")), "--baseline", "default_classifier_plain",
+                "--compare", "default", "default_val_only", "--out", str(out)])
+    md = out.with_suffix(".md").read_text()
+    assert "### Paired difference from default_classifier_plain" in md
+    assert "| default over default_val_only | " in md
+    assert json.loads(out.with_suffix(".json").read_text())["results"] == \
+        json.loads(tiny_run["out"].with_suffix(".json").read_text())["results"]
