@@ -72,6 +72,8 @@ def invoke(*args: str | Path, **kwargs):
 # --- the tiny pipeline through the CLI ---------------------------------------------------
 
 TINY_TOML = """
+[decision]
+folds = 0
 [ingest]
 demo_images = 60
 demo_classes = 5
@@ -121,6 +123,7 @@ def tiny_config(frozen: bool = False):
     m.tune_blocks, m.views = 0, 1  # pooled features when frozen (the tuned default has tests of its own)
     cfg.runtime.workers, cfg.runtime.device = 0, "cpu"
     cfg.classifier.epochs, cfg.metric.epochs, cfg.joint.epochs = 3, 2, 2
+    cfg.decision.folds = 0  # choices on validation alone: fold copies have tests of their own (test_folds.py)
     return cfg
 
 

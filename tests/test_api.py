@@ -25,7 +25,7 @@ TINY_SECTIONS = {
     "model": {"backbone": "tiny_cnn", "pretrained": False, "frozen_backbone": False, "image_size": 32, "batch_size": 16},
     "runtime": {"workers": 0, "device": "cpu"},
 }
-TINY_OVERRIDES = {"classifier.epochs": 2, "metric.epochs": 1, "joint.epochs": 1, "knn.k": 4}
+TINY_OVERRIDES = {"classifier.epochs": 2, "metric.epochs": 1, "joint.epochs": 1, "knn.k": 4, "decision.folds": 0}
 
 
 def python_blocks(page: Path) -> list[str]:

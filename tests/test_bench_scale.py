@@ -15,7 +15,7 @@ from bench.scale import checks, disk_bytes, fits, growth_exponent, main, run_chi
 
 TINY = ["--set", "model.backbone=tiny_cnn", "--set", "model.pretrained=false", "--set", "ingest.workers=1",
         "--set", "runtime.workers=0", "--set", "runtime.device=cpu", "--set", "classifier.epochs=1",
-        "--set", "metric.epochs=1", "--set", "joint.epochs=1"]
+        "--set", "metric.epochs=1", "--set", "joint.epochs=1", "--set", "decision.folds=0"]
 MIB = 1 << 20
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ TINY = ["--set", "ingest.source=demo", "--set", "ingest.demo_images=60", "--set"
         "--set", "ingest.workers=1", "--set", "model.backbone=tiny_cnn", "--set", "model.pretrained=false",
         "--set", "model.image_size=32", "--set", "model.batch_size=16", "--set", "runtime.workers=0",
         "--set", "runtime.device=cpu", "--set", "classifier.epochs=1", "--set", "metric.epochs=1",
-        "--set", "joint.epochs=1"]
+        "--set", "joint.epochs=1", "--set", "decision.folds=0"]
 DEFAULTS = ["default", "default_joint_plain", "default_classifier_vote", "default_classifier_plain"]
 RECHOSEN = ["default_val_only", "default_val_map"]
 

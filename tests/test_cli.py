@@ -100,7 +100,7 @@ def test_run_status_and_skip_through_the_cli(tmp_path):
         '[ingest]\ndemo_images = 60\ndemo_classes = 5\nworkers = 1\n'
         '[model]\nbackbone = "tiny_cnn"\npretrained = false\nimage_size = 32\nbatch_size = 16\n'
         '[runtime]\nworkers = 0\ndevice = "cpu"\n'
-        '[classifier]\nepochs = 1\n[metric]\nepochs = 1\n[joint]\nepochs = 1\n'
+        '[classifier]\nepochs = 1\n[metric]\nepochs = 1\n[joint]\nepochs = 1\n[decision]\nfolds = 0\n'
     )
     assert invoke("--workdir", w, "--config", str(cfg), "ingest", "demo").exit_code == 0
     result = invoke("--workdir", w, "status")

@@ -188,7 +188,7 @@ def test_onnx_parity_of_the_frozen_mode_default_tuned_model(tmp_path):
     assert runner.invoke(app, [*w, "ingest", "demo", "--images", "60"]).exit_code == 0
     result = runner.invoke(app, [*w, "run", "--frozen-backbone", "--set", "model.backbone=tiny_cnn", "--set", "model.pretrained=false",
                                  "--set", "model.image_size=32", "--set", "runtime.workers=0", "--set", "classifier.epochs=1",
-                                 "--set", "metric.epochs=1", "--set", "joint.epochs=1"])
+                                 "--set", "metric.epochs=1", "--set", "joint.epochs=1", "--set", "decision.folds=0"])
     assert result.exit_code == 0, result.output
     ckpt = torch.load(tmp_path / "ws" / "joint" / "checkpoint.pt", weights_only=True)
     assert (ckpt["config"]["model"]["tune_blocks"], ckpt["config"]["model"]["views"]) == (1, 10)

@@ -27,6 +27,8 @@ workers = 0
 device = "cpu"
 [classifier]
 epochs = 40
+[decision]
+folds = 0
 """
 
 
