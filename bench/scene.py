@@ -546,7 +546,9 @@ def write(args, base: Config, product: Config, results: dict, total: float) -> N
         f"classifier {base.classifier.epochs} epochs, metric {base.metric.epochs}, joint {base.joint.epochs}; the "
         f"default_* variants: the product's defaults (tune blocks {pm.tune_blocks}, views {pm.views}; classifier "
         f"{product.classifier.epochs} epochs, metric {product.metric.epochs}, joint {product.joint.epochs}), trained "
-        f"once per seed; epoch kept and thresholds chosen on validation; {total / 60:.1f} min in all"
+        f"once per seed, their vote and thresholds chosen as the product chooses them (decision.folds "
+        f"{product.decision.folds}: {'out-of-fold and validation scores' if product.decision.folds else 'validation'}); "
+        f"epoch kept on validation; {total / 60:.1f} min in all"
         + ("" if len(results) == len(args.seeds) + len(args.confirm_seeds)
            else f" (seeds {', '.join(map(str, results))} so far)") + ".",
         "",
@@ -589,6 +591,8 @@ def render(args: argparse.Namespace) -> None:
         if a not in run.variants or b not in run.variants:
             raise SystemExit(f"bench/scene.py: --compare {a} {b}: not both run in {args.render}")
     base, product = configs(run)
+    again = "`; tables written again by `"
+    run.command = run.command.split(again)[0] + again + shlex.join(["python", "bench/scene.py", *sys.argv[1:]])
     results = {int(seed): r for seed, r in saved["results"].items()}
     write(run, base, product, results, saved["minutes"] * 60 if "minutes" in saved else elapsed(results))
 
