@@ -64,7 +64,11 @@ def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, i
         record = _read_record(fws)
         keys: dict[str, str] = {}
         for name in _CHAIN[stage]:
-            keys[name] = _key(base, fcfg.sections(BY_NAME[name].sections), [keys[d] for d in _DEPS[name]])
+            # what the copy reads (its dataset, upstream copies' files, the image store, a
+            # weights file) by content, as a stage's manifest has it: a changed input retrains it
+            inputs = [fws.fingerprint(p) for p in BY_NAME[name].inputs(fws, fcfg)]
+            keys[name] = _key({**base, "inputs": inputs}, fcfg.sections(BY_NAME[name].sections),
+                              [keys[d] for d in _DEPS[name]])
             outputs = BY_NAME[name].outputs(fws, fcfg)
             if record.get(name) == keys[name] and all(p.exists() for p in outputs):
                 continue

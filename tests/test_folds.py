@@ -5,6 +5,7 @@ fold copies are reused, not retrained, while nothing they read has changed."""
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -193,6 +194,14 @@ def test_fold_copies_are_reused_until_what_they_read_changes(folded):
     run_stages(ws, cfg, "joint")
     assert clf.stat().st_mtime_ns == before[0] and joint.stat().st_mtime_ns != before[1]
     assert load_checkpoint(joint)["config"]["joint"]["lr"] == 0.002
+    # a changed input of the copies (the classifier copy's dataset file, as a stand-in for
+    # the image store or a weights file) retrains them, though the config did not change
+    fold_ds = folds.fold_workspace(ws, 1).dataset
+    with h5py.File(fold_ds, "a") as h5:
+        h5.attrs["touched"] = "yes"
+    run_stages(ws, cfg, "joint", force=True)
+    assert clf.stat().st_mtime_ns != before[0]
+    before = clf.stat().st_mtime_ns, joint.stat().st_mtime_ns
     cfg.decision.seed = 7  # other folds: every copy trains again
     run_stages(ws, cfg, "classifier", force=True)
     assert clf.stat().st_mtime_ns != before[0]
