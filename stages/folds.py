@@ -3,7 +3,8 @@
 return the held-out parts the decision is chosen on.
 
 Each fold's stages are skipped while the record ``folds/fold-<k>/folds.json`` says they
-ran with the same config, held-out rows, dataset and upstream fold stages: the joint
+ran with the same config, held-out rows, inputs and upstream fold stages, and their files
+are as they wrote them: the joint
 stage's folds build on the classifier folds the classifier stage trained. An interrupted
 fold resumes from its stage's ``resume.pt`` as any training does.
 """
@@ -70,7 +71,9 @@ def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, i
             keys[name] = _key({**base, "inputs": inputs}, fcfg.sections(BY_NAME[name].sections),
                               [keys[d] for d in _DEPS[name]])
             outputs = BY_NAME[name].outputs(fws, fcfg)
-            if record.get(name) == keys[name] and all(p.exists() for p in outputs):
+            done = record.get(name) or {}
+            # reused only as recorded: same key, and its files as the copy wrote them
+            if done.get("key") == keys[name] and done.get("outputs") == [fws.fingerprint(p) for p in outputs]:
                 continue
             step = BY_NAME[name]
 
@@ -81,7 +84,7 @@ def out_of_fold(ctx: Context, stage: str, view: DatasetInfo, epochs: dict[str, i
             # under torchrun as the pipeline runs stages: a training stage on every rank
             run_copy() if step.parallel else distributed.on_main(run_copy)
             gc.collect()  # the copy's image source, and its open store, with it
-            record[name] = keys[name]
+            record[name] = {"key": keys[name], "outputs": [fws.fingerprint(p) for p in outputs]}
             distributed.on_main(lambda: write_text_atomic(fws.root / "folds.json", json.dumps(record, indent=1), defer=False))
         known = view.known_at(held)
         parts.append(held_out(fws, fcfg, finfo, stage, held, view.labels[held], known, device))

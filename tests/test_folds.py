@@ -202,6 +202,12 @@ def test_fold_copies_are_reused_until_what_they_read_changes(folded):
     run_stages(ws, cfg, "joint", force=True)
     assert clf.stat().st_mtime_ns != before[0]
     before = clf.stat().st_mtime_ns, joint.stat().st_mtime_ns
+    # a copy's own file changed by hand is not read as it is: the copy trains again
+    size = joint.stat().st_size
+    joint.write_bytes(joint.read_bytes() + b"\0")
+    run_stages(ws, cfg, "joint", force=True)
+    assert joint.stat().st_size == size and load_checkpoint(joint)["config"]["joint"]["lr"] == 0.002
+    before = clf.stat().st_mtime_ns, joint.stat().st_mtime_ns
     cfg.decision.seed = 7  # other folds: every copy trains again
     run_stages(ws, cfg, "classifier", force=True)
     assert clf.stat().st_mtime_ns != before[0]
